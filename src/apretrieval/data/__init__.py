@@ -1,0 +1,1 @@
+"""Datasets, samplers, transforms and downloads (one module per concept)."""
