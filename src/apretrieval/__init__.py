@@ -1,5 +1,6 @@
 """apretrieval: image retrieval trained with a listwise Average-Precision loss."""
 
+from apretrieval.evaluation import evaluate_revisited, load_results, write_results
 from apretrieval.losses import (
     APLoss,
     ContrastiveLoss,
@@ -18,5 +19,8 @@ __all__ = [
     "TripletLoss",
     "__version__",
     "average_precision",
+    "evaluate_revisited",
+    "load_results",
     "quantized_ap",
+    "write_results",
 ]

@@ -1,0 +1,559 @@
+"""Revisited Oxford/Paris evaluation: exact AP and mP@k of the official protocol, at scale.
+
+The official protocol (Radenović et al., CVPR 2018), per query and per setup:
+
+* Easy: positives = ``easy``; ``junk + hard`` are ignored.
+  Medium: positives = ``easy + hard``; ``junk`` ignored.  Hard: positives = ``hard``;
+  ``junk + easy`` ignored.  Ignored ("junk") items are removed from the ranking.
+* AP by the trapezoid rule: with ``r_k`` the 0-based rank (junk removed) of the k-th positive
+  (k = 0, 1, ...), ``AP = sum_k (P_before + P_after) / 2 / n_pos`` where
+  ``P_before = k / r_k`` (1 if ``r_k == 0``) and ``P_after = (k + 1) / (r_k + 1)``.
+* mP@k: precision at ``min(k, rank of the last positive)`` (1-based, junk removed).
+* Queries without a positive are left out of both means.
+
+Ranks follow a stable descending sort of the scores: item ``i`` comes after every item with a
+strictly higher score and after every item with the *same* score and a smaller database index.
+
+Speed: only the ranks of the positives and junk matter, so nothing sorts the database.  Each
+query makes a few vectorised passes over its row (bucket every score by a monotone linear map,
+histogram the buckets) and resolves exactly only the items that share a bucket with a
+positive/junk item; see :func:`stable_ranks`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "PROTOCOLS",
+    "APComparison",
+    "ProtocolResult",
+    "ap_vs_quantized_ap",
+    "evaluate_protocol",
+    "evaluate_revisited",
+    "evaluate_revisited_per_query",
+    "format_results_table",
+    "load_results",
+    "pearson",
+    "protocol_sets",
+    "stable_ranks",
+    "stable_topk",
+    "write_results",
+]
+
+PROTOCOLS: tuple[str, ...] = ("easy", "medium", "hard")
+
+# Buckets per query for stable_ranks: enough that a bucket holds a handful of items at the
+# +1M scale, few enough that the histogram stays cheap.
+_MAX_BUCKETS = 1 << 16
+
+
+# --------------------------------------------------------------------------------------------
+# Input handling
+
+
+def _as_scores(scores: Any) -> np.ndarray:
+    """(Q, N) numpy view of numpy/torch scores; float16 is widened (exact, keeps ties)."""
+    if hasattr(scores, "detach") and hasattr(scores, "cpu"):  # torch tensor, any device
+        scores = scores.detach().cpu().numpy()
+    s = np.asarray(scores)
+    if s.ndim != 2:
+        raise ValueError(f"scores must be a (num_queries, num_db) array, got shape {s.shape}")
+    if s.shape[1] == 0:
+        raise ValueError(f"scores has no database column, shape {s.shape}")
+    if s.dtype == np.float16 or not np.issubdtype(s.dtype, np.floating):
+        s = s.astype(np.float64 if not np.issubdtype(s.dtype, np.floating) else np.float32)
+    return s
+
+
+def _gnd_list(gnd: Any) -> list[Mapping[str, Any]]:
+    """The per-query list from either the list itself or the whole pickle dict."""
+    if isinstance(gnd, Mapping):
+        if "gnd" not in gnd:
+            raise ValueError(f"gnd dict has no 'gnd' key (keys: {sorted(gnd)})")
+        gnd = gnd["gnd"]
+    if not isinstance(gnd, Sequence) or isinstance(gnd, str | bytes):
+        raise ValueError(f"gnd must be a list of per-query dicts, got {type(gnd).__name__}")
+    return list(gnd)
+
+
+def _index_array(values: Any, what: str, num_db: int) -> np.ndarray:
+    a = np.asarray(values if values is not None else [], dtype=np.float64).reshape(-1)
+    if a.size and (not np.all(np.isfinite(a)) or np.any(a != np.round(a))):
+        raise ValueError(f"{what} must hold integer indices, got {values!r}")
+    idx = a.astype(np.int64)
+    if idx.size and (idx.min() < 0 or idx.max() >= num_db):
+        bad = idx[(idx < 0) | (idx >= num_db)][0]
+        raise ValueError(f"{what} has index {bad} outside the database [0, {num_db})")
+    if np.unique(idx).size != idx.size:
+        raise ValueError(f"{what} lists an index more than once")
+    return idx
+
+
+def _query_sets(entry: Mapping[str, Any], q: int, num_db: int) -> dict[str, np.ndarray]:
+    if not isinstance(entry, Mapping):
+        raise ValueError(f"gnd[{q}] must be a dict, got {type(entry).__name__}")
+    missing = [k for k in ("easy", "hard", "junk") if k not in entry]
+    if missing:
+        raise ValueError(f"gnd[{q}] lacks key(s) {missing} (has {sorted(entry)})")
+    sets = {k: _index_array(entry[k], f"gnd[{q}]['{k}']", num_db) for k in ("easy", "hard", "junk")}
+    allidx = np.concatenate(list(sets.values()))
+    if np.unique(allidx).size != allidx.size:
+        raise ValueError(f"gnd[{q}]: 'easy', 'hard' and 'junk' must be disjoint")
+    return sets
+
+
+def protocol_sets(entry: Mapping[str, Any], protocol: str) -> tuple[np.ndarray, np.ndarray]:
+    """(positives, junk) index arrays of one query's gnd entry under ``protocol``."""
+    easy = np.asarray(entry.get("easy", []), dtype=np.int64).reshape(-1)
+    hard = np.asarray(entry.get("hard", []), dtype=np.int64).reshape(-1)
+    junk = np.asarray(entry.get("junk", []), dtype=np.int64).reshape(-1)
+    if protocol == "easy":
+        return easy, np.concatenate([junk, hard])
+    if protocol == "medium":
+        return np.concatenate([easy, hard]), junk
+    if protocol == "hard":
+        return hard, np.concatenate([junk, easy])
+    raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+
+
+def _check_kappas(kappas: Sequence[int]) -> tuple[int, ...]:
+    ks = tuple(kappas)
+    bad = [k for k in ks if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1]
+    if not ks or bad:
+        raise ValueError(f"kappas must be positive integers, got {kappas!r}")
+    return tuple(int(k) for k in ks)
+
+
+# --------------------------------------------------------------------------------------------
+# Ranks without sorting the database
+
+
+def _sorted_positions(row: np.ndarray, cand: np.ndarray, items: np.ndarray) -> np.ndarray:
+    """Position of each of ``items`` in ``cand`` (ascending indices) sorted by (-score, index)."""
+    # cand is ascending, so a stable sort on -score breaks ties by database index.
+    order = np.argsort(-row[cand], kind="stable")
+    pos_of = np.empty(cand.size, dtype=np.int64)
+    pos_of[order] = np.arange(cand.size)
+    return pos_of[np.searchsorted(cand, items)]
+
+
+class _Ranker:
+    """stable_ranks with reusable (N,) buffers, so a loop over queries allocates nothing big."""
+
+    def __init__(self, n: int, dtype: np.dtype, num_buckets: int | None = None) -> None:
+        self.buckets = int(num_buckets or max(1, min(_MAX_BUCKETS, n // 4)))
+        # float32 rows are bucketed in float32 (half the memory traffic); others in float64.
+        self.ftype = np.float32 if dtype == np.float32 else np.float64
+        self.x = np.empty(n, dtype=self.ftype)
+        self.b = np.empty(n, dtype=np.intp)
+
+    def __call__(self, row: np.ndarray, items: np.ndarray) -> np.ndarray:
+        if items.size == 0:
+            return np.zeros(0, dtype=np.int64)
+        lo = float(row[items].min())  # nothing below the lowest item can outrank an item
+        span = float(row.max()) - lo
+        nb = self.buckets
+        scale = nb / span if span > 0 else math.inf
+        if not 0 < scale < float(np.finfo(self.ftype).max) / 4:  # no usable span: exact path
+            return _sorted_positions(row, np.flatnonzero(row >= lo), items)
+        # Bucket b(s) = trunc(clip((s - lo) * scale + 1, 0, B)): 0 holds everything below lo,
+        # and b is non-decreasing in s because each float operation rounds monotonically. So
+        # an item in a bucket above b(t) scores > t, one below scores < t, and only the items
+        # sharing a bucket with one of `items` need an exact comparison.
+        x, b, ft = self.x, self.b, self.ftype
+        np.subtract(row, ft(lo), out=x, casting="same_kind")
+        x *= ft(scale)
+        x += ft(1.0)
+        np.clip(x, 0, nb, out=x)
+        b[...] = x  # truncation == floor on [0, B]
+        hist = np.bincount(b, minlength=nb + 1)
+        item_b = b[items]
+        is_item_bucket = np.zeros(nb + 1, dtype=bool)
+        is_item_bucket[item_b] = True
+        # Items outside the item buckets are counted from the histogram; the rest are sorted.
+        hist[is_item_bucket] = 0
+        above = np.cumsum(hist[::-1])[::-1]  # above[k] = count in buckets >= k
+        above = np.append(above[1:], 0)  # -> count in buckets > k
+        cand = np.flatnonzero(is_item_bucket[b])
+        return above[item_b] + _sorted_positions(row, cand, items)
+
+
+def stable_ranks(row: np.ndarray, items: np.ndarray, num_buckets: int | None = None) -> np.ndarray:
+    """0-based ranks of ``items`` in the stable descending order of ``row``.
+
+    row (N,) finite scores; items (m,) distinct indices -> (m,) int64, where
+    ``rank(i) = #{j : row[j] > row[i]} + #{j < i : row[j] == row[i]}``, i.e. the result equals
+    ``argsort(-row, kind="stable")`` inverted at ``items``. Cost: a few vectorised O(N) passes
+    plus a sort of the few items that share a score bucket with one of ``items``.
+    """
+    row = np.asarray(row)
+    if row.dtype == np.float16 or not np.issubdtype(row.dtype, np.floating):
+        row = row.astype(np.float64)
+    items = np.asarray(items, dtype=np.int64)
+    return _Ranker(row.shape[0], row.dtype, num_buckets)(row, items)
+
+
+def stable_topk(row: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the ``k`` best items of ``row`` (N,), best first, ties by database index."""
+    row = np.asarray(row)
+    n = row.shape[0]
+    k = min(int(k), n)
+    if k <= 0:
+        return np.zeros(0, dtype=np.int64)
+    if k == n:
+        return np.argsort(-row, kind="stable")
+    # The k-th best value v: everything above v is in, then the first tied ones by index.
+    v = row[np.argpartition(-row, k - 1)[k - 1]]
+    above = np.flatnonzero(row > v)
+    tied = np.flatnonzero(row == v)[: k - above.size]
+    cand = np.sort(np.concatenate([above, tied]))
+    return cand[np.argsort(-row[cand], kind="stable")]
+
+
+# --------------------------------------------------------------------------------------------
+# Metrics
+
+
+def _ap_and_precision(
+    pos_ranks: np.ndarray, junk_ranks: np.ndarray, kappas: tuple[int, ...]
+) -> tuple[float, np.ndarray]:
+    """Official AP and P@k from full-ranking ranks of the positives and junk (0-based)."""
+    r = np.sort(pos_ranks)
+    # Remove junk from the ranking: each positive moves up by the junk ranked before it.
+    r = r - np.searchsorted(np.sort(junk_ranks), r)
+    k = np.arange(r.size, dtype=np.float64)
+    rf = r.astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        before = np.where(r > 0, k / rf, 1.0)
+    after = (k + 1.0) / (rf + 1.0)
+    ap = float(np.sum((before + after) / 2.0) / r.size)
+    one_based = r + 1
+    last = int(one_based[-1])
+    prec = np.array([np.count_nonzero(one_based <= min(last, kk)) / min(last, kk) for kk in kappas])
+    return ap, prec
+
+
+@dataclass(frozen=True)
+class ProtocolResult:
+    """Per-query results of one protocol: ``ap`` (Q,), ``precision`` (Q, len(kappas)).
+
+    Queries without a positive hold NaN and are left out of ``mAP`` / ``mP``.
+    """
+
+    ap: np.ndarray
+    precision: np.ndarray
+    kappas: tuple[int, ...]
+
+    @property
+    def valid(self) -> np.ndarray:
+        return ~np.isnan(self.ap)
+
+    @property
+    def num_queries(self) -> int:
+        return int(self.valid.sum())
+
+    @property
+    def mAP(self) -> float:
+        if self.num_queries == 0:
+            raise ValueError("no query has a positive under this protocol: mAP is undefined")
+        return float(np.mean(self.ap[self.valid]))
+
+    @property
+    def mP(self) -> dict[int, float]:
+        if self.num_queries == 0:
+            raise ValueError("no query has a positive under this protocol: mP@k is undefined")
+        means = self.precision[self.valid].mean(axis=0)
+        return {k: float(m) for k, m in zip(self.kappas, means, strict=True)}
+
+    def summary(self) -> dict[str, Any]:
+        """``{"mAP": float, "mP@k": {k: float}}``, fractions in [0, 1]."""
+        return {"mAP": self.mAP, "mP@k": self.mP}
+
+
+def evaluate_protocol(
+    scores: Any,
+    positives: Sequence[Sequence[int]],
+    junk: Sequence[Sequence[int]],
+    kappas: Sequence[int] = (1, 5, 10),
+) -> ProtocolResult:
+    """Official AP / P@k per query for explicit positive and junk lists.
+
+    scores (Q, N), higher = more similar; positives/junk: Q index lists each.
+    """
+    s = _as_scores(scores)
+    ks = _check_kappas(kappas)
+    q, n = s.shape
+    if len(positives) != q or len(junk) != q:
+        raise ValueError(f"{q} score rows but {len(positives)} positive / {len(junk)} junk lists")
+    ap = np.full(q, np.nan)
+    prec = np.full((q, len(ks)), np.nan)
+    ranker = _Ranker(n, s.dtype)
+    for i in range(q):
+        pos = _index_array(positives[i], f"positives[{i}]", n)
+        jnk = _index_array(junk[i], f"junk[{i}]", n)
+        if np.intersect1d(pos, jnk).size:
+            raise ValueError(f"query {i}: positives and junk overlap")
+        if pos.size == 0:
+            continue
+        row = _finite_row(s, i)
+        ranks = ranker(row, np.concatenate([pos, jnk]))
+        ap[i], prec[i] = _ap_and_precision(ranks[: pos.size], ranks[pos.size :], ks)
+    return ProtocolResult(ap, prec, ks)
+
+
+def _finite_row(s: np.ndarray, i: int) -> np.ndarray:
+    row = s[i]
+    if not np.isfinite(row).all():
+        raise ValueError(f"scores row {i} contains NaN/inf values")
+    return row
+
+
+def evaluate_revisited_per_query(
+    scores: Any, gnd: Any, kappas: Sequence[int] = (1, 5, 10)
+) -> dict[str, ProtocolResult]:
+    """Per-query AP / P@k under Easy, Medium and Hard (NaN where a query has no positive).
+
+    scores (Q, N) numpy or torch, higher = more similar; gnd: the official per-query list of
+    ``{"easy", "hard", "junk"}`` index lists (or the whole pickle dict).
+    """
+    s = _as_scores(scores)
+    entries = _gnd_list(gnd)
+    ks = _check_kappas(kappas)
+    q, n = s.shape
+    if len(entries) != q:
+        raise ValueError(f"scores has {q} query rows but gnd has {len(entries)} entries")
+    ap = {p: np.full(q, np.nan) for p in PROTOCOLS}
+    prec = {p: np.full((q, len(ks)), np.nan) for p in PROTOCOLS}
+    ranker = _Ranker(n, s.dtype)
+    for i, entry in enumerate(entries):
+        sets = _query_sets(entry, i, n)
+        union = np.concatenate([sets["easy"], sets["hard"], sets["junk"]])
+        if union.size == 0:
+            continue
+        # One pass over the row serves the three protocols: they only regroup these items.
+        ranks = ranker(_finite_row(s, i), union)
+        ne, nh = sets["easy"].size, sets["hard"].size
+        r = {"easy": ranks[:ne], "hard": ranks[ne : ne + nh], "junk": ranks[ne + nh :]}
+        groups = {
+            "easy": (r["easy"], np.concatenate([r["junk"], r["hard"]])),
+            "medium": (np.concatenate([r["easy"], r["hard"]]), r["junk"]),
+            "hard": (r["hard"], np.concatenate([r["junk"], r["easy"]])),
+        }
+        for p, (pos_r, junk_r) in groups.items():
+            if pos_r.size:
+                ap[p][i], prec[p][i] = _ap_and_precision(pos_r, junk_r, ks)
+    return {p: ProtocolResult(ap[p], prec[p], ks) for p in PROTOCOLS}
+
+
+def evaluate_revisited(
+    scores: Any, gnd: Any, kappas: Sequence[int] = (1, 5, 10)
+) -> dict[str, dict[str, Any]]:
+    """mAP and mP@k of the revisited protocol, exactly as the official evaluation.
+
+    scores (Q, N) numpy or torch, higher = more similar; gnd: per-query list of
+    ``{"easy", "hard", "junk"}`` (or the pickle dict). Returns
+    ``{"easy"|"medium"|"hard": {"mAP": float, "mP@k": {k: float}}}``, fractions in [0, 1].
+    Raises ValueError when a protocol has no query with a positive.
+    """
+    per_query = evaluate_revisited_per_query(scores, gnd, kappas)
+    out = {}
+    for p, res in per_query.items():
+        if res.num_queries == 0:
+            raise ValueError(f"no query has a positive under the {p!r} protocol")
+        out[p] = res.summary()
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# AP vs AP_Q (supplementary, Fig. 1)
+
+
+def pearson(x: np.ndarray, y: np.ndarray) -> float:
+    """Pearson correlation of two (n,) arrays; NaN if n < 2 or one of them is constant."""
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    if x.shape != y.shape or x.ndim != 1:
+        raise ValueError(f"x {x.shape} and y {y.shape} must be equal 1-D shapes")
+    if x.size < 2:
+        return math.nan
+    xc, yc = x - x.mean(), y - y.mean()
+    den = math.sqrt(float(xc @ xc) * float(yc @ yc))
+    return float(xc @ yc) / den if den > 0 else math.nan
+
+
+@dataclass(frozen=True)
+class APComparison:
+    """Exact (official) AP and quantized AP per query, and their Pearson correlation."""
+
+    ap: np.ndarray  # (Q,), NaN for queries without a positive
+    ap_q: np.ndarray  # (Q,), NaN likewise
+    pearson: float
+
+
+def _quantized_ap_rows(
+    s: np.ndarray,
+    entries: list[Mapping[str, Any]],
+    protocol: str,
+    num_bins: int,
+    score_range: tuple[float, float],
+) -> np.ndarray:
+    import torch
+
+    from apretrieval.losses import quantized_ap
+
+    q, n = s.shape
+    out = np.full(q, np.nan)
+    for i, entry in enumerate(entries):
+        pos, junk = protocol_sets(_query_sets(entry, i, n), protocol)
+        if pos.size == 0:
+            continue
+        # Junk leaves the ranking, as in the exact AP, so both see the same list.
+        keep = np.ones(n, dtype=bool)
+        keep[junk] = False
+        rel = np.zeros(n, dtype=bool)
+        rel[pos] = True
+        row = torch.from_numpy(np.ascontiguousarray(s[i][keep], dtype=np.float64))[None]
+        out[i] = float(
+            quantized_ap(row, torch.from_numpy(rel[keep])[None], num_bins, score_range)[0]
+        )
+    return out
+
+
+def ap_vs_quantized_ap(
+    scores: Any,
+    gnd: Any,
+    protocol: str = "medium",
+    num_bins: int = 20,
+    score_range: tuple[float, float] = (-1.0, 1.0),
+) -> APComparison:
+    """Per-query official AP vs AP_Q (``quantized_ap``, junk removed) and their correlation.
+
+    The supplementary reports a correlation of ~0.98 on RParis (Medium) with M = 20 bins.
+    """
+    s = _as_scores(scores)
+    entries = _gnd_list(gnd)
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    exact = evaluate_revisited_per_query(s, entries)[protocol].ap
+    ap_q = _quantized_ap_rows(s, entries, protocol, num_bins, score_range)
+    ok = ~np.isnan(exact)
+    return APComparison(exact, ap_q, pearson(exact[ok], ap_q[ok]))
+
+
+# --------------------------------------------------------------------------------------------
+# Results file (read by `apretrieval report`)
+
+
+def _nan_to_none(x: float) -> float | None:
+    return None if x is None or math.isnan(x) else float(x)
+
+
+def write_results(
+    path: str | os.PathLike,
+    *,
+    scores: Any,
+    gnd: Any,
+    dataset: str,
+    root: str | os.PathLike,
+    database: Sequence[str],
+    queries: Sequence[str],
+    model: str,
+    gnd_file: str | None = None,
+    kappas: Sequence[int] = (1, 5, 10),
+    topk: int = 100,
+    num_bins: int = 20,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Evaluate ``scores`` (Q, N) and write the results JSON atomically; returns the dict.
+
+    ``database`` / ``queries``: image paths relative to ``root`` (N and Q of them); the query
+    ``bbx`` comes from ``gnd``. ``extra`` keys are added at the top level (e.g. settings).
+    """
+    s = _as_scores(scores)
+    entries = _gnd_list(gnd)
+    q, n = s.shape
+    if len(database) != n or len(queries) != q:
+        raise ValueError(
+            f"scores {s.shape} vs {len(queries)} query and {len(database)} database names"
+        )
+    per_query = evaluate_revisited_per_query(s, entries, kappas)
+    metrics = {p: r.summary() for p, r in per_query.items() if r.num_queries > 0}
+    ap_q = _quantized_ap_rows(s, entries, "medium", num_bins, (-1.0, 1.0))
+    rows = []
+    for i in range(q):
+        top = stable_topk(s[i], topk)
+        bbx = entries[i].get("bbx")
+        rows.append(
+            {
+                "image": str(queries[i]),
+                "bbx": None if bbx is None else [float(v) for v in np.asarray(bbx).ravel()],
+                "topk": [int(j) for j in top],
+                "topk_scores": [float(v) for v in s[i][top]],
+                "ap": {p: _nan_to_none(per_query[p].ap[i]) for p in PROTOCOLS},
+                "ap_q": _nan_to_none(ap_q[i]),
+            }
+        )
+    result: dict[str, Any] = {
+        "dataset": dataset,
+        "root": str(Path(root).resolve()),
+        "gnd_file": gnd_file if gnd_file is not None else f"gnd_{dataset}.pkl",
+        "metrics": metrics,
+        "database": [str(d) for d in database],
+        "queries": rows,
+        "model": str(model),
+    }
+    if extra:
+        result.update(extra)
+    _atomic_write_json(Path(path), result)
+    return result
+
+
+def _atomic_write_json(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(obj, f, allow_nan=False)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_results(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a results JSON; ``metrics[protocol]["mP@k"]`` keys come back as ints."""
+    with open(path, encoding="utf-8") as f:
+        res = json.load(f)
+    if not isinstance(res, dict) or "metrics" not in res:
+        raise ValueError(f"{path} is not an apretrieval results file (no 'metrics')")
+    for m in res["metrics"].values():
+        if isinstance(m, dict) and "mP@k" in m:
+            m["mP@k"] = {int(k): v for k, v in m["mP@k"].items()}
+    return res
+
+
+def format_results_table(metrics: Mapping[str, Mapping[str, Any]], title: str = "") -> str:
+    """The Easy / Medium / Hard table (mAP and mP@k in %), as retrieval papers report it."""
+    kappas = sorted({int(k) for m in metrics.values() for k in m["mP@k"]})
+    head = ["", "mAP"] + [f"mP@{k}" for k in kappas]
+    lines = [title] if title else []
+    lines.append(f"{head[0]:<8}" + "".join(f"{h:>8}" for h in head[1:]))
+    for p in PROTOCOLS:
+        if p not in metrics:
+            lines.append(f"{p.capitalize():<8}" + f"{'n/a':>8}" * (len(head) - 1))
+            continue
+        m = metrics[p]
+        prec = {int(k): v for k, v in m["mP@k"].items()}
+        vals = [m["mAP"]] + [prec[k] for k in kappas]
+        lines.append(f"{p.capitalize():<8}" + "".join(f"{100 * v:>8.2f}" for v in vals))
+    return "\n".join(lines)
