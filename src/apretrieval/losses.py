@@ -63,31 +63,58 @@ def _check_finite(name: str, x: Tensor) -> None:
 
 
 def _ap_and_grad(
-    scores: Tensor, relevance: Tensor, valid: Tensor | None, bins: _Bins, need_grad: bool
+    scores: Tensor,
+    relevance: Tensor,
+    bins: _Bins,
+    need_grad: bool,
+    exclude: Tensor | None = None,
+    grad_scale: Tensor | None = None,
+    inplace: bool = False,
 ) -> tuple[Tensor, Tensor | None, Tensor]:
-    """AP_Q per query and dAP_Q/dscores for one block of queries.
+    """AP_Q per query and its gradient w.r.t. the scores, for one block of queries.
 
-    scores (Q, N) float32/float64; relevance (Q, N) bool; valid (Q, N) bool or None (items that
-    take part, e.g. to exclude the query itself). Returns ap (Q,), grad (Q, N) or None, and
-    has_pos (Q,) bool. Queries without a positive get AP 0 and zero gradient.
+    scores (Q, N) float32/float64 (overwritten when ``inplace``); relevance (Q, N) bool;
+    exclude (Q,) int64: for each query, one database column that takes no part (the query
+    itself in the batch form); grad_scale (Q,): dL/dAP_Q, folded in per bin before the gather.
+    Returns ap (Q,), grad (Q, N) = grad_scale * dAP_Q/dscores or None, has_pos (Q,) bool.
+    Queries without a positive get AP 0 and zero gradient.
     """
-    m = bins.num_bins
-    rel = relevance if valid is None else relevance & valid
-    # Position on the bin axis: t = 0 at the top centre (max), M - 1 at the bottom (min).
-    # Clamping puts out-of-range scores fully in the end bin (and gives them zero gradient).
-    t = ((bins.high - scores) / bins.width).clamp_(0.0, m - 1)
+    m, width = bins.num_bins, bins.width
+    rows = torch.arange(scores.shape[0], device=scores.device)
+    if exclude is not None:
+        # The excluded item (self, similarity ~1) is moved mid-range before binning, so it
+        # does not trigger the out-of-range mask below, and is subtracted again afterwards.
+        excl_rel = relevance[rows, exclude]
+        excl_score = scores.new_full(rows.shape, (bins.low + bins.high) / 2)
+        scores = scores if inplace else scores.clone()
+        inplace = True
+        scores[rows, exclude] = excl_score
+    outside = None
+    if need_grad and (scores.max() >= bins.high or scores.min() <= bins.low):
+        outside = (scores <= bins.low) | (scores >= bins.high)  # clamped: zero derivative
+    # Position on the bin axis: t = 0 at the top centre (max), M - 1 at the bottom (min);
+    # clamping puts out-of-range scores fully in the end bin. In-place: one (Q, N) float
+    # buffer for t and then frac, one for the bin index (these passes dominate the cost).
+    t = scores if inplace else scores.clone()
+    t.mul_(-1.0 / width).add_(bins.high / width).clamp_(0.0, m - 1)
     lower = t.floor().clamp_(max=m - 2)  # the higher-score bin of the two a score touches
-    frac = t - lower  # weight of the next (lower-score) bin
+    frac = t.sub_(lower)  # weight of the next (lower-score) bin
     # One index space for both histograms: [0, M) negatives, [M, 2M) positives.
-    idx = lower.long() + rel.long() * m
-    w_next = frac if valid is None else frac * valid
-    w_this = (1.0 - frac) if valid is None else (1.0 - frac) * valid
+    idx = lower.add_(relevance, alpha=m).long()
+    del lower
+    # Bin k receives (1 - frac), bin k + 1 receives frac: counts minus shifted fractions.
+    spill = scores.new_zeros(scores.shape[0], 2 * m).scatter_add_(1, idx, frac)
     hist = scores.new_zeros(scores.shape[0], 2 * m)
-    hist.scatter_add_(1, idx, w_this).scatter_add_(1, idx + 1, w_next)
+    hist.scatter_add_(1, idx, scores.new_ones(1, 1).expand_as(frac)).sub_(spill)
+    hist[:, 1:] += spill[:, :-1]  # k <= M - 2, so nothing spills from negatives into positives
+    n_pos = relevance.sum(1)
+    if exclude is not None:
+        _remove_items(hist, excl_score, excl_rel, bins)
+        n_pos = n_pos - excl_rel.long()
     neg, pos = hist[:, :m], hist[:, m:]
     alls = neg + pos
 
-    n_pos = rel.sum(1).to(scores.dtype)  # the true count, a constant of the ranking
+    n_pos = n_pos.to(scores.dtype)  # the true count, a constant of the ranking
     has_pos = n_pos > 0
     inv_n = torch.where(has_pos, 1.0 / n_pos.clamp(min=1), torch.zeros_like(n_pos))[:, None]
     # Precision at bin m. Plain: everything in bins 1..m counts as ranked before. Tie-aware:
@@ -110,11 +137,27 @@ def _ap_and_grad(
     g_pos = prec * inv_n + _rev_cumsum(u) - a * u
     g_all = _rev_cumsum(v) - a * v
     coef = torch.cat([g_all, g_all + g_pos], 1)  # dAP/d(weight) for a negative / a positive
-    # Eq. 7: the weight of the higher bin grows with the score at rate 1/Delta, the other falls.
-    grad = (coef.gather(1, idx) - coef.gather(1, idx + 1)) / bins.width
-    inside = (scores > bins.low) & (scores < bins.high)
-    grad = grad * (inside if valid is None else inside & valid)
+    # Eq. 7: the weight of bin k grows with the score at rate 1/Delta, that of bin k + 1 falls;
+    # one gather of the per-bin difference gives d/ds for every score.
+    diff = torch.zeros_like(coef)
+    diff[:, :-1] = coef[:, :-1] - coef[:, 1:]
+    diff *= (grad_scale[:, None] if grad_scale is not None else 1.0) / width
+    grad = diff.gather(1, idx)
+    if outside is not None:
+        grad.masked_fill_(outside, 0.0)
+    if exclude is not None:
+        grad[rows, exclude] = 0.0
     return ap, grad, has_pos
+
+
+def _remove_items(hist: Tensor, score: Tensor, rel: Tensor, bins: _Bins) -> None:
+    """Subtract one item per row (score (Q,), rel (Q,) bool) from the (Q, 2M) histograms."""
+    m = bins.num_bins
+    t = ((bins.high - score) / bins.width).clamp(0.0, m - 1)
+    lower = t.floor().clamp(max=m - 2)
+    frac = (t - lower)[:, None]
+    idx = (lower.long() + rel.long() * m)[:, None]
+    hist.scatter_add_(1, idx, frac - 1.0).scatter_add_(1, idx + 1, -frac)
 
 
 def _rev_cumsum(x: Tensor) -> Tensor:
@@ -133,7 +176,7 @@ class _QuantizedAPFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, scores: Tensor, relevance: Tensor, bins: _Bins) -> Tensor:  # type: ignore[override]
         s = scores.to(_compute_dtype(scores))
-        ap, grad, _ = _ap_and_grad(s, relevance, None, bins, ctx.needs_input_grad[0])
+        ap, grad, _ = _ap_and_grad(s, relevance, bins, ctx.needs_input_grad[0], inplace=False)
         ctx.save_for_backward(grad if grad is not None else s.new_empty(0))
         ctx.in_dtype = scores.dtype
         return ap.to(scores.dtype)
@@ -184,6 +227,14 @@ def _check_pair(scores: Tensor, relevance: Tensor) -> None:
 # The loss on descriptors: S = Q X^T formed in query chunks, gradient accumulated on the fly.
 
 
+def _positives_per_query(query_labels: Tensor, database_labels: Tensor, self_db: bool) -> Tensor:
+    """Number of database items sharing each query's label, (Q,) int64, without a Q x N mask."""
+    uniq, counts = torch.unique(database_labels, return_counts=True)
+    pos = torch.searchsorted(uniq, query_labels).clamp(max=len(uniq) - 1)
+    n = torch.where(uniq[pos] == query_labels, counts[pos], torch.zeros_like(counts[pos]))
+    return n - 1 if self_db else n
+
+
 def _ap_loss_and_grads(
     queries: Tensor,
     query_labels: Tensor,
@@ -191,50 +242,44 @@ def _ap_loss_and_grads(
     database_labels: Tensor,
     bins: _Bins,
     chunk_size: int,
-    exclude_self: bool,
+    self_db: bool,
     need_grad: bool,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """1 - mean AP_Q over queries with a positive; and dL/dqueries, dL/ddatabase.
 
-    queries (Q, D), database (N, D); labels (Q,), (N,). Peak extra memory O(chunk_size * N).
-    ``exclude_self``: query i is database item i (batch form), which it must not rank.
+    queries (Q, D), database (N, D); labels (Q,), (N,). Peak extra memory O(chunk_size * N)
+    plus the gradients. ``self_db``: queries *are* the database (batch form): query i does not
+    rank item i, and a single gradient (returned as the first one) serves both roles.
     """
     dtype = _compute_dtype(queries)
     q, x = queries.to(dtype), database.to(dtype)
-    n_q = q.shape[0]
-    aps, valid_q = [], []
-    gq = torch.zeros_like(q) if need_grad else None
-    gx = torch.zeros_like(x) if need_grad else None
-    grads = []
-    for start in range(0, n_q, chunk_size):
-        stop = min(start + chunk_size, n_q)
-        s = q[start:stop] @ x.T
-        rel = query_labels[start:stop, None] == database_labels[None, :]
-        valid = None
-        if exclude_self:
-            valid = torch.ones_like(rel)
-            rows = torch.arange(stop - start, device=rel.device)
-            valid[rows, rows + start] = False
-        ap, g, has_pos = _ap_and_grad(s, rel, valid, bins, need_grad)
-        aps.append(ap)
-        valid_q.append(has_pos)
-        if need_grad:
-            grads.append((start, stop, g))
-    ap_all, has_pos_all = torch.cat(aps), torch.cat(valid_q)
-    n_valid = int(has_pos_all.sum())
+    n_valid = int((_positives_per_query(query_labels, database_labels, self_db) > 0).sum())
     if n_valid == 0:
         raise ValueError(
             "no query has a positive in the database: the AP loss is undefined "
-            f"({n_q} queries, labels e.g. {query_labels[:8].tolist()})"
+            f"({q.shape[0]} queries, labels e.g. {query_labels[:8].tolist()})"
         )
-    loss = 1.0 - ap_all[has_pos_all].sum() / n_valid
-    if need_grad:
-        # dL/dS = -G / n_valid; S = Q X^T so dL/dQ = dL/dS X and dL/dX = dL/dS^T Q.
-        for start, stop, g in grads:
-            g = g * (-1.0 / n_valid)
-            gq[start:stop] += g @ x
+    gq = torch.zeros_like(q) if need_grad else None
+    gx = (gq if self_db else torch.zeros_like(x)) if need_grad else None
+    # dL/dAP_q = -1 / n_valid for every query with a positive (the others get no gradient).
+    scale = torch.full((min(chunk_size, q.shape[0]),), -1.0 / n_valid, dtype=dtype, device=q.device)
+    ap_sum = q.new_zeros(())
+    for start in range(0, q.shape[0], chunk_size):
+        stop = min(start + chunk_size, q.shape[0])
+        s = q[start:stop] @ x.T
+        rel = query_labels[start:stop, None] == database_labels[None, :]
+        exclude = torch.arange(start, stop, device=q.device) if self_db else None
+        ap, g, _ = _ap_and_grad(
+            s, rel, bins, need_grad, exclude=exclude, grad_scale=scale[: stop - start], inplace=True
+        )
+        ap_sum += ap.sum()  # queries without a positive contribute AP 0
+        if need_grad:
+            # S = Q X^T: dL/dQ = dL/dS X and dL/dX = dL/dS^T Q (Eq. 10).
+            gq[start:stop].addmm_(g, x)
             gx.addmm_(g.T, q[start:stop])
-    return loss, gq, gx
+            del g
+    loss = 1.0 - ap_sum / n_valid
+    return loss, gq, (None if self_db else gx)
 
 
 class _APLossFunction(torch.autograd.Function):
@@ -246,10 +291,6 @@ class _APLossFunction(torch.autograd.Function):
         loss, gq, gx = _ap_loss_and_grads(
             queries, query_labels, database, database_labels, bins, chunk_size, self_db, need
         )
-        if need and self_db:
-            # Batch form: queries and database are the same tensor; one gradient for both.
-            gq = gq + gx
-            gx = None
         ctx.self_db = self_db
         ctx.dtypes = (queries.dtype, database.dtype)
         empty = queries.new_empty(0)
