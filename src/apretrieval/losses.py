@@ -118,7 +118,8 @@ def _ap_and_grad(
     has_pos = n_pos > 0
     inv_n = torch.where(has_pos, 1.0 / n_pos.clamp(min=1), torch.zeros_like(n_pos))[:, None]
     # Precision at bin m. Plain: everything in bins 1..m counts as ranked before. Tie-aware:
-    # the precision at the middle of the tie, (P_{<m} + (pos_m + 1) / 2) / (A_{<m} + (all_m + 1) / 2).
+    # the precision in the middle of the tie,
+    #   (P_{<m} + (pos_m + 1) / 2) / (A_{<m} + (all_m + 1) / 2).
     a, c = (0.5, 0.5) if bins.tie_aware else (0.0, 0.0)
     num = pos.cumsum(1) - a * pos + c
     den = alls.cumsum(1) - a * alls + c
@@ -358,7 +359,10 @@ class APLoss(nn.Module):
         return (self.bins.low, self.bins.high)
 
     def extra_repr(self) -> str:
-        return f"num_bins={self.num_bins}, score_range={self.score_range}, chunk_size={self.chunk_size}"
+        return (
+            f"num_bins={self.num_bins}, score_range={self.score_range}, "
+            f"chunk_size={self.chunk_size}"
+        )
 
     def forward(
         self,
