@@ -1,0 +1,270 @@
+"""Revisited Oxford / Paris (ROxford5k, RParis6k) and the R1M distractors.
+
+Official layout::
+
+    <root>/gnd_<name>.pkl          dict: imlist, qimlist, gnd[i] = {bbx, easy, hard, junk}
+    <root>/jpg/<image name>.jpg    database images and (uncropped) query images
+    <r1m_root>/revisitop1m.txt     one image path per line, relative to <r1m_root>/jpg/
+    <r1m_root>/jpg/...
+
+Ground-truth pickles are untrusted input: :func:`load_gnd` never runs ``pickle.load`` on them.
+Its unpickler resolves no global except numpy's array/dtype/scalar reconstruction, so a
+pickle that references anything else (``os.system``, ``builtins.eval``, ...) is refused
+before it can run, and the loaded value is then checked to be plain data.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+__all__ = [
+    "R1M_LIST",
+    "REVISITED_DATASETS",
+    "RevisitedDataset",
+    "crop_box",
+    "load_gnd",
+    "read_r1m_list",
+]
+
+REVISITED_DATASETS: tuple[str, ...] = ("roxford5k", "rparis6k")
+R1M_LIST = "revisitop1m.txt"
+
+
+def _numpy_globals() -> dict[tuple[str, str], Any]:
+    # The reconstruction helpers, taken from numpy's own reductions rather than private
+    # imports, under both their numpy 1 (numpy.core) and numpy 2 (numpy._core) module names.
+    reconstruct = np.array([0]).__reduce__()[0]
+    scalar = np.int64(0).__reduce__()[0]
+    frombuffer = np.array([0]).__reduce_ex__(5)[0]
+    allowed: dict[tuple[str, str], Any] = {
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+    }
+    for core in ("numpy.core", "numpy._core"):
+        allowed[(f"{core}.multiarray", "_reconstruct")] = reconstruct
+        allowed[(f"{core}.multiarray", "scalar")] = scalar
+        allowed[(f"{core}.numeric", "_frombuffer")] = frombuffer
+    return allowed
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Plain containers, numbers, strings and numpy arrays; any other global is refused."""
+
+    def __init__(self, file: io.BufferedIOBase, source: str) -> None:
+        super().__init__(file)
+        self._source = source
+        self._allowed = _numpy_globals()
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return self._allowed[(module, name)]
+        except KeyError:
+            raise ValueError(
+                f"{self._source}: refusing to load a pickle that references {module}.{name} "
+                "(ground-truth files hold only lists, dicts, numbers, strings and arrays)"
+            ) from None
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise ValueError(f"{self._source}: persistent ids are not allowed in a ground-truth file")
+
+
+_PLAIN = (str, bytes, int, float, bool, type(None), np.number, np.bool_)
+
+
+def _check_plain(obj: Any, source: str, depth: int = 0) -> None:
+    if depth > 20:
+        raise ValueError(f"{source}: nesting deeper than any ground-truth file")
+    if isinstance(obj, _PLAIN):
+        return
+    if isinstance(obj, np.ndarray):
+        if obj.dtype.hasobject:
+            raise ValueError(f"{source}: object arrays are not allowed in a ground-truth file")
+        return
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            _check_plain(k, source, depth + 1)
+            _check_plain(v, source, depth + 1)
+        return
+    if isinstance(obj, list | tuple | set | frozenset):
+        for v in obj:
+            _check_plain(v, source, depth + 1)
+        return
+    raise ValueError(f"{source}: unexpected {type(obj).__name__} in a ground-truth file")
+
+
+def load_gnd(path: str | os.PathLike) -> dict[str, Any]:
+    """Load a ground-truth pickle (``gnd_<name>.pkl``) safely.
+
+    Returns the dict as stored (``imlist``, ``qimlist``, ``gnd`` and, in the old protocol,
+    ``qidx``). Raises ValueError for anything that is not such plain data.
+    """
+    path = Path(path)
+    data = path.read_bytes()
+    try:
+        obj = _RestrictedUnpickler(io.BytesIO(data), str(path)).load()
+    except ValueError:
+        raise
+    except Exception as err:  # truncated/garbled bytes: one clear error, not a traceback
+        raise ValueError(f"{path}: not a readable ground-truth pickle ({err})") from None
+    _check_plain(obj, str(path))
+    if not isinstance(obj, dict) or not {"imlist", "qimlist", "gnd"} <= set(obj):
+        keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
+        raise ValueError(f"{path}: expected a dict with imlist, qimlist and gnd, got {keys}")
+    if len(obj["gnd"]) != len(obj["qimlist"]):
+        raise ValueError(
+            f"{path}: {len(obj['gnd'])} gnd entries for {len(obj['qimlist'])} queries"
+        )
+    return obj
+
+
+def crop_box(bbx: Any, size: tuple[int, int]) -> tuple[int, int, int, int]:
+    """Integer crop box from a ``bbx`` ``[x1, y1, x2, y2]`` (pixels, floats allowed).
+
+    Coordinates are rounded (as PIL's ``crop`` does with float boxes) and clipped to the image
+    ``size`` (width, height); an empty box is a ValueError.
+    """
+    x1, y1, x2, y2 = (float(v) for v in np.asarray(bbx, dtype=float).ravel())
+    w, h = size
+    box = (
+        min(max(round(x1), 0), w),
+        min(max(round(y1), 0), h),
+        min(max(round(x2), 0), w),
+        min(max(round(y2), 0), h),
+    )
+    if box[2] <= box[0] or box[3] <= box[1]:
+        raise ValueError(f"bbx {list(bbx)} is empty inside an image of size {size}")
+    return box
+
+
+def read_r1m_list(r1m_root: str | os.PathLike) -> list[str]:
+    """Image paths of the R1M distractors, relative to ``<r1m_root>/jpg`` (``.jpg`` added
+    where a line has no extension)."""
+    path = Path(r1m_root) / R1M_LIST
+    if not path.is_file():
+        raise ValueError(
+            f"R1M image list not found: {path} (run `apretrieval download revisitop1m`)"
+        )
+    names = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if line:
+            names.append(line if Path(line).suffix else line + ".jpg")
+    return names
+
+
+@dataclass(frozen=True)
+class _Query:
+    name: str
+    bbx: tuple[float, float, float, float]
+
+
+class RevisitedDataset:
+    """One of the revisited benchmarks: 70 cropped queries and a database (optionally + R1M).
+
+    ``gnd`` holds, per query, ``easy``/``hard``/``junk`` lists of database indices (what
+    :func:`apretrieval.evaluation.evaluate_revisited` takes) and the ``bbx``. R1M distractors
+    come after the dataset's own images, so the ground-truth indices stay valid.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        root: str | os.PathLike,
+        r1m_root: str | os.PathLike | None = None,
+    ) -> None:
+        if name not in REVISITED_DATASETS:
+            raise ValueError(f"dataset must be one of {REVISITED_DATASETS}, got {name!r}")
+        self.name = name
+        self.root = Path(root)
+        self.gnd_path = self.root / f"gnd_{name}.pkl"
+        if not self.gnd_path.is_file():
+            raise ValueError(
+                f"{self.gnd_path} not found (run `apretrieval download {name} --root {root}`)"
+            )
+        raw = load_gnd(self.gnd_path)
+        self.images: list[str] = [str(n) for n in raw["imlist"]]
+        self._queries = [
+            _Query(str(q), tuple(float(v) for v in np.asarray(g["bbx"], dtype=float).ravel()))
+            for q, g in zip(raw["qimlist"], raw["gnd"], strict=True)
+        ]
+        self.gnd: list[dict[str, Any]] = [_plain_entry(g, i) for i, g in enumerate(raw["gnd"])]
+        self.r1m_root = Path(r1m_root) if r1m_root is not None else None
+        self.distractors: list[str] = read_r1m_list(self.r1m_root) if self.r1m_root else []
+
+    def __repr__(self) -> str:
+        r1m = f", +{len(self.distractors)} distractors" if self.distractors else ""
+        return f"RevisitedDataset({self.name!r}, {self.num_queries} queries, {self.num_db} db{r1m})"
+
+    @property
+    def num_queries(self) -> int:
+        return len(self._queries)
+
+    @property
+    def num_db(self) -> int:
+        return len(self.images) + len(self.distractors)
+
+    @property
+    def query_names(self) -> list[str]:
+        return [q.name for q in self._queries]
+
+    def query_path(self, i: int) -> Path:
+        return self.root / "jpg" / f"{self._queries[i].name}.jpg"
+
+    def query_bbx(self, i: int) -> tuple[float, float, float, float]:
+        return self._queries[i].bbx
+
+    def db_path(self, i: int) -> Path:
+        n = len(self.images)
+        if i < n:
+            return self.root / "jpg" / f"{self.images[i]}.jpg"
+        assert self.r1m_root is not None
+        return self.r1m_root / "jpg" / self.distractors[i - n]
+
+    def query_paths(self) -> list[Path]:
+        return [self.query_path(i) for i in range(self.num_queries)]
+
+    def query_boxes(self) -> list[tuple[float, float, float, float]]:
+        return [q.bbx for q in self._queries]
+
+    def db_paths(self) -> list[Path]:
+        return [self.db_path(i) for i in range(self.num_db)]
+
+    def relative(self, path: Path) -> str:
+        """``path`` relative to ``root`` when inside it (absolute otherwise, e.g. R1M)."""
+        try:
+            return path.relative_to(self.root).as_posix()
+        except ValueError:
+            return str(path.resolve())
+
+    def load_query(self, i: int) -> Image.Image:
+        """Query ``i`` cropped to its ``bbx``, RGB."""
+        with Image.open(self.query_path(i)) as img:
+            return img.convert("RGB").crop(crop_box(self.query_bbx(i), img.size))
+
+    def load_db(self, i: int) -> Image.Image:
+        with Image.open(self.db_path(i)) as img:
+            return img.convert("RGB")
+
+    def missing_images(self) -> list[Path]:
+        """Image files the lists name but the disk lacks (empty when complete)."""
+        paths = self.query_paths() + self.db_paths()
+        return [p for p in paths if not p.is_file()]
+
+
+def _plain_entry(g: Mapping[str, Any], i: int) -> dict[str, Any]:
+    if not isinstance(g, Mapping) or "bbx" not in g:
+        raise ValueError(f"gnd[{i}] must be a dict with a 'bbx'")
+    out: dict[str, Any] = {"bbx": [float(v) for v in np.asarray(g["bbx"], dtype=float).ravel()]}
+    for key in ("easy", "hard", "junk", "ok"):
+        if key in g:
+            out[key] = [int(v) for v in np.asarray(g[key], dtype=np.int64).ravel()]
+    return out
