@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 
 # Subcommand modules under apretrieval.cli, in the order `--help` lists them.
-COMMANDS: tuple[str, ...] = ()
+COMMANDS: tuple[str, ...] = ("download",)
 
 
 def build_parser() -> argparse.ArgumentParser:

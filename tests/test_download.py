@@ -1,0 +1,298 @@
+"""Downloads against a loopback HTTP server: resume, validation, safe extraction, offline."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import socket
+import tarfile
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from apretrieval.cli import main
+from apretrieval.data.download import (
+    DownloadError,
+    dataset_files,
+    download_dataset,
+    download_file,
+    extract_archive,
+)
+
+GND_DIR = Path(__file__).parents[2] / "shared/data/revisited"
+
+
+class FakeHost:
+    """Serves ``files`` (path -> bytes) with HTTP Range support.
+
+    ``cut[path] = n`` makes the next response for that path announce the full length but
+    close the connection after ``n`` bytes (once). ``ignore_range`` answers 200 always.
+    """
+
+    def __init__(self) -> None:
+        self.files: dict[str, bytes] = {}
+        self.cut: dict[str, int] = {}
+        self.ignore_range = False
+        self.requests: list[tuple[str, str | None]] = []
+        host = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:  # keep test output clean
+                pass
+
+            def do_GET(self) -> None:
+                path = self.path.lstrip("/")
+                rng = self.headers.get("Range")
+                host.requests.append((path, rng))
+                if path not in host.files:
+                    self.send_error(404)
+                    return
+                data = host.files[path]
+                start = 0
+                if rng and not host.ignore_range:
+                    start = int(rng.removeprefix("bytes=").split("-")[0])
+                    if start >= len(data):
+                        self.send_response(416)
+                        self.send_header("Content-Range", f"bytes */{len(data)}")
+                        self.end_headers()
+                        return
+                    self.send_response(206)
+                    self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+                else:
+                    self.send_response(200)
+                body = data[start:]
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                limit = host.cut.pop(path, None)
+                if limit is not None:
+                    self.wfile.write(body[:limit])
+                    self.wfile.flush()
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    return
+                self.wfile.write(body)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(
+            target=self.server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
+        )
+
+    def __enter__(self) -> FakeHost:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def host():
+    with FakeHost() as h:
+        yield h
+
+
+def closed_port_url() -> str:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens there now
+    return f"http://127.0.0.1:{port}"
+
+
+def tgz(members: dict[str, bytes], extra=None) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        for info in extra or []:
+            tar.addfile(info)
+    return buf.getvalue()
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+PAYLOAD = bytes(range(256)) * 400  # 100 KiB
+
+
+# --------------------------------------------------------------------------------------------
+# download_file
+
+
+def test_download_is_complete_validated_and_atomic(host, tmp_path):
+    host.files["a.bin"] = PAYLOAD
+    out = download_file(f"{host.url}/a.bin", tmp_path / "a.bin", size=len(PAYLOAD),
+                        sha256=sha(PAYLOAD), progress=False)
+    assert out.read_bytes() == PAYLOAD
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.bin"]  # no .part left
+    # A second call keeps the valid file without any request.
+    n = len(host.requests)
+    download_file(f"{host.url}/a.bin", out, size=len(PAYLOAD), sha256=sha(PAYLOAD), progress=False)
+    assert len(host.requests) == n
+
+
+def test_interrupted_transfer_resumes_with_range(host, tmp_path):
+    host.files["big.tgz"] = PAYLOAD
+    host.cut["big.tgz"] = 30_000
+    dest = tmp_path / "big.tgz"
+    with pytest.raises(DownloadError, match="resume"):
+        download_file(f"{host.url}/big.tgz", dest, retries=0, progress=False, chunk_size=4096)
+    assert not dest.exists()
+    part = tmp_path / "big.tgz.part"
+    assert part.stat().st_size == 30_000
+    download_file(f"{host.url}/big.tgz", dest, sha256=sha(PAYLOAD), retries=0, progress=False)
+    assert dest.read_bytes() == PAYLOAD and not part.exists()
+    assert host.requests[-1] == ("big.tgz", "bytes=30000-")
+
+
+def test_cut_transfer_is_resumed_within_one_call(host, tmp_path):
+    host.files["f"] = PAYLOAD
+    host.cut["f"] = 12_345
+    dest = download_file(f"{host.url}/f", tmp_path / "f", size=len(PAYLOAD), retries=2,
+                         progress=False)
+    assert dest.read_bytes() == PAYLOAD
+    assert [r for _, r in host.requests] == [None, "bytes=12345-"]
+
+
+def test_server_without_range_support_restarts(host, tmp_path):
+    host.files["f"] = PAYLOAD
+    (tmp_path / "f.part").write_bytes(b"garbage that must not survive")
+    host.ignore_range = True
+    dest = download_file(f"{host.url}/f", tmp_path / "f", sha256=sha(PAYLOAD), progress=False)
+    assert dest.read_bytes() == PAYLOAD
+
+
+def test_complete_part_is_finished_after_416(host, tmp_path):
+    host.files["f"] = PAYLOAD
+    (tmp_path / "f.part").write_bytes(PAYLOAD)
+    dest = download_file(f"{host.url}/f", tmp_path / "f", sha256=sha(PAYLOAD), progress=False)
+    assert dest.read_bytes() == PAYLOAD
+
+
+def test_checksum_and_size_mismatch_are_errors(host, tmp_path):
+    host.files["f"] = PAYLOAD
+    with pytest.raises(DownloadError, match="SHA-256"):
+        download_file(f"{host.url}/f", tmp_path / "f", sha256="0" * 64, progress=False)
+    assert not (tmp_path / "f").exists() and not (tmp_path / "f.part").exists()
+    with pytest.raises(DownloadError, match="expected 5"):
+        download_file(f"{host.url}/f", tmp_path / "g", size=5, progress=False)
+
+
+def test_http_error_and_offline_are_clear(host, tmp_path):
+    with pytest.raises(DownloadError, match="HTTP 404"):
+        download_file(f"{host.url}/missing", tmp_path / "m", progress=False)
+    with pytest.raises(DownloadError, match="offline"):
+        download_file(f"{closed_port_url()}/x", tmp_path / "x", retries=1, progress=False)
+
+
+# --------------------------------------------------------------------------------------------
+# Archives
+
+
+def test_extract_flattens_and_skips_unsafe_members(tmp_path):
+    link = tarfile.TarInfo("oxbuild/link.jpg")
+    link.type = tarfile.SYMTYPE
+    link.linkname = "/etc/passwd"
+    data = tgz(
+        {"oxbuild/a/x.jpg": b"x", "oxbuild/b/y.jpg": b"y", "../evil.jpg": b"e", "/abs.jpg": b"a"},
+        extra=[link],
+    )
+    arc = tmp_path / "a.tgz"
+    arc.write_bytes(data)
+    n = extract_archive(arc, tmp_path / "out" / "jpg", flatten=True, progress=False)
+    assert n == 2
+    assert sorted(p.name for p in (tmp_path / "out" / "jpg").iterdir()) == ["x.jpg", "y.jpg"]
+    assert not (tmp_path / "out" / "evil.jpg").exists() and not (tmp_path / "evil.jpg").exists()
+    n = extract_archive(arc, tmp_path / "tree", flatten=False, progress=False)
+    assert (tmp_path / "tree" / "oxbuild" / "a" / "x.jpg").read_bytes() == b"x" and n == 2
+
+
+def test_extract_rejects_non_archive(tmp_path):
+    bad = tmp_path / "bad.tgz"
+    bad.write_bytes(b"not a tar")
+    with pytest.raises(DownloadError, match="tar"):
+        extract_archive(bad, tmp_path / "o", progress=False)
+
+
+# --------------------------------------------------------------------------------------------
+# Datasets and CLI
+
+
+def test_official_urls():
+    files = {f.filename: f for f in dataset_files("rparis6k")}
+    assert files["paris_1-v1.tgz"].url == (
+        "https://www.robots.ox.ac.uk/~vgg/data/parisbuildings/paris_1-v1.tgz"
+    )
+    assert files["gnd_rparis6k.pkl"].url == (
+        "http://cmp.felk.cvut.cz/revisitop/data/datasets/rparis6k/gnd_rparis6k.pkl"
+    )
+    r1m = dataset_files("revisitop1m")
+    assert len(r1m) == 101
+    assert r1m[0].url == "http://ptak.felk.cvut.cz/revisitop/revisitop1m/jpg/revisitop1m.1.tar.gz"
+    assert r1m[-1].url == "http://ptak.felk.cvut.cz/revisitop/revisitop1m/revisitop1m.txt"
+    with pytest.raises(ValueError, match="unknown dataset"):
+        dataset_files("oxford105k")
+
+
+def _serve_roxford(host: FakeHost) -> bytes:
+    gnd = GND_DIR / "gnd_roxford5k.pkl"
+    if not gnd.exists():
+        pytest.skip(f"real ground truth (for its published SHA-256) not found at {gnd}")
+    host.files["oxbuildings/oxbuild_images-v1.tgz"] = tgz(
+        {"oxbuild_images/all_souls_000013.jpg": b"q", "oxbuild_images/ashmolean_000283.jpg": b"d"}
+    )
+    host.files["roxford5k/gnd_roxford5k.pkl"] = gnd.read_bytes()
+    return gnd.read_bytes()
+
+
+def test_download_dataset_from_mirror_is_idempotent(host, tmp_path):
+    gnd = _serve_roxford(host)
+    root = download_dataset("roxford5k", tmp_path / "rox", mirror=host.url, progress=False,
+                            log=None)
+    assert (root / "gnd_roxford5k.pkl").read_bytes() == gnd
+    assert sorted(p.name for p in (root / "jpg").iterdir()) == [
+        "all_souls_000013.jpg", "ashmolean_000283.jpg",
+    ]
+    assert not (root / "oxbuild_images-v1.tgz").exists()  # archive removed after extraction
+    n = len(host.requests)
+    download_dataset("roxford5k", root, mirror=host.url, progress=False, log=None)
+    assert len(host.requests) == n
+
+
+def test_wrong_gnd_bytes_are_rejected(host, tmp_path):
+    _serve_roxford(host)
+    host.files["roxford5k/gnd_roxford5k.pkl"] = b"x" * 149871  # right size, wrong content
+    with pytest.raises(DownloadError, match="SHA-256"):
+        download_dataset("roxford5k", tmp_path, mirror=host.url, progress=False, log=None)
+
+
+def test_r1m_layout_keeps_archive_paths(host, tmp_path):
+    for i in range(1, 101):
+        host.files[f"revisitop1m/jpg/revisitop1m.{i}.tar.gz"] = tgz({f"{i:03d}/img{i}.jpg": b"z"})
+    host.files["revisitop1m/revisitop1m.txt"] = b"001/img1.jpg\n"
+    root = download_dataset("revisitop1m", tmp_path, mirror=host.url, progress=False, log=None)
+    assert (root / "jpg" / "100" / "img100.jpg").exists()
+    assert (root / "revisitop1m.txt").read_text() == "001/img1.jpg\n"
+
+
+def test_cli_download(host, tmp_path, capsys):
+    _serve_roxford(host)
+    rc = main(["download", "roxford5k", "--root", str(tmp_path), "--mirror", host.url,
+               "--no-progress"])
+    assert rc == 0 and (tmp_path / "jpg" / "all_souls_000013.jpg").exists()
+    assert "ready" in capsys.readouterr().out
+
+
+def test_cli_download_offline_is_one_clear_line(tmp_path, capsys):
+    rc = main(["download", "rparis6k", "--root", str(tmp_path), "--mirror", closed_port_url(),
+               "--retries", "0", "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 1 and len(err.splitlines()) == 1
+    assert err.startswith("apretrieval download: error: cannot download") and "offline" in err
