@@ -1,0 +1,184 @@
+"""Training augmentation for landmarks with per-sample deterministic replay.
+
+Multistaged backpropagation computes every image twice (stage 1 without autograd, stage 3
+with it); both passes must see the same pixels. So augmentation never draws from a global
+random state: every random choice comes from ``random.Random(seed)`` with ``seed`` derived
+from (run seed, step, position in the batch), and the same seed always gives the same tensor.
+
+Pipeline (PIL image -> (3, H, W) float32 in [0, 1]):
+random resized crop (area fraction ``crop_scale``, aspect ``crop_ratio``) resized so its longer
+side is ``max_side`` pixels (or to ``max_side`` x ``max_side`` with ``square``) -> random
+perspective tilt -> colour jitter (brightness, contrast, saturation, hue in random order) ->
+horizontal flip, off by default since landmarks are not mirror-symmetric.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+from torchvision.transforms.v2 import functional as TF
+
+__all__ = ["AugmentConfig", "TrainTransform", "batch_seeds", "resize_max_side", "sample_seed"]
+
+
+@dataclass
+class AugmentConfig:
+    """Training augmentation parameters (0 disables a step)."""
+
+    max_side: int = 800  # longer side of the output, pixels
+    crop_scale: tuple[float, float] = (0.25, 1.0)  # crop area as a fraction of the image
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)  # crop aspect ratio w / h
+    square: bool = False  # output max_side x max_side: one size, so chunks batch together
+    tilt: float = 0.25  # perspective distortion: corners move up to tilt * half the side
+    tilt_prob: float = 0.5
+    brightness: float = 0.2  # factor drawn in [1 - b, 1 + b]
+    contrast: float = 0.2
+    saturation: float = 0.2
+    hue: float = 0.0  # shift drawn in [-hue, hue], at most 0.5
+    hflip: float = 0.0  # probability of a horizontal flip
+
+    def __post_init__(self) -> None:
+        if self.max_side < 8:
+            raise ValueError(f"max_side must be >= 8 pixels, got {self.max_side}")
+        lo, hi = self.crop_scale
+        if not 0 < lo <= hi <= 1:
+            raise ValueError(f"crop_scale must satisfy 0 < min <= max <= 1, got {self.crop_scale}")
+        if not 0 < self.crop_ratio[0] <= self.crop_ratio[1]:
+            raise ValueError(f"crop_ratio must satisfy 0 < min <= max, got {self.crop_ratio}")
+        if not 0 <= self.tilt < 1:
+            raise ValueError(f"tilt must lie in [0, 1), got {self.tilt}")
+        for name in ("tilt_prob", "hflip"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be a probability, got {getattr(self, name)}")
+        for name in ("brightness", "contrast", "saturation"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name} must lie in [0, 1), got {getattr(self, name)}")
+        if not 0 <= self.hue <= 0.5:
+            raise ValueError(f"hue must lie in [0, 0.5], got {self.hue}")
+
+
+def batch_seeds(seed: int, step: int, n: int) -> list[int]:
+    """32-bit augmentation seeds of positions 0..n-1 of batch ``step`` of a run seeded ``seed``.
+
+    Position p always gets the same seed whatever ``n`` (the words are a stable stream).
+    """
+    return np.random.SeedSequence([seed, step]).generate_state(n).tolist()
+
+
+def sample_seed(seed: int, step: int, position: int) -> int:
+    """The seed of one position: ``batch_seeds(seed, step, position + 1)[position]``."""
+    return batch_seeds(seed, step, position + 1)[position]
+
+
+class TrainTransform:
+    """``transform(image, seed) -> (3, H, W)`` float32 in [0, 1]; deterministic in ``seed``."""
+
+    def __init__(self, config: AugmentConfig | None = None) -> None:
+        self.config = config or AugmentConfig()
+
+    def __call__(self, img: Image.Image, seed: int) -> Tensor:
+        cfg = self.config
+        rng = random.Random(seed)
+        width, height = img.size
+        box = self._crop_box(rng, width, height)
+        out_size = self._output_size(box[2] - box[0], box[3] - box[1])
+        img, box = _draft(img, box, out_size)
+        img = img.convert("RGB").resize(out_size, Image.BILINEAR, box=box)
+        x = TF.to_dtype(TF.pil_to_tensor(img), torch.float32, scale=True)
+        # Every draw below happens whether or not its step applies, so one parameter change
+        # does not shift the random stream of the others.
+        do_tilt = rng.random() < cfg.tilt_prob
+        corners = self._tilt_corners(rng, x.shape[-1], x.shape[-2])
+        if cfg.tilt > 0 and do_tilt:
+            start = [[0, 0], [x.shape[-1] - 1, 0], [x.shape[-1] - 1, x.shape[-2] - 1],
+                     [0, x.shape[-2] - 1]]
+            x = TF.perspective(x, start, corners, interpolation=TF.InterpolationMode.BILINEAR)
+        x = self._jitter(rng, x)
+        if rng.random() < cfg.hflip:
+            x = TF.horizontal_flip(x)
+        return x.clamp_(0.0, 1.0)
+
+    def _crop_box(self, rng: random.Random, width: int, height: int) -> tuple[int, int, int, int]:
+        """(left, top, right, bottom) of a crop of random area and aspect ratio."""
+        cfg = self.config
+        area = width * height
+        log_lo, log_hi = math.log(cfg.crop_ratio[0]), math.log(cfg.crop_ratio[1])
+        for _ in range(10):
+            target = area * rng.uniform(*cfg.crop_scale)
+            ratio = math.exp(rng.uniform(log_lo, log_hi))
+            w = round(math.sqrt(target * ratio))
+            h = round(math.sqrt(target / ratio))
+            if 0 < w <= width and 0 < h <= height:
+                left = rng.randint(0, width - w)
+                top = rng.randint(0, height - h)
+                return left, top, left + w, top + h
+        # Fallback for extreme aspect ratios: the largest centred crop within the ratio range.
+        ratio = min(max(width / height, cfg.crop_ratio[0]), cfg.crop_ratio[1])
+        w, h = min(width, round(height * ratio)), min(height, round(width / ratio))
+        left, top = (width - w) // 2, (height - h) // 2
+        return left, top, left + w, top + h
+
+    def _output_size(self, w: int, h: int) -> tuple[int, int]:
+        side = self.config.max_side
+        if self.config.square:
+            return side, side
+        scale = side / max(w, h)
+        return max(1, round(w * scale)), max(1, round(h * scale))
+
+    def _tilt_corners(self, rng: random.Random, w: int, h: int) -> list[list[int]]:
+        """Corners (tl, tr, br, bl) each moved inwards by up to tilt * half the side."""
+        dx, dy = int(self.config.tilt * w / 2), int(self.config.tilt * h / 2)
+        r = [rng.randint(0, dx) if dx else 0 for _ in range(4)]
+        s = [rng.randint(0, dy) if dy else 0 for _ in range(4)]
+        return [[r[0], s[0]], [w - 1 - r[1], s[1]], [w - 1 - r[2], h - 1 - s[2]],
+                [r[3], h - 1 - s[3]]]
+
+    def _jitter(self, rng: random.Random, x: Tensor) -> Tensor:
+        cfg = self.config
+        factors = [
+            rng.uniform(1 - cfg.brightness, 1 + cfg.brightness),
+            rng.uniform(1 - cfg.contrast, 1 + cfg.contrast),
+            rng.uniform(1 - cfg.saturation, 1 + cfg.saturation),
+            rng.uniform(-cfg.hue, cfg.hue),
+        ]
+        order = [0, 1, 2, 3]
+        rng.shuffle(order)
+        ops = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
+        enabled = (cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue)
+        for i in order:
+            if enabled[i] > 0:
+                x = ops[i](x, factors[i])
+        return x
+
+
+def _draft(
+    img: Image.Image, box: tuple[int, int, int, int], out_size: tuple[int, int]
+) -> tuple[Image.Image, tuple[float, float, float, float]]:
+    """Let the JPEG decoder downscale by 2/4/8 when the output is that much smaller.
+
+    Decoding at reduced size is several times faster for large photos; ``draft`` keeps the
+    decoded image at least as large as requested, so the final resize still only shrinks.
+    """
+    w, h = box[2] - box[0], box[3] - box[1]
+    scale = max(out_size[0] / w, out_size[1] / h)
+    full = img.size
+    if getattr(img, "format", None) == "JPEG" and scale < 0.5:
+        img.draft("RGB", (math.ceil(full[0] * scale), math.ceil(full[1] * scale)))
+    fx, fy = img.size[0] / full[0], img.size[1] / full[1]
+    return img, (box[0] * fx, box[1] * fy, box[2] * fx, box[3] * fy)
+
+
+def resize_max_side(img: Image.Image, max_side: int) -> Tensor:
+    """Deterministic evaluation resize: longer side to ``max_side`` -> (3, H, W) in [0, 1]."""
+    w, h = img.size
+    scale = max_side / max(w, h)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    img, box = _draft(img, (0, 0, w, h), size)
+    img = img.convert("RGB").resize(size, Image.BILINEAR, box=box)
+    return TF.to_dtype(TF.pil_to_tensor(img), torch.float32, scale=True)

@@ -1,0 +1,232 @@
+"""Multistaged backpropagation (Algorithm 1 of the supplementary of Revaud et al., 2019).
+
+The loss of a batch of B images depends on all B descriptors at once, but a network forward
+pass with autograd keeps activations for every image. Three stages make peak memory
+independent of B:
+
+1. ``compute_descriptors``: all B descriptors without autograd, ``chunk_size`` images at a time;
+2. ``descriptor_loss_grads``: the loss and dL/dD (B, D) on the full descriptor matrix;
+3. ``backward_descriptor_grads``: each chunk again with autograd, back-propagating its rows
+   of dL/dD; parameter gradients accumulate in ``.grad`` (sum over chunks = Eq. 11).
+
+Stages 1 and 3 must compute identical descriptors: the network must not depend on which images
+share a chunk (BatchNorm frozen, i.e. in eval mode; no active Dropout) and inputs must be
+replayed exactly (per-sample seeded augmentation, see ``data.transforms``). A distributed
+version all-gathers the descriptors after stage 1 and all-reduces the gradients after stage 3.
+
+Inputs are a tensor (B, 3, H, W), or a sequence whose items are (3, H, W) tensors or loaders
+(callables returning one, or None for an unreadable image). Images of different sizes are
+never padded (padding would change the GeM average): inside a chunk, images of equal size are
+stacked and forwarded together and each other size is forwarded separately.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "Inputs",
+    "backward_descriptor_grads",
+    "check_replayable",
+    "compute_descriptors",
+    "descriptor_loss_grads",
+    "multistage_backward",
+]
+
+Loader = Callable[[], Tensor | None]
+Inputs = Tensor | Sequence[Tensor | Loader]
+# Stage 3 must reproduce stage 1; a larger gap means inputs or the network were not replayed.
+_REPLAY_TOLERANCE = 1e-3
+
+
+def check_replayable(model: nn.Module) -> None:
+    """ValueError if a module makes a forward pass depend on its chunk or on randomness."""
+    for name, m in model.named_modules():
+        if not m.training:
+            continue
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            raise ValueError(
+                f"BatchNorm {name!r} is in training mode: its batch statistics depend on the "
+                "chunk, so stage 1 and stage 3 would disagree; freeze it (frozen_bn=True)"
+            )
+        if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0:
+            raise ValueError(f"Dropout {name!r} is active: put it in eval mode (p={m.p})")
+
+
+def _param(model: nn.Module) -> Tensor:
+    try:
+        return next(model.parameters())
+    except StopIteration:
+        raise ValueError("the model has no parameters") from None
+
+
+def _num_inputs(inputs: Inputs) -> int:
+    if isinstance(inputs, Tensor):
+        if inputs.dim() != 4:
+            raise ValueError(f"input tensor must be (B, C, H, W), got {tuple(inputs.shape)}")
+        return inputs.shape[0]
+    return len(inputs)
+
+
+def _resolve(item: Tensor | Loader) -> Tensor | None:
+    x = item() if callable(item) and not isinstance(item, Tensor) else item
+    if x is not None and (not isinstance(x, Tensor) or x.dim() != 3):
+        got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f"each input must be a (C, H, W) tensor, got {got}")
+    return x
+
+
+def _iter_chunks(
+    inputs: Inputs, indices: Sequence[int], chunk_size: int, num_workers: int
+) -> Iterator[tuple[list[int], Tensor | list[Tensor | None]]]:
+    """(indices, images) per chunk; with workers, the next chunk loads while this one runs."""
+    chunks = [list(indices[s : s + chunk_size]) for s in range(0, len(indices), chunk_size)]
+    if isinstance(inputs, Tensor):
+        for c in chunks:
+            yield c, inputs[c[0] : c[-1] + 1] if c == list(range(c[0], c[-1] + 1)) else inputs[c]
+        return
+    if num_workers <= 0:
+        for c in chunks:
+            yield c, [_resolve(inputs[i]) for i in c]
+        return
+    with ThreadPoolExecutor(num_workers) as pool:
+        pending = [pool.submit(_resolve, inputs[i]) for i in chunks[0]] if chunks else []
+        for k, c in enumerate(chunks):
+            current = pending
+            nxt = chunks[k + 1] if k + 1 < len(chunks) else []
+            pending = [pool.submit(_resolve, inputs[i]) for i in nxt]
+            yield c, [f.result() for f in current]
+
+
+def _forward(model: nn.Module, images: Tensor | list[Tensor], like: Tensor) -> Tensor:
+    """Descriptors (n, D) of a chunk: a tensor, or a list of (3, H, W) images of any sizes."""
+    if isinstance(images, Tensor):
+        return model(images.to(device=like.device, dtype=like.dtype))
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for j, im in enumerate(images):
+        groups.setdefault(tuple(im.shape), []).append(j)
+    outs: list[Tensor] = []
+    order: list[int] = []
+    for js in groups.values():
+        x = torch.stack([images[j] for j in js]).to(device=like.device, dtype=like.dtype)
+        outs.append(model(x))
+        order += js
+    out = torch.cat(outs) if len(outs) > 1 else outs[0]
+    if order != sorted(order):  # back to input order
+        out = out[torch.as_tensor(order, device=out.device).argsort()]
+    return out
+
+
+def compute_descriptors(
+    model: nn.Module, inputs: Inputs, chunk_size: int, *, num_workers: int = 0
+) -> tuple[Tensor, Tensor]:
+    """Stage 1: descriptors (B', D) without autograd, and ``kept`` (B',) int64.
+
+    ``kept`` lists the inputs that loaded (a loader returning None is skipped), in order.
+    ``num_workers`` threads run loaders ahead of the network.
+    """
+    _check_chunk(chunk_size)
+    like = _param(model)
+    n = _num_inputs(inputs)
+    descs: list[Tensor] = []
+    kept: list[int] = []
+    with torch.no_grad():
+        for idx, images in _iter_chunks(inputs, range(n), chunk_size, num_workers):
+            if not isinstance(images, Tensor):
+                ok = [j for j, im in enumerate(images) if im is not None]
+                idx, images = [idx[j] for j in ok], [images[j] for j in ok]
+                if not idx:
+                    continue
+            descs.append(_forward(model, images, like))
+            kept += idx
+    if not descs:
+        raise ValueError(f"none of the {n} inputs could be loaded")
+    return torch.cat(descs), torch.as_tensor(kept, dtype=torch.int64)
+
+
+def descriptor_loss_grads(
+    loss_fn: Callable[[Tensor, Tensor], Tensor], descriptors: Tensor, labels: Tensor
+) -> tuple[float, Tensor]:
+    """Stage 2: the loss value and dL/dD (B, D) of ``loss_fn(descriptors, labels)``."""
+    d = descriptors.detach().requires_grad_(True)
+    with torch.enable_grad():
+        loss = loss_fn(d, labels.to(d.device))
+        (grad,) = torch.autograd.grad(loss, d)
+    return float(loss.detach()), grad
+
+
+def backward_descriptor_grads(
+    model: nn.Module,
+    inputs: Inputs,
+    grads: Tensor,
+    chunk_size: int,
+    *,
+    indices: Sequence[int] | Tensor | None = None,
+    reference: Tensor | None = None,
+    num_workers: int = 0,
+) -> None:
+    """Stage 3: accumulate sum_i (dL/dd_i)^T dd_i/dTheta into the parameters' ``.grad``.
+
+    ``grads`` (B', D) are the rows for ``indices`` (default: all inputs, in order).
+    ``reference`` (B', D): the stage-1 descriptors; a mismatch means the inputs or the network
+    were not replayed exactly and raises RuntimeError.
+    """
+    _check_chunk(chunk_size)
+    like = _param(model)
+    idx = list(range(_num_inputs(inputs))) if indices is None else [int(i) for i in indices]
+    if grads.shape[0] != len(idx):
+        raise ValueError(f"{grads.shape[0]} gradient rows for {len(idx)} inputs")
+    row = 0
+    for chunk, images in _iter_chunks(inputs, idx, chunk_size, num_workers):
+        if not isinstance(images, Tensor) and any(im is None for im in images):
+            raise RuntimeError("an input that loaded in stage 1 failed to load in stage 3")
+        with torch.enable_grad():
+            out = _forward(model, images, like)
+            g = grads[row : row + len(chunk)].to(device=out.device, dtype=out.dtype)
+            if reference is not None:
+                ref = reference[row : row + len(chunk)].to(device=out.device, dtype=out.dtype)
+                gap = float((out.detach() - ref).abs().max())
+                if gap > _REPLAY_TOLERANCE:
+                    raise RuntimeError(
+                        f"stage 3 descriptors differ from stage 1 by {gap:.3g}: inputs or "
+                        "augmentation are not replayed deterministically"
+                    )
+            out.backward(g)
+        row += len(chunk)
+
+
+def multistage_backward(
+    model: nn.Module,
+    inputs: Inputs,
+    labels: Tensor,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    chunk_size: int,
+    *,
+    num_workers: int = 0,
+) -> float:
+    """Fill ``.grad`` as ``loss_fn(model(inputs), labels).backward()`` would; return the loss.
+
+    Peak memory: one chunk of activations with autograd plus the (B, D) descriptors, whatever
+    B. Inputs whose loader returns None are left out of the batch (with their labels).
+    """
+    check_replayable(model)
+    n = _num_inputs(inputs)
+    if labels.dim() != 1 or labels.shape[0] != n:
+        raise ValueError(f"labels must be ({n},), got shape {tuple(labels.shape)}")
+    descriptors, kept = compute_descriptors(model, inputs, chunk_size, num_workers=num_workers)
+    kept_labels = labels if len(kept) == n else labels[kept.to(labels.device)]
+    loss, grads = descriptor_loss_grads(loss_fn, descriptors, kept_labels)
+    backward_descriptor_grads(
+        model, inputs, grads, chunk_size, indices=kept, reference=descriptors,
+        num_workers=num_workers,
+    )
+    return loss
+
+
+def _check_chunk(chunk_size: int) -> None:
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")

@@ -1,0 +1,396 @@
+"""Training loop: class-balanced batches, multistaged backpropagation, Adam, exact resume.
+
+A run directory (``output_dir``) holds ``config.yaml`` (the resolved config), ``metrics.jsonl``
+(one JSON line per step), ``checkpoint.pt`` (everything needed to resume: model, optimizer,
+scheduler, sampler state, step; rewritten atomically every ``checkpoint_every`` steps, on
+SIGINT/SIGTERM and at the end) and ``model.pt`` (the final model, for ``load_model``).
+
+Batch t is fully determined by (seed, t): the sampler draws its indices from generators seeded
+by (seed, t) and augmentation by (seed, t, position). Resuming therefore replays exactly the
+batches an uninterrupted run would have seen, so both reach the same weights.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from apretrieval.data.lists import ImageList, open_image_list
+from apretrieval.data.sampler import ClassBalancedBatchSampler
+from apretrieval.data.transforms import TrainTransform, batch_seeds, resize_max_side
+from apretrieval.losses import APLoss, ContrastiveLoss, TieAwareAPLoss, TripletLoss
+from apretrieval.models import RetrievalNet, build_model, load_checkpoint, save_checkpoint
+from apretrieval.multistage import (
+    backward_descriptor_grads,
+    check_replayable,
+    compute_descriptors,
+    descriptor_loss_grads,
+    multistage_backward,
+)
+from apretrieval.train_config import TrainConfig, write_yaml_atomic
+
+__all__ = [
+    "TrainConfig",
+    "TrainingInterrupted",
+    "make_loss",
+    "multistage_backward",
+    "train",
+    "train_step",
+]
+
+log = logging.getLogger("apretrieval.training")
+Callback = Callable[[int, RetrievalNet], "dict[str, Any] | None"]
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGINT/SIGTERM stopped training after a checkpoint was written (``.checkpoint``)."""
+
+    def __init__(self, checkpoint: Path, signum: int) -> None:
+        super().__init__(f"training stopped by signal {signum}; resume from {checkpoint}")
+        self.checkpoint, self.signum = checkpoint, signum
+
+
+def make_loss(cfg: TrainConfig) -> torch.nn.Module:
+    """The loss named by ``cfg.loss``: ap, tie_aware_ap, contrastive or triplet."""
+    if cfg.loss == "ap":
+        return APLoss(num_bins=cfg.num_bins)
+    if cfg.loss == "tie_aware_ap":
+        return TieAwareAPLoss(num_bins=cfg.num_bins)
+    if cfg.loss == "contrastive":
+        return ContrastiveLoss(margin=cfg.margin or 0.7, num_hard=cfg.num_hard)
+    if cfg.loss == "triplet":
+        return TripletLoss(margin=cfg.margin or 0.1)
+    raise ValueError(f"unknown loss {cfg.loss!r}")
+
+
+def lr_factor(cfg: TrainConfig) -> Callable[[int], float]:
+    """Multiplier of ``cfg.lr`` at step t: linear warm-up, then constant/cosine/exponential."""
+
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        t = step - cfg.warmup_steps
+        if cfg.schedule == "cosine":
+            span = max(1, cfg.steps - cfg.warmup_steps)
+            return 0.5 * (1.0 + math.cos(math.pi * min(t, span) / span))
+        if cfg.schedule == "exponential":
+            return cfg.lr_decay**t
+        return 1.0
+
+    return factor
+
+
+def train_step(
+    model: RetrievalNet,
+    optimizer: torch.optim.Optimizer,
+    inputs: Any,
+    labels: Tensor,
+    loss_fn: torch.nn.Module,
+    chunk_size: int,
+    num_workers: int = 0,
+) -> tuple[float, int]:
+    """One multistage step + optimizer update; returns (loss, number of images used)."""
+    model.train()
+    check_replayable(model)
+    optimizer.zero_grad(set_to_none=True)
+    # Distributed hook: shard `inputs` by rank, all-gather (descriptors, labels) after stage 1,
+    # slice this rank's gradient rows for stage 3, all-reduce parameter gradients after it.
+    descriptors, kept = compute_descriptors(model, inputs, chunk_size, num_workers=num_workers)
+    used = labels if len(kept) == len(labels) else labels[kept]
+    loss, grads = descriptor_loss_grads(loss_fn, descriptors, used)
+    backward_descriptor_grads(
+        model, inputs, grads, chunk_size, indices=kept, reference=descriptors,
+        num_workers=num_workers,
+    )
+    optimizer.step()
+    return loss, len(kept)
+
+
+# --------------------------------------------------------------------------------------------
+# Batch loading.
+
+
+class _Augmented(torch.utils.data.Dataset):
+    """Item (index, seed) -> augmented (3, H, W) tensor, or None if the file is unreadable."""
+
+    def __init__(self, images: ImageList, transform: TrainTransform) -> None:
+        self.images, self.transform = images, transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, item: tuple[int, int]) -> Tensor | None:
+        index, seed = item
+        return self.images.load(index, lambda img: self.transform(img, seed))
+
+
+class _Loader:
+    """A deferred ``_Augmented`` item: multistage calls it in stage 1 and again in stage 3."""
+
+    def __init__(self, data: _Augmented, index: int, seed: int) -> None:
+        self.data, self.index, self.seed = data, index, seed
+
+    def __call__(self) -> Tensor | None:
+        return self.data[(self.index, self.seed)]
+
+
+class _StepItems:
+    """Lazy batch sampler for the DataLoader: the (index, seed) items of each step."""
+
+    def __init__(self, sampler: ClassBalancedBatchSampler, seed: int, steps: range) -> None:
+        self.sampler, self.seed, self.steps = sampler, seed, steps
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for step in self.steps:
+            idx = self.sampler.batch(step)
+            seeds = batch_seeds(self.seed, step, len(idx))
+            yield [(int(i), s) for i, s in zip(idx, seeds, strict=True)]
+
+
+def _keep_list(batch: list) -> list:
+    return batch  # variable-size images: no stacking (the collate default would fail)
+
+
+def _batches(
+    cfg: TrainConfig, images: ImageList, sampler: ClassBalancedBatchSampler, start: int,
+    in_memory: bool,
+) -> Iterator[tuple[list, Tensor]]:
+    """(inputs, labels) for steps start..steps-1: decoded tensors (prefetched by DataLoader
+    workers, each image decoded once per step) or, for batches too large for memory, loaders."""
+    data = _Augmented(images, TrainTransform(cfg.augment_config()))
+
+    steps = range(start, cfg.steps)
+    if not in_memory:
+        for step in steps:
+            idx = sampler.batch(step)
+            seeds = batch_seeds(cfg.seed, step, len(idx))
+            loaders = [_Loader(data, int(i), s) for i, s in zip(idx, seeds, strict=True)]
+            yield loaders, torch.as_tensor(images.labels[idx])
+        return
+    loader = torch.utils.data.DataLoader(
+        data,
+        batch_sampler=_StepItems(sampler, cfg.seed, steps),
+        num_workers=cfg.num_workers,
+        collate_fn=_keep_list,
+        prefetch_factor=1 if cfg.num_workers > 0 else None,
+    )
+    for step, tensors in zip(steps, loader, strict=True):
+        ok = [j for j, t in enumerate(tensors) if t is not None]
+        labels = torch.as_tensor(images.labels[sampler.batch(step)[ok]])
+        yield [tensors[j] for j in ok], labels
+
+
+def _fits_in_memory(cfg: TrainConfig) -> bool:
+    per_image = 3 * cfg.max_side**2 * 4  # float32 upper bound
+    batches = 1 + max(cfg.num_workers, 0)  # current batch + those prefetched
+    return cfg.batch_size * per_image * batches <= cfg.image_cache_mb * 2**20
+
+
+# --------------------------------------------------------------------------------------------
+# The loop.
+
+
+class _SignalStop:
+    """First SIGINT/SIGTERM: finish the step, checkpoint, stop. A second SIGINT: stop now."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> _SignalStop:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def init_whitening_from_data(
+    model: RetrievalNet, images: ImageList, cfg: TrainConfig, device: torch.device
+) -> None:
+    """PCA-whitening initialisation of the FC from ``cfg.pca_images`` random training images."""
+    rng = np.random.default_rng([cfg.seed, 7])
+    n = min(cfg.pca_images, len(images))
+    chosen = np.sort(rng.choice(len(images), size=n, replace=False))
+    pooled = []
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for i in tqdm(chosen, desc="PCA whitening init", disable=not cfg.progress, leave=False):
+            x = images.load(int(i), lambda img: resize_max_side(img, cfg.max_side))
+            if x is not None:
+                pooled.append(model.pooled(x[None].to(device)).cpu())
+    model.train(was_training)
+    if len(pooled) < 2:
+        raise ValueError(f"PCA whitening needs at least 2 readable images, got {len(pooled)}")
+    model.init_whitening(torch.cat(pooled).to(torch.float64))
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _truncate_log(path: Path, last_step: int) -> None:
+    """Drop records of steps after ``last_step`` (done after the checkpoint, lost on resume)."""
+    if not path.exists():
+        return
+    lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    keep = [ln for ln in lines if json.loads(ln).get("step", 0) <= last_step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(ln + "\n" for ln in keep), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def train(
+    cfg: TrainConfig,
+    *,
+    resume: bool = False,
+    callback: Callback | None = None,
+    callback_every: int = 0,
+) -> Path:
+    """Train per ``cfg``; returns the final model checkpoint (``<output_dir>/model.pt``).
+
+    ``resume``: continue from ``<output_dir>/checkpoint.pt`` if it exists. ``callback(step,
+    model)`` runs every ``callback_every`` steps and at the end (model in eval mode); a dict it
+    returns is added to that step's metrics line. SIGINT/SIGTERM write a checkpoint after the
+    current step and raise TrainingInterrupted.
+    """
+    cfg.validate()
+    run_dir = Path(cfg.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path, final_path, log_path = (
+        run_dir / "checkpoint.pt", run_dir / "model.pt", run_dir / "metrics.jsonl"
+    )
+    device = _resolve_device(cfg.device)
+    images = open_image_list(cfg.data, cfg.data_format, cfg.image_root, cfg.check_images)
+    sampler = ClassBalancedBatchSampler(
+        images.labels, cfg.batch_size, cfg.images_per_class, cfg.seed, steps=cfg.steps
+    )
+    state = load_checkpoint(ckpt_path) if resume and ckpt_path.exists() else None
+    with torch.random.fork_rng(devices=[]):  # deterministic init, global RNG left untouched
+        torch.manual_seed(cfg.seed)
+        model = build_model(
+            cfg.backbone,
+            pretrained=None if state is not None else cfg.pretrained,
+            weights=None if state is not None else cfg.weights,
+            out_dim=cfg.out_dim,
+            gem_p=cfg.gem_p,
+            whiten=cfg.whiten,
+        ).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg))
+    start = 0
+    if state is not None:
+        model.load_state_dict(state["state_dict"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        sampler.load_state_dict(state["sampler"])
+        start = int(state["step"])
+        _warn_config_changes(state.get("train_config", {}), cfg)
+        _truncate_log(log_path, start)
+    else:
+        log_path.unlink(missing_ok=True)
+        if cfg.whiten and cfg.whiten_init == "pca":
+            init_whitening_from_data(model, images, cfg, device)
+    write_yaml_atomic(run_dir / "config.yaml", cfg.to_dict())
+    loss_fn = make_loss(cfg)
+    in_memory = _fits_in_memory(cfg)
+    log.info("%d images, %d classes; batches %s", len(images), sampler.num_classes,
+             "decoded once per step" if in_memory else "streamed per chunk (large batch)")
+
+    def checkpoint(step: int) -> Path:
+        sampler.step = step
+        return save_checkpoint(
+            ckpt_path, model, step=step, optimizer=optimizer.state_dict(),
+            scheduler=scheduler.state_dict(), sampler=sampler.state_dict(),
+            train_config=cfg.to_dict(),
+        )
+
+    done = start
+    bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", disable=not cfg.progress)
+    with _SignalStop() as stop:
+        batches = _batches(cfg, images, sampler, start, in_memory)
+        tic = time.perf_counter()
+        while done < cfg.steps and stop.signum is None:
+            try:
+                inputs, labels = next(batches)
+            except Exception:
+                if stop.signum is not None:  # a data worker died of the same signal
+                    break
+                raise
+            loss, used = train_step(
+                model, optimizer, inputs, labels, loss_fn, cfg.chunk_size,
+                num_workers=0 if in_memory else cfg.num_workers,
+            )
+            scheduler.step()
+            done += 1
+            toc = time.perf_counter()
+            record = {"step": done, "loss": loss, "lr": optimizer.param_groups[0]["lr"],
+                      "images": used, "skipped": cfg.batch_size - used,
+                      "images_per_s": used / (toc - tic), "gem_p": model.gem_p}
+            tic = toc
+            bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{record['images_per_s']:.1f}")
+            bar.update(1)
+            if callback is not None and callback_every > 0 and done % callback_every == 0 \
+                    and done < cfg.steps:
+                record.update(_run_callback(callback, done, model))
+            _append_jsonl(log_path, record)
+            if done % cfg.checkpoint_every == 0 and done < cfg.steps:
+                checkpoint(done)
+        bar.close()
+        if stop.signum is not None:
+            path = checkpoint(done)
+            raise TrainingInterrupted(path, stop.signum)
+    checkpoint(done)
+    if callback is not None:
+        extra = _run_callback(callback, done, model)
+        if extra:
+            _append_jsonl(log_path, {"step": done, **extra})
+    return save_checkpoint(final_path, model, step=done, train_config=cfg.to_dict())
+
+
+def _run_callback(callback: Callback, step: int, model: RetrievalNet) -> dict[str, Any]:
+    model.eval()
+    try:
+        return dict(callback(step, model) or {})
+    finally:
+        model.train()
+
+
+def _warn_config_changes(old: dict[str, Any], cfg: TrainConfig) -> None:
+    new = cfg.to_dict()
+    changed = sorted(k for k in new if k in old and old[k] != new[k] and k != "steps")
+    if changed:
+        log.warning("resuming with a changed config (%s): the run is no longer reproducible",
+                    ", ".join(changed))
