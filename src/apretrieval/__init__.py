@@ -9,17 +9,23 @@ from apretrieval.losses import (
     average_precision,
     quantized_ap,
 )
+from apretrieval.search import IndexConfig, SearchIndex, build_index, knn, load_index
 
 __version__ = "0.1.0"
 
 __all__ = [
     "APLoss",
     "ContrastiveLoss",
+    "IndexConfig",
+    "SearchIndex",
     "TieAwareAPLoss",
     "TripletLoss",
     "__version__",
     "average_precision",
+    "build_index",
     "evaluate_revisited",
+    "knn",
+    "load_index",
     "load_results",
     "quantized_ap",
     "write_results",

@@ -1,0 +1,240 @@
+"""Exact chunked k-NN, faiss indexes (flat == knn, IVF-PQ recall), index files and the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from apretrieval.search import (
+    FeatureSet,
+    IndexConfig,
+    SearchIndex,
+    build_index,
+    knn,
+    load_features,
+    load_index,
+    ranked_ids,
+)
+
+
+def _unit(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _brute(q: np.ndarray, db: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Reference: the full score matrix in float64, sorted by (score desc, index asc)."""
+    s = q.astype(np.float64) @ db.astype(np.float64).T
+    idx = np.lexsort((np.broadcast_to(np.arange(db.shape[0]), s.shape), -s), axis=1)[:, :k]
+    return np.take_along_axis(s, idx, axis=1), idx
+
+
+@pytest.fixture(scope="module")
+def data() -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    db = _unit(rng, 3000, 48)
+    q = _unit(rng, 37, 48)
+    return q, db
+
+
+# ---------------------------------------------------------------------------------- knn
+
+
+@pytest.mark.parametrize("block_elements", [1, 37 * 10, 37 * 777, 10**9])
+def test_knn_matches_full_sort_for_any_chunking(data, block_elements):
+    q, db = data
+    s, i = knn(q, db, 10, block_elements=block_elements)
+    ref_s, ref_i = _brute(q, db, 10)
+    assert s.shape == i.shape == (37, 10)
+    assert s.dtype == np.float32 and i.dtype == np.int64
+    np.testing.assert_array_equal(i, ref_i)
+    np.testing.assert_allclose(s, ref_s, atol=1e-6)
+    assert (np.diff(s, axis=1) <= 0).all()
+
+
+def test_knn_chunking_does_not_change_results_bitwise(data):
+    q, db = data
+    s1, i1 = knn(q, db, 25, block_elements=500)
+    s2, i2 = knn(q, db, 25)
+    np.testing.assert_array_equal(i1, i2)
+    # Every score is one dot product of the same rows; only BLAS blocking could differ.
+    np.testing.assert_allclose(s1, s2, atol=1e-6)
+
+
+def test_knn_ties_are_ordered_by_index_whatever_the_chunks():
+    db = np.ones((50, 4), dtype=np.float32)
+    q = np.ones((2, 4), dtype=np.float32)
+    for block in (4, 13, 10**6):
+        s, i = knn(q, db, 7, block_elements=block)
+        np.testing.assert_array_equal(i, np.tile(np.arange(7), (2, 1)))
+        assert (s == 4.0).all()
+
+
+def test_knn_torch_in_torch_out_and_memmap(data, tmp_path):
+    q, db = data
+    path = tmp_path / "db.npy"
+    np.save(path, db)
+    mm = np.load(path, mmap_mode="r")
+    s_np, i_np = knn(q, mm, 5, block_elements=1000)
+    s_t, i_t = knn(torch.from_numpy(q), torch.from_numpy(db), 5)
+    assert isinstance(s_t, torch.Tensor) and s_t.dtype == torch.float32
+    assert i_t.dtype == torch.int64
+    np.testing.assert_array_equal(i_t.numpy(), i_np)
+    np.testing.assert_allclose(s_t.numpy(), s_np, atol=1e-6)
+
+
+def test_knn_float64_stays_float64(data):
+    q, db = data
+    s, i = knn(q.astype(np.float64), db.astype(np.float64), 3)
+    ref_s, ref_i = _brute(q, db, 3)
+    assert s.dtype == np.float64
+    np.testing.assert_array_equal(i, ref_i)
+    np.testing.assert_allclose(s, ref_s, rtol=0, atol=1e-12)
+
+
+def test_knn_pads_like_faiss_when_k_exceeds_database():
+    rng = np.random.default_rng(1)
+    db, q = _unit(rng, 4, 8), _unit(rng, 3, 8)
+    s, i = knn(q, db, 6)
+    assert (i[:, 4:] == -1).all() and np.isneginf(s[:, 4:]).all()
+    assert sorted(i[0, :4].tolist()) == [0, 1, 2, 3]
+    s0, i0 = knn(q, db[:0], 2)
+    assert (i0 == -1).all() and np.isneginf(s0).all()
+
+
+@pytest.mark.parametrize(
+    ("queries", "database", "k", "match"),
+    [
+        (np.zeros((2, 3), np.float32), np.zeros((5, 4), np.float32), 1, "dimensions differ"),
+        (np.zeros((2, 3), np.float32), np.zeros((5, 3), np.float32), 0, "k must be"),
+        (np.zeros(3, np.float32), np.zeros((5, 3), np.float32), 1, r"shape \(N, D\)"),
+        ([[0.0]], np.zeros((5, 1), np.float32), 1, "numpy array or torch tensor"),
+    ],
+)
+def test_knn_rejects_bad_input(queries, database, k, match):
+    with pytest.raises(ValueError, match=match):
+        knn(queries, database, k)
+
+
+# ---------------------------------------------------------------------------------- faiss
+
+
+def test_flat_faiss_equals_knn(data):
+    q, db = data
+    idx = SearchIndex(build_index(db), [f"im{i}" for i in range(len(db))])
+    for k in (1, 10, 100):
+        fs, fi = idx.search(q, k)
+        s, i = knn(q, db, k)
+        np.testing.assert_array_equal(fi, i)
+        # faiss and torch call different BLAS kernels: scores agree to float32 rounding.
+        np.testing.assert_allclose(fs, s, rtol=0, atol=2e-7)
+
+
+def test_flat_faiss_equals_knn_bitwise_on_exact_arithmetic():
+    """Dyadic entries make every dot product exact in float32, whatever the summation order:
+    scores must then be bit-identical, and indices identical wherever the score is not tied
+    with the k-th one (which of several boundary ties faiss keeps is unspecified)."""
+    rng = np.random.default_rng(2)
+    db = (rng.integers(-3, 4, (2000, 16)) / 8).astype(np.float32)
+    q = (rng.integers(-3, 4, (30, 16)) / 8).astype(np.float32)
+    idx = SearchIndex(build_index(db), [str(i) for i in range(len(db))])
+    fs, fi = idx.search(q, 40)
+    s, i = knn(q, db, 40, block_elements=3000)
+    np.testing.assert_array_equal(fs, s)
+    clear = s > s[:, -1:]
+    assert clear.mean() > 0.5
+    np.testing.assert_array_equal(fi[clear], i[clear])
+
+
+def test_ivfpq_recall_and_nprobe():
+    rng = np.random.default_rng(3)
+    centres = _unit(rng, 64, 16)
+    db = centres[rng.integers(0, 64, 2000)] + 0.15 * rng.standard_normal((2000, 16))
+    db = (db / np.linalg.norm(db, axis=1, keepdims=True)).astype(np.float32)
+    q = db[:50] + 0.05 * rng.standard_normal((50, 16)).astype(np.float32)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    cfg = IndexConfig(type="ivfpq", nlist=16, m=8, nbits=6, nprobe=16, train_size=1500)
+    idx = SearchIndex(build_index(db, cfg), [str(i) for i in range(len(db))], cfg)
+    _, exact = knn(q, db, 10)
+
+    def recall(nprobe: int) -> float:
+        _, approx = idx.search(q, 10, nprobe=nprobe)
+        return np.mean([len(set(a) & set(e)) / 10 for a, e in zip(approx, exact, strict=True)])
+
+    full, one = recall(16), recall(1)
+    assert full > 0.6  # all cells visited: only PQ error remains
+    assert one <= full
+    s, _ = idx.search(q, 10)
+    assert (np.diff(s, axis=1) <= 0).all()
+
+
+def test_ivfpq_rejects_impossible_configs():
+    db = _unit(np.random.default_rng(4), 100, 30)
+    with pytest.raises(ValueError, match="must divide"):
+        build_index(db, IndexConfig(type="ivfpq", nlist=4, m=8))
+    with pytest.raises(ValueError, match="at least 256 training vectors"):
+        build_index(db, IndexConfig(type="ivfpq", nlist=4, m=5, nbits=8))
+    with pytest.raises(ValueError, match="index type"):
+        IndexConfig(type="hnsw")
+    with pytest.raises(ValueError, match="nprobe"):
+        IndexConfig(nprobe=0)
+
+
+def test_index_save_load_roundtrip(data, tmp_path):
+    q, db = data
+    feats = FeatureSet(db, [f"a/{i}.jpg" for i in range(len(db))], "ckpt.pt", [1.0, 0.5])
+    idx = SearchIndex.from_features(feats)
+    idx.save(tmp_path / "ix")
+    assert sorted(p.name for p in (tmp_path / "ix").iterdir()) == ["index.faiss", "manifest.json"]
+    back = load_index(tmp_path / "ix")
+    assert back.ids == feats.ids and back.checkpoint == "ckpt.pt" and back.scales == [1.0, 0.5]
+    assert back.config == idx.config and back.dim == 48 and len(back) == 3000
+    s1, i1 = idx.search(q, 7)
+    s2, i2 = back.search(q, 7)
+    np.testing.assert_array_equal(i1, i2)
+    np.testing.assert_array_equal(s1, s2)
+    with pytest.raises(ValueError, match=r"missing index\.faiss"):
+        load_index(tmp_path)
+
+
+def test_ivfpq_save_load_keeps_nprobe(tmp_path):
+    db = _unit(np.random.default_rng(5), 600, 16)
+    cfg = IndexConfig(type="ivfpq", nlist=8, m=4, nbits=6, nprobe=3)
+    SearchIndex.from_features(FeatureSet(db, [str(i) for i in range(600)]), cfg).save(tmp_path)
+    import faiss
+
+    back = load_index(tmp_path)
+    assert back.config == cfg
+    assert faiss.extract_index_ivf(back.index).nprobe == 3
+
+
+# ---------------------------------------------------------------------------------- files
+
+
+def test_load_features_manifest_forms(tmp_path):
+    x = np.arange(12, dtype=np.float32).reshape(3, 4)
+    np.save(tmp_path / "f.npy", x)
+    bare = load_features(tmp_path / "f.npy")
+    assert bare.ids == ["0", "1", "2"] and bare.checkpoint is None
+    (tmp_path / "f.json").write_text(
+        json.dumps({"ids": ["a", "b", "c"], "checkpoint": "m.pt", "scales": [1, 0.5], "dim": 4})
+    )
+    f = load_features(tmp_path / "f.npy")
+    assert f.ids == ["a", "b", "c"] and f.checkpoint == "m.pt" and f.scales == [1.0, 0.5]
+    assert f.extra == {"dim": 4}
+    np.testing.assert_array_equal(f.descriptors, x)
+    (tmp_path / "other.json").write_text(json.dumps({"images": ["x", "y", "z"]}))
+    assert load_features(tmp_path / "f.npy", tmp_path / "other.json").ids == ["x", "y", "z"]
+    (tmp_path / "bad.json").write_text(json.dumps({"ids": ["x"]}))
+    with pytest.raises(ValueError, match="lists 1 ids but"):
+        load_features(tmp_path / "f.npy", tmp_path / "bad.json")
+    with pytest.raises(ValueError, match="not found"):
+        load_features(tmp_path / "missing.npy")
+
+
+def test_ranked_ids_drops_padding():
+    out = ranked_ids(["a", "b"], np.array([[0.9, -np.inf]]), np.array([[1, -1]]))
+    assert out == [[("b", 0.9)]]
