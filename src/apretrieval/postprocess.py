@@ -1,0 +1,188 @@
+"""Descriptor post-processing: PCA whitening, alpha query expansion, database-side augmentation.
+
+Pure functions on ``(N, D)`` float arrays of L2-normalised rows (numpy); outputs are
+L2-normalised float32 rows.
+
+* PCA whitening (learned on a *separate* image set, never on the test images):
+  ``y = normalize(diag(lambda)^(-power) U^T (x - mean))`` with the top ``dim`` eigenpairs of
+  the covariance of the learning set. ``power = 0.5`` whitens (unit variance per component),
+  ``power = 0`` only rotates/projects (PCA); values in between shrink the dominant directions
+  partially (the "power" of the power-law normalisation in the whitening literature).
+* alpha-QE (Radenović et al.): each query is replaced by ``normalize(q + sum_i s_i^alpha d_i)``
+  over its ``k`` nearest database items ``d_i`` (similarity ``s_i``, clipped at 0);
+  ``alpha = 0`` is average QE.
+* DBA: the same weighted sum applied to every database item over its ``k`` nearest *other*
+  database items.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+__all__ = [
+    "Whitening",
+    "alpha_query_expansion",
+    "apply_whitening",
+    "database_augmentation",
+    "l2_normalize",
+    "learn_whitening",
+    "load_whitening",
+    "save_whitening",
+]
+
+
+def _as_rows(name: str, x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x)
+    if x.ndim != 2:
+        raise ValueError(f"{name} must be an (N, D) array, got shape {x.shape}")
+    if not np.isfinite(x).all():
+        raise ValueError(f"{name} contains NaN/inf values")
+    return x
+
+
+def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
+    """Rows scaled to unit L2 norm, float32: (N, D) -> (N, D). All-zero rows stay zero."""
+    x = np.asarray(x, dtype=np.float64)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return (x / np.maximum(norms, eps)).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class Whitening:
+    """``mean`` (D,) and ``projection`` (dim, D): ``y = normalize((x - mean) @ projection.T)``."""
+
+    mean: np.ndarray
+    projection: np.ndarray
+    power: float
+
+    @property
+    def dim(self) -> int:
+        return int(self.projection.shape[0])
+
+
+def learn_whitening(
+    x: np.ndarray, dim: int | None = None, power: float = 0.5, eps: float = 1e-8
+) -> Whitening:
+    """PCA whitening learned on ``x`` (N, D), a set disjoint from the test images.
+
+    ``dim``: output dimension (default: the most the data supports, min(N - 1, D));
+    ``power``: exponent of the eigenvalue scaling (0.5 = full whitening, 0 = plain PCA).
+    ``eps`` (relative to the largest eigenvalue) keeps near-null directions from exploding.
+    """
+    x = _as_rows("x", x).astype(np.float64)
+    n, d = x.shape
+    rank = min(n - 1, d)  # centred data span at most N - 1 directions
+    dim = rank if dim is None else int(dim)
+    if not 1 <= dim <= rank:
+        raise ValueError(f"dim must be in [1, min(N - 1, D)] = [1, {rank}], got {dim}")
+    if not 0 <= power <= 1:
+        raise ValueError(f"power must lie in [0, 1], got {power}")
+    mean = x.mean(axis=0)
+    xc = x - mean
+    cov = xc.T @ xc / n
+    eigval, eigvec = np.linalg.eigh(cov)  # ascending
+    order = np.argsort(eigval)[::-1][:dim]
+    lam = np.maximum(eigval[order], 0.0) + eps * max(float(eigval[-1]), 1e-30)
+    projection = (eigvec[:, order] / lam**power).T  # (dim, D)
+    return Whitening(mean.astype(np.float32), projection.astype(np.float32), float(power))
+
+
+def apply_whitening(x: np.ndarray, whitening: Whitening) -> np.ndarray:
+    """Whitened, L2-normalised descriptors: (N, D) -> (N, dim) float32."""
+    x = _as_rows("x", x)
+    if x.shape[1] != whitening.mean.shape[0]:
+        raise ValueError(
+            f"descriptors have dimension {x.shape[1]}, the whitening expects "
+            f"{whitening.mean.shape[0]}"
+        )
+    y = (x.astype(np.float32) - whitening.mean) @ whitening.projection.T
+    return l2_normalize(y)
+
+
+def save_whitening(path: str | os.PathLike, whitening: Whitening) -> Path:
+    """Write ``whitening`` to an ``.npz`` file atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.npz")
+    np.savez(tmp, mean=whitening.mean, projection=whitening.projection,
+             power=np.float64(whitening.power))
+    os.replace(tmp, path)
+    return path
+
+
+def load_whitening(path: str | os.PathLike) -> Whitening:
+    """Read a whitening written by :func:`save_whitening` (no pickles are loaded)."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return Whitening(z["mean"], z["projection"], float(z["power"]))
+    except (OSError, KeyError, ValueError) as err:
+        raise ValueError(f"{path} is not a whitening file: {err}") from None
+
+
+def _weighted_neighbour_sum(
+    x: np.ndarray, database: np.ndarray, scores: np.ndarray, indices: np.ndarray, alpha: float
+) -> np.ndarray:
+    # Weights s^alpha of the neighbours (negative similarities count zero); the item itself
+    # keeps weight 1, i.e. its own similarity.
+    w = np.clip(scores, 0.0, None).astype(np.float64) ** alpha
+    agg = x.astype(np.float64).copy()
+    for j in range(indices.shape[1]):
+        agg += w[:, j : j + 1] * database[indices[:, j]].astype(np.float64)
+    return l2_normalize(agg)
+
+
+def _check_k_alpha(k: int, alpha: float, n: int) -> None:
+    if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 0:
+        raise ValueError(f"k must be an integer >= 0, got {k!r}")
+    if k > n:
+        raise ValueError(f"k = {k} exceeds the {n} available neighbours")
+    if alpha < 0:
+        raise ValueError(f"alpha must be >= 0, got {alpha}")
+
+
+def alpha_query_expansion(
+    queries: np.ndarray, database: np.ndarray, k: int, alpha: float = 3.0
+) -> np.ndarray:
+    """alpha-QE: (Q, D) queries expanded with their ``k`` nearest of database (N, D).
+
+    ``k = 0`` returns the (normalised) queries unchanged; ``alpha = 0`` is average QE.
+    """
+    from apretrieval.search import knn
+
+    queries = _as_rows("queries", queries)
+    database = _as_rows("database", database)
+    _check_k_alpha(k, alpha, database.shape[0])
+    if k == 0:
+        return l2_normalize(queries)
+    scores, indices = knn(np.ascontiguousarray(queries, np.float32),
+                          np.ascontiguousarray(database, np.float32), int(k))
+    return _weighted_neighbour_sum(queries, database, scores, indices, alpha)
+
+
+def database_augmentation(database: np.ndarray, k: int, alpha: float = 3.0) -> np.ndarray:
+    """DBA: every database item (N, D) combined with its ``k`` nearest other items.
+
+    The item itself is excluded from its own neighbours (it already has weight 1).
+    """
+    from apretrieval.search import knn
+
+    database = _as_rows("database", database)
+    n = database.shape[0]
+    _check_k_alpha(k, alpha, n - 1)
+    if k == 0:
+        return l2_normalize(database)
+    db32 = np.ascontiguousarray(database, np.float32)
+    scores, indices = knn(db32, db32, int(k) + 1)
+    # Drop the item itself (usually first, but duplicates may tie with it, so search for it).
+    is_self = indices == np.arange(n)[:, None]
+    has_self = is_self.any(axis=1)
+    drop = np.where(has_self, is_self.argmax(axis=1), k)  # no self found: drop the k+1-th
+    keep = np.ones_like(indices, dtype=bool)
+    keep[np.arange(n), drop] = False
+    scores = scores[keep].reshape(n, k)
+    indices = indices[keep].reshape(n, k)
+    return _weighted_neighbour_sum(database, database, scores, indices, alpha)
