@@ -1,0 +1,448 @@
+"""Multi-scale descriptor extraction, batched, with overlapped decoding and resumable output.
+
+For an image ``x`` and scales ``s_1..s_S`` (default 1, 1/sqrt(2), 1/2), the model gives one
+L2-normalised descriptor ``d_s`` per rescaled copy; they are combined by the generalized mean
+of power ``p = model.gem_p`` (the power the model pools with) and L2-normalised again:
+
+    v = normalize( sgn(m) |m|^(1/p) ),   m = mean_s sgn(d_s) |d_s|^p
+
+The signed powers make this well defined for descriptors with negative components (after a
+whitening layer); for non-negative descriptors it is the plain power mean.
+
+Images are decoded by DataLoader workers while the model runs. Images of the same size share
+a forward pass: with ``sort_by_size`` the loading order groups equal sizes (read from the file
+headers, which is cheap), and each loaded batch is split by size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision.transforms.v2 import functional as TF
+from tqdm import tqdm
+
+__all__ = [
+    "DEFAULT_SCALES",
+    "IMAGE_EXTENSIONS",
+    "ImageFiles",
+    "combine_scales",
+    "extract_descriptors",
+    "extract_to_file",
+    "features_paths",
+    "list_images",
+    "multiscale_descriptors",
+]
+
+DEFAULT_SCALES: tuple[float, ...] = (1.0, 2**-0.5, 0.5)
+IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+FEATURES_FORMAT = "apretrieval-features/1"
+
+
+# --------------------------------------------------------------------------------------------
+# Images
+
+
+def _fit_size(w: int, h: int, max_side: int | None) -> tuple[int, int]:
+    """(w, h) shrunk so the longer side is at most ``max_side`` (never enlarged)."""
+    if max_side is None or max(w, h) <= max_side:
+        return w, h
+    scale = max_side / max(w, h)
+    return max(1, round(w * scale)), max(1, round(h * scale))
+
+
+class ImageFiles(Dataset):
+    """Image files -> (3, H, W) float32 RGB in [0, 1].
+
+    ``boxes`` (optional, one per image or None): crop ``[x1, y1, x2, y2]`` in pixels, applied
+    before resizing (queries of the revisited benchmarks). ``max_side``: the longer side is
+    shrunk to at most this many pixels (None keeps the size).
+    """
+
+    def __init__(
+        self,
+        paths: Sequence[str | os.PathLike],
+        boxes: Sequence[Sequence[float] | None] | None = None,
+        max_side: int | None = 1024,
+    ) -> None:
+        self.paths = [Path(p) for p in paths]
+        if boxes is not None and len(boxes) != len(self.paths):
+            raise ValueError(f"{len(boxes)} boxes for {len(self.paths)} images")
+        if max_side is not None and max_side < 1:
+            raise ValueError(f"max_side must be >= 1, got {max_side}")
+        self.boxes = list(boxes) if boxes is not None else None
+        self.max_side = max_side
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def _box(self, i: int, size: tuple[int, int]) -> tuple[int, int, int, int]:
+        from apretrieval.data.revisited import crop_box
+
+        box = self.boxes[i] if self.boxes is not None else None
+        return (0, 0, *size) if box is None else crop_box(box, size)
+
+    def output_size(self, i: int) -> tuple[int, int]:
+        """(H, W) of item ``i`` from the file header, without decoding the pixels."""
+        with Image.open(self.paths[i]) as img:
+            x1, y1, x2, y2 = self._box(i, img.size)
+        w, h = _fit_size(x2 - x1, y2 - y1, self.max_side)
+        return h, w
+
+    def __getitem__(self, i: int) -> Tensor:
+        try:
+            with Image.open(self.paths[i]) as img:
+                box = self._box(i, img.size)
+                bw, bh = box[2] - box[0], box[3] - box[1]
+                size = _fit_size(bw, bh, self.max_side)
+                full = img.size
+                scale = max(size[0] / bw, size[1] / bh)
+                if getattr(img, "format", None) == "JPEG" and scale < 0.5:
+                    # Let the decoder downscale by 2/4/8 (several times faster for large
+                    # photos); it keeps at least the requested size, so the resize below
+                    # still only shrinks.
+                    img.draft("RGB", (math.ceil(full[0] * scale), math.ceil(full[1] * scale)))
+                fx, fy = img.size[0] / full[0], img.size[1] / full[1]
+                img = img.convert("RGB").resize(
+                    size, Image.BILINEAR, box=(box[0] * fx, box[1] * fy, box[2] * fx, box[3] * fy)
+                )
+        except OSError as err:
+            raise ValueError(f"cannot read image {self.paths[i]}: {err}") from None
+        return TF.to_dtype(TF.pil_to_tensor(img), torch.float32, scale=True)
+
+
+def list_images(folder: str | os.PathLike) -> list[Path]:
+    """Image files under ``folder`` (recursive), sorted by relative path."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"image folder not found: {folder}")
+    files = [p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()]
+    if not files:
+        raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {folder}")
+    return sorted(files, key=lambda p: p.relative_to(folder).as_posix())
+
+
+class _AsTensor(Dataset):
+    """Items of ``base`` as (index, tensor): tensors pass through, paths are loaded."""
+
+    def __init__(self, base: Any, indices: Sequence[int], max_side: int | None) -> None:
+        self.base = base
+        self.indices = list(indices)
+        self.max_side = max_side
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, j: int) -> tuple[int, Tensor]:
+        i = self.indices[j]
+        item = self.base[i]
+        if isinstance(item, str | os.PathLike):
+            item = ImageFiles([item], max_side=self.max_side)[0]
+        if not isinstance(item, Tensor) or item.dim() != 3 or item.shape[0] != 3:
+            shape = tuple(item.shape) if isinstance(item, Tensor) else type(item).__name__
+            raise ValueError(f"image {i} must be a (3, H, W) tensor or a path, got {shape}")
+        return i, item
+
+
+def _collate(items: list[tuple[int, Tensor]]) -> list[tuple[int, Tensor]]:
+    return items
+
+
+class _Ordered(Sampler[int]):
+    def __init__(self, order: Sequence[int]) -> None:
+        self.order = list(order)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.order)
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+
+# --------------------------------------------------------------------------------------------
+# Multi-scale descriptors
+
+
+def combine_scales(descs: Tensor, p: float) -> Tensor:
+    """Signed generalized mean over scales, then L2: (S, B, D) -> (B, D)."""
+    if descs.dim() != 3:
+        raise ValueError(f"expected (scales, B, D) descriptors, got shape {tuple(descs.shape)}")
+    if not p > 0:
+        raise ValueError(f"power p must be > 0, got {p}")
+    if descs.shape[0] == 1:
+        return F.normalize(descs[0], dim=-1)
+    d = descs.double()
+    m = (d.sign() * d.abs().pow(p)).mean(dim=0)
+    v = m.sign() * m.abs().pow(1.0 / p)
+    return F.normalize(v, dim=-1).to(descs.dtype)
+
+
+def _rescale(x: Tensor, s: float) -> Tensor:
+    if s == 1.0:
+        return x
+    h, w = x.shape[-2:]
+    size = (max(1, round(h * s)), max(1, round(w * s)))
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+
+
+@torch.no_grad()
+def multiscale_descriptors(
+    model: nn.Module, images: Tensor, scales: Sequence[float] = DEFAULT_SCALES,
+    p: float | None = None,
+) -> Tensor:
+    """Descriptors of a batch of same-size images: (B, 3, H, W) in [0, 1] -> (B, D).
+
+    ``p`` defaults to ``model.gem_p`` (3 for a model without one).
+    """
+    if p is None:
+        p = float(getattr(model, "gem_p", 3.0))
+    descs = torch.stack([F.normalize(model(_rescale(images, s)), dim=-1) for s in scales])
+    return combine_scales(descs, p)
+
+
+def _check_scales(scales: Sequence[float]) -> tuple[float, ...]:
+    out = tuple(float(s) for s in scales)
+    if not out or any(not (math.isfinite(s) and s > 0) for s in out):
+        raise ValueError(f"scales must be positive numbers, got {scales!r}")
+    return out
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for t in model.parameters():
+        return t.device
+    return torch.device("cpu")
+
+
+def _size_order(images: Any, indices: Sequence[int]) -> list[int]:
+    sizer: Callable[[int], tuple[int, int]] | None = getattr(images, "output_size", None)
+    if sizer is None:
+        return list(indices)
+    try:
+        sizes = {i: sizer(i) for i in indices}
+    except (OSError, ValueError):  # unreadable header: fall back, the loader will report it
+        return list(indices)
+    return sorted(indices, key=lambda i: (sizes[i], i))
+
+
+def _extract_into(
+    out: np.ndarray,
+    model: nn.Module,
+    images: Any,
+    indices: Sequence[int],
+    *,
+    scales: tuple[float, ...],
+    batch_size: int,
+    num_workers: int,
+    device: torch.device,
+    max_side: int | None,
+    sort_by_size: bool,
+    bar: tqdm,
+) -> None:
+    """Fill ``out[j]`` with the descriptor of ``images[indices[j]]``."""
+    row_of = {i: j for j, i in enumerate(indices)}
+    order = _size_order(images, indices) if sort_by_size else list(indices)
+    loader = DataLoader(
+        _AsTensor(images, indices, max_side),
+        batch_size=batch_size,
+        sampler=_Ordered([row_of[i] for i in order]),
+        num_workers=num_workers,
+        collate_fn=_collate,
+        pin_memory=device.type == "cuda",
+        prefetch_factor=4 if num_workers > 0 else None,
+        persistent_workers=False,
+    )
+    p = float(getattr(model, "gem_p", 3.0))
+    for batch in loader:
+        groups: dict[tuple[int, ...], list[tuple[int, Tensor]]] = {}
+        for i, x in batch:
+            groups.setdefault(tuple(x.shape), []).append((i, x))
+        for members in groups.values():
+            x = torch.stack([m[1] for m in members]).to(device, non_blocking=True)
+            v = multiscale_descriptors(model, x, scales, p).float().cpu().numpy()
+            out[[row_of[m[0]] for m in members]] = v
+            bar.update(len(members))
+
+
+def _prepare(model: nn.Module, images: Any, batch_size: int, num_workers: int) -> None:
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+    if not hasattr(images, "__getitem__") or not hasattr(images, "__len__"):
+        raise ValueError("images must be a sequence/Dataset of tensors or paths")
+
+
+def _descriptor_dim(model: nn.Module, device: torch.device) -> int:
+    dim = getattr(model, "out_dim", None)
+    if isinstance(dim, int):
+        return dim
+    with torch.no_grad():
+        return int(model(torch.zeros(1, 3, 64, 64, device=device)).shape[-1])
+
+
+def extract_descriptors(
+    model: nn.Module,
+    images: Any,
+    *,
+    scales: Sequence[float] = DEFAULT_SCALES,
+    batch_size: int = 8,
+    num_workers: int = 2,
+    device: str | torch.device | None = None,
+    max_side: int | None = 1024,
+    sort_by_size: bool = True,
+    progress: bool = True,
+    desc: str = "extract",
+) -> np.ndarray:
+    """Descriptors of ``images`` -> (N, D) float32, L2-normalised, in the images' order.
+
+    ``images``: a Dataset/sequence yielding (3, H, W) tensors in [0, 1] or image paths
+    (loaded with the longer side shrunk to ``max_side``), e.g. :class:`ImageFiles`.
+    ``device`` defaults to the model's. The model is put in eval mode for the duration.
+    """
+    scales = _check_scales(scales)
+    _prepare(model, images, batch_size, num_workers)
+    dev = torch.device(device) if device is not None else _model_device(model)
+    was_training = model.training
+    model.eval()
+    try:
+        n = len(images)
+        out = np.zeros((n, _descriptor_dim(model, dev) if n else 0), dtype=np.float32)
+        with tqdm(total=n, desc=desc, unit="img", disable=not progress) as bar:
+            _extract_into(out, model, images, range(n), scales=scales, batch_size=batch_size,
+                          num_workers=num_workers, device=dev, max_side=max_side,
+                          sort_by_size=sort_by_size, bar=bar)
+    finally:
+        model.train(was_training)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Resumable extraction to disk
+
+
+def features_paths(out: str | os.PathLike) -> tuple[Path, Path]:
+    """(``X.npy``, ``X.json``) for an output prefix ``X`` (or ``X.npy``)."""
+    out = Path(out)
+    npy = out if out.suffix == ".npy" else out.with_name(out.name + ".npy")
+    return npy, npy.with_suffix(".json")
+
+
+def _atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _fingerprint(ids: Sequence[str], settings: dict[str, Any]) -> dict[str, Any]:
+    h = hashlib.sha256("\n".join(ids).encode("utf-8")).hexdigest()
+    return {"count": len(ids), "ids_sha256": h, **settings}
+
+
+def extract_to_file(
+    model: nn.Module,
+    images: Any,
+    ids: Sequence[str],
+    out: str | os.PathLike,
+    *,
+    scales: Sequence[float] = DEFAULT_SCALES,
+    batch_size: int = 8,
+    num_workers: int = 2,
+    device: str | torch.device | None = None,
+    max_side: int | None = 1024,
+    shard_size: int = 1024,
+    sort_by_size: bool = True,
+    meta: dict[str, Any] | None = None,
+    progress: bool = True,
+    desc: str = "extract",
+) -> Path:
+    """Extract to ``X.npy`` (N, D) float32 + ``X.json`` manifest (``ids`` and settings).
+
+    Resumable: rows are computed in shards of ``shard_size`` images saved atomically under
+    ``X.parts/``; after an interruption the same call skips the finished shards. The final
+    files appear (atomically) only when all shards are done. Returns the ``.npy`` path. If
+    complete output with the same settings exists, nothing is recomputed.
+    """
+    scales = _check_scales(scales)
+    _prepare(model, images, batch_size, num_workers)
+    ids = [str(i) for i in ids]
+    if len(ids) != len(images):
+        raise ValueError(f"{len(ids)} ids for {len(images)} images")
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    npy, manifest_path = features_paths(out)
+    settings = {"scales": list(scales), "max_side": max_side, **(meta or {})}
+    fp = _fingerprint(ids, json.loads(json.dumps(settings)))
+    if npy.exists() and manifest_path.exists():
+        old = json.loads(manifest_path.read_text())
+        if old.get("fingerprint") == fp:
+            return npy
+    parts = npy.with_name(npy.stem + ".parts")
+    fp_file = parts / "fingerprint.json"
+    if parts.exists() and fp_file.exists():
+        if json.loads(fp_file.read_text()) != fp:
+            raise ValueError(
+                f"{parts} holds a partial extraction with other images or settings; "
+                "delete it or choose another output"
+            )
+    parts.mkdir(parents=True, exist_ok=True)
+    _atomic_write(fp_file, lambda f: json.dump(fp, f), "w")
+
+    dev = torch.device(device) if device is not None else _model_device(model)
+    n = len(ids)
+    shards = [(k, range(s, min(s + shard_size, n))) for k, s in enumerate(range(0, n, shard_size))]
+    done = {k for k, _ in shards if (parts / f"{k:06d}.npy").exists()}
+    was_training = model.training
+    model.eval()
+    try:
+        dim = _descriptor_dim(model, dev)
+        remaining = sum(len(r) for k, r in shards if k not in done)
+        with tqdm(total=n, initial=n - remaining, desc=desc, unit="img",
+                  disable=not progress) as bar:
+            for k, rows in shards:
+                if k in done:
+                    continue
+                block = np.zeros((len(rows), dim), dtype=np.float32)
+                _extract_into(block, model, images, rows, scales=scales, batch_size=batch_size,
+                              num_workers=num_workers, device=dev, max_side=max_side,
+                              sort_by_size=sort_by_size, bar=bar)
+                _atomic_write(parts / f"{k:06d}.npy", lambda f, b=block: np.save(f, b))
+    finally:
+        model.train(was_training)
+
+    # Assemble through a memory map so a 1M x 2048 result never needs to sit in RAM twice.
+    fd, tmp = tempfile.mkstemp(prefix=f".{npy.name}.", suffix=".tmp", dir=npy.parent)
+    os.close(fd)
+    try:
+        full = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, dim))
+        for k, rows in shards:
+            full[rows.start : rows.stop] = np.load(parts / f"{k:06d}.npy")
+        full.flush()
+        del full
+        os.replace(tmp, npy)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    manifest = {"format": FEATURES_FORMAT, "ids": ids, "dim": dim, **settings,
+                "fingerprint": fp}
+    _atomic_write(manifest_path, lambda f: json.dump(manifest, f), "w")
+    shutil.rmtree(parts, ignore_errors=True)
+    return npy
