@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 
 # Subcommand modules under apretrieval.cli, in the order `--help` lists them.
-COMMANDS: tuple[str, ...] = ("download",)
+COMMANDS: tuple[str, ...] = ("download", "evaluate", "extract", "report", "train")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,414 @@
+"""The HTML report on a generated miniature dataset in the official layout (jpg/ + gnd pickle):
+the page exists, references only files that exist, and every border matches the ground truth;
+then a real headless browser renders it."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pickle
+import re
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from apretrieval.cli import main
+from apretrieval.evaluation import write_results
+from apretrieval.report import (
+    flatten_record,
+    read_training_log,
+    result_labels,
+    select_queries,
+    write_report,
+)
+
+NUM_DB, NUM_Q, NUM_LANDMARKS = 36, 6, 4
+# Image colours far from the border colours, so a screenshot tells borders from content.
+PALETTE = [(120, 80, 170), (40, 120, 200), (230, 150, 30), (150, 100, 60)]
+
+
+def _make_dataset(root: Path) -> dict:
+    """Tiny images (landmark colour + its index written on it) and a gnd pickle of plain data."""
+    rng = np.random.default_rng(0)
+    (root / "jpg").mkdir(parents=True)
+    landmark = rng.integers(0, NUM_LANDMARKS, NUM_DB)
+    imlist = [f"db_{i:03d}" for i in range(NUM_DB)]
+    for i, name in enumerate(imlist):
+        img = Image.new("RGB", (64, 48), PALETTE[landmark[i]])
+        ImageDraw.Draw(img).text((6, 6), str(i), fill=(255, 255, 255))
+        img.save(root / "jpg" / f"{name}.jpg")
+    qimlist, gnd = [], []
+    for q in range(NUM_Q):
+        lm = q % NUM_LANDMARKS
+        name = f"query_{q:02d}"
+        qimlist.append(name)
+        img = Image.new("RGB", (80, 60), (250, 250, 250))
+        ImageDraw.Draw(img).rectangle((10, 8, 70, 52), fill=PALETTE[lm])
+        img.save(root / "jpg" / f"{name}.jpg")
+        same = [int(i) for i in np.flatnonzero(landmark == lm)]
+        # Deterministic split of the same-landmark images into easy / hard / junk.
+        easy, hard, junk = same[0::3], same[1::3], same[2::3]
+        gnd.append({"bbx": [10, 8.5, 70, 52], "easy": easy, "hard": hard, "junk": junk})
+    data = {"imlist": imlist, "qimlist": qimlist, "gnd": gnd}
+    with open(root / "gnd_mini.pkl", "wb") as f:
+        pickle.dump(data, f, protocol=3)
+    return data
+
+
+@pytest.fixture(scope="module")
+def mini(tmp_path_factory) -> dict:
+    base = tmp_path_factory.mktemp("report")
+    root = base / "mini"
+    data = _make_dataset(root)
+    rng = np.random.default_rng(1)
+    scores = rng.uniform(-0.2, 0.6, (NUM_Q, NUM_DB))
+    for q, g in enumerate(data["gnd"]):
+        # Varying quality: query q lifts its positives by a different amount.
+        scores[q, g["easy"] + g["hard"]] += 0.1 * q
+    results = base / "results.json"
+    write_results(
+        results,
+        scores=scores,
+        gnd=data["gnd"],
+        dataset="mini",
+        root=root,
+        database=[f"jpg/{n}.jpg" for n in data["imlist"]],
+        queries=[f"jpg/{n}.jpg" for n in data["qimlist"]],
+        model="tiny.pt",
+        gnd_file="gnd_mini.pkl",
+        topk=20,
+    )
+    log = base / "metrics.jsonl"
+    lines = [json.dumps({"step": s, "loss": 1 / s, "lr": 1e-4}) for s in range(1, 21)]
+    lines.insert(10, json.dumps({"step": 10, "val": {"mini/medium/mAP": 0.4}}))
+    lines.append("")
+    lines.append(json.dumps({"step": 20, "val": {"mini/medium/mAP": 0.55}}))
+    log.write_text("\n".join(lines) + "\n")
+    out = base / "out"
+    page = write_report(results, out, train_log=log, queries=[1, "query_04"])
+    return {
+        "root": root,
+        "data": data,
+        "scores": scores,
+        "results": results,
+        "log": log,
+        "out": out,
+        "page": page,
+        "res": json.loads(results.read_text()),
+    }
+
+
+class _Page(HTMLParser):
+    """Collects every src/href and, per query section and protocol grid, the result figures."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.refs: list[str] = []
+        self.sections: dict[int, dict[str, list[dict]]] = {}
+        self._q: int | None = None
+        self._p: str | None = None
+        self.metrics: dict[str, list[str]] = {}
+        self._row: str | None = None
+        self._cell = False
+        self.pearson: str | None = None
+        self._pearson = False
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        for key in ("src", "href"):
+            if key in a:
+                self.refs.append(a[key])
+        cls = (a.get("class") or "").split()
+        if tag == "section" and "query-block" in cls:
+            self._q = int(a["data-query"])
+            self.sections[self._q] = {}
+        elif tag == "div" and "grid" in cls:
+            self._p = a["data-protocol"]
+            self.sections[self._q][self._p] = []
+        elif tag == "figure" and "result" in cls:
+            label = [c for c in cls if c != "result"]
+            self.sections[self._q][self._p].append(
+                {"index": int(a["data-db-index"]), "class": label, "label": a["data-label"]}
+            )
+        elif tag == "tr" and "data-protocol" in a:
+            self._row = a["data-protocol"]
+            self.metrics[self._row] = []
+        elif tag == "td" and self._row:
+            self._cell = True
+        elif tag == "b" and a.get("id") == "pearson":
+            self._pearson = True
+
+    def handle_endtag(self, tag):
+        if tag == "tr":
+            self._row = None
+        if tag == "td":
+            self._cell = False
+        if tag == "b":
+            self._pearson = False
+
+    def handle_data(self, data):
+        if self._cell and self._row:
+            self.metrics[self._row].append(data.strip())
+        if self._pearson:
+            self.pearson = data.strip()
+
+
+def _parse(path: Path) -> _Page:
+    p = _Page()
+    p.feed(path.read_text(encoding="utf-8"))
+    return p
+
+
+def _expected_label(entry: dict, j: int, protocol: str) -> str:
+    # Written out from the protocol definitions, independently of the report code.
+    pos = entry["easy"] + entry["hard"] if protocol == "medium" else entry["hard"]
+    junk = entry["junk"] if protocol == "medium" else entry["junk"] + entry["easy"]
+    return "positive" if j in pos else "junk" if j in junk else "negative"
+
+
+def test_page_references_only_existing_local_files(mini):
+    page = _parse(mini["page"])
+    assert mini["page"].name == "index.html"
+    assert page.refs, "no image in the page"
+    for ref in page.refs:
+        assert not re.match(r"^[a-z]+:", ref), f"non-local reference {ref}"
+        assert (mini["out"] / ref).is_file(), ref
+    assert "ap_vs_apq.png" in page.refs and "training.png" in page.refs
+    text = mini["page"].read_text()
+    assert "http://" not in text and "https://" not in text and "<script" not in text
+
+
+def test_borders_match_ground_truth_under_medium_and_hard(mini):
+    page = _parse(mini["page"])
+    gnd, res = mini["data"]["gnd"], mini["res"]
+    checked = set()
+    for q, grids in page.sections.items():
+        assert set(grids) == {"medium", "hard"}
+        for protocol, figs in grids.items():
+            assert [f["index"] for f in figs] == res["queries"][q]["topk"][:10]
+            for f in figs:
+                want = _expected_label(gnd[q], f["index"], protocol)
+                assert f["class"] == [want] and f["label"] == want
+                checked.add(want)
+    assert checked == {"positive", "negative", "junk"}  # the fixture exercises all three
+
+
+def test_chosen_and_three_worst_queries_are_shown(mini):
+    page = _parse(mini["page"])
+    ap = [q["ap"]["medium"] for q in mini["res"]["queries"]]
+    worst = sorted(range(NUM_Q), key=lambda i: (ap[i], i))[:3]
+    assert list(page.sections)[:2] == [1, 4]
+    assert set(page.sections) == {1, 4, *worst}
+    assert select_queries(mini["res"], ["1", "query_04"]) == ([1, 4], worst)
+    with pytest.raises(ValueError, match="outside"):
+        select_queries(mini["res"], [NUM_Q])
+    with pytest.raises(ValueError, match="no query named"):
+        select_queries(mini["res"], ["nope"])
+
+
+def test_metrics_table_and_pearson(mini):
+    page = _parse(mini["page"])
+    metrics = mini["res"]["metrics"]
+    for p in ("easy", "medium", "hard"):
+        cells = page.metrics[p]
+        assert cells[0] == p.capitalize()
+        assert float(cells[1]) == pytest.approx(100 * metrics[p]["mAP"], abs=0.006)
+        assert float(cells[2]) == pytest.approx(100 * metrics[p]["mP@k"]["1"], abs=0.006)
+    qs = mini["res"]["queries"]
+    r = np.corrcoef([q["ap"]["medium"] for q in qs], [q["ap_q"] for q in qs])[0, 1]
+    assert float(page.pearson) == pytest.approx(r, abs=5e-4)
+
+
+def test_thumbnails_are_the_crop_and_the_images(mini):
+    thumbs = mini["out"] / "thumbs"
+    with Image.open(thumbs / "q1.jpg") as im:
+        # bbx [10, 8.5, 70, 52] of an 80x60 image: 60 x 44 (rounded), never enlarged.
+        assert abs(im.size[0] / im.size[1] - 60 / 44) < 0.05
+        centre = np.asarray(im.convert("RGB"))[im.size[1] // 2, im.size[0] // 2]
+        assert np.abs(centre.astype(int) - PALETTE[1]).max() < 40  # the crop, not the margin
+    shown = {
+        f["index"] for g in _parse(mini["page"]).sections.values() for fs in g.values() for f in fs
+    }
+    assert {int(p.stem[2:]) for p in thumbs.glob("db*.jpg")} == shown
+
+
+def test_embedded_page_is_a_single_file(mini, tmp_path):
+    page = write_report(mini["results"], tmp_path / "emb", embed=True, num_worst=1)
+    refs = _parse(page).refs
+    assert refs and all(r.startswith("data:image/") for r in refs)
+    assert not (tmp_path / "emb" / "thumbs").exists()
+
+
+def test_missing_image_gets_a_placeholder(mini, tmp_path):
+    root = tmp_path / "copy"
+    shutil.copytree(mini["root"], root)
+    top = mini["res"]["queries"][0]["topk"][0]
+    (root / "jpg" / f"db_{top:03d}.jpg").unlink()
+    page = write_report(mini["results"], tmp_path / "o", root=root, queries=[0], num_worst=0)
+    assert (tmp_path / "o" / "thumbs" / f"db{top}.jpg").is_file()
+    assert len(_parse(page).sections) == 1
+
+
+def test_wrong_root_is_a_clear_error(mini, tmp_path):
+    with pytest.raises(ValueError, match="ground truth not found"):
+        write_report(mini["results"], tmp_path / "o", root=tmp_path)
+
+
+def test_training_log_parsing(mini, tmp_path):
+    recs = read_training_log(mini["log"])
+    assert len(recs) == 22
+    assert recs[10] == {"step": 10.0, "val/mini/medium/mAP": 0.4}
+    assert flatten_record({"a": {"b": 1, "c": True, "d": "x"}, "e": math.inf}) == {"a/b": 1.0}
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"step": 1}\n[1, 2]\n')
+    with pytest.raises(ValueError, match=r"bad\.jsonl:2"):
+        read_training_log(bad)
+
+
+def test_result_labels_against_protocol_definitions():
+    entry = {"easy": [0, 3], "hard": [1], "junk": [2]}
+    assert result_labels(entry, [0, 1, 2, 3, 4], "medium") == [
+        "positive",
+        "positive",
+        "junk",
+        "positive",
+        "negative",
+    ]
+    assert result_labels(entry, [0, 1, 2, 3, 4], "hard") == [
+        "junk",
+        "positive",
+        "junk",
+        "junk",
+        "negative",
+    ]
+    assert result_labels(entry, [0, 1, 2, 4], "easy") == ["positive", "junk", "junk", "negative"]
+
+
+def test_cli_report(mini, tmp_path, capsys):
+    out = tmp_path / "cli"
+    rc = main(
+        [
+            "report",
+            "--results",
+            str(mini["results"]),
+            "--out",
+            str(out),
+            "--train-log",
+            str(mini["log"]),
+            "--queries",
+            "0,2",
+            "--top",
+            "5",
+        ]
+    )
+    assert rc == 0
+    assert str(out / "index.html") in capsys.readouterr().out
+    page = _parse(out / "index.html")
+    assert list(page.sections)[:2] == [0, 2]
+    assert all(len(figs) == 5 for g in page.sections.values() for figs in g.values())
+    assert (
+        main(["report", "--results", str(mini["results"]), "--out", str(out), "--queries", "99"])
+        == 2
+    )
+    assert "outside" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------- browser
+
+CHROMIUM_CANDIDATES = ("chromium", "chromium-browser", "google-chrome", "chrome")
+
+# Appended to a copy of the page for the test only (the report itself has no script): after
+# the load event, record on <body> how many images decoded and how the grids laid out.
+_PROBE = """<script>
+window.addEventListener("load", () => {
+  const imgs = [...document.images];
+  const broken = imgs.filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.src);
+  const grids = [...document.querySelectorAll(".grid")];
+  const tops = grids.map(g => new Set([...g.querySelectorAll("figure")].map(
+    f => Math.round(f.getBoundingClientRect().top))).size);
+  const b = document.body;
+  b.setAttribute("data-images", imgs.length);
+  b.setAttribute("data-broken", JSON.stringify(broken));
+  b.setAttribute("data-grids", grids.length);
+  b.setAttribute("data-grid-rows", JSON.stringify(tops));
+  b.setAttribute("data-border", getComputedStyle(
+    document.querySelector("figure.positive img")).borderTopColor);
+  b.setAttribute("data-probe", "done");
+});
+</script>"""
+
+
+def _chromium() -> str | None:
+    for name in CHROMIUM_CANDIDATES:
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+def _chromium_run(binary: str, profile: Path, *args: str) -> subprocess.CompletedProcess:
+    cmd = [
+        binary,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        "--disable-dev-shm-usage",
+        f"--user-data-dir={profile}",
+        "--virtual-time-budget=5000",
+        *args,
+    ]
+    env = {**os.environ, "HOME": str(profile)}  # chromium writes caches under HOME
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+
+
+@pytest.mark.slow
+def test_headless_chromium_renders_the_grids(mini, tmp_path):
+    binary = _chromium()
+    if binary is None:
+        pytest.skip("chromium not installed (Debian: apt-get install -y chromium)")
+    probe = mini["out"] / "probe.html"
+    probe.write_text(mini["page"].read_text().replace("</body>", _PROBE + "</body>"))
+    try:
+        run = _chromium_run(binary, tmp_path / "profile", "--dump-dom", probe.as_uri())
+        assert run.returncode == 0, run.stderr[-2000:]
+        body = re.search(r"<body([^>]*)>", run.stdout)
+        assert body, run.stdout[:500]
+        attrs = dict(re.findall(r'(data-[a-z-]+)="([^"]*)"', body.group(1)))
+        assert attrs.get("data-probe") == "done", attrs
+        page = _parse(mini["page"])
+        n_grids = 2 * len(page.sections)
+        assert int(attrs["data-grids"]) == n_grids
+        assert int(attrs["data-images"]) == len(page.refs)
+        assert json.loads(attrs["data-broken"].replace("&quot;", '"')) == []
+        # Each grid is one row: the query crop and its 10 results side by side.
+        assert json.loads(attrs["data-grid-rows"]) == [1] * n_grids
+        assert attrs["data-border"] == "rgb(26, 150, 65)"  # LABELS["positive"]
+
+        shot = tmp_path / "shot.png"
+        run = _chromium_run(
+            binary,
+            tmp_path / "profile",
+            f"--screenshot={shot}",
+            "--window-size=1400,1100",
+            mini["page"].as_uri(),
+        )
+        assert run.returncode == 0 and shot.is_file(), run.stderr[-2000:]
+        with Image.open(shot) as im:
+            px = np.asarray(im.convert("RGB")).reshape(-1, 3).astype(int)
+        # The coloured borders are on screen: pixels of the green and red border colours.
+        for colour in ((26, 150, 65), (215, 25, 28)):
+            assert (np.abs(px - colour).max(axis=1) <= 8).sum() > 100, colour
+        if os.environ.get("APRETRIEVAL_KEEP_SCREENSHOT"):
+            shutil.copy(shot, os.environ["APRETRIEVAL_KEEP_SCREENSHOT"])
+    finally:
+        probe.unlink(missing_ok=True)
