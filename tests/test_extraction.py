@@ -252,3 +252,64 @@ def test_list_images(tmp_path):
         list_images(tmp_path / "empty")
     with pytest.raises(ValueError, match="not found"):
         list_images(tmp_path / "missing")
+
+
+# --------------------------------------------------------------------------------------------
+# CLI (the checkpoint loader is replaced by the stand-in model)
+
+
+def fake_benchmark(root, rng, n_db=5):
+    import pickle
+
+    (root / "jpg").mkdir(parents=True)
+    names = [f"db_{i}" for i in range(n_db)]
+    for n in [*names, "q_0", "q_1"]:
+        h, w = (40, 56) if rng.random() < 0.5 else (56, 40)
+        arr = rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
+        Image.fromarray(arr).save(root / "jpg" / f"{n}.jpg")
+    gnd = [{"bbx": [2, 3, 30, 35], "easy": [0, 1], "hard": [2], "junk": [3]},
+           {"bbx": [0, 0, 40, 40], "easy": [4], "hard": [0], "junk": []}]
+    data = {"imlist": names, "qimlist": ["q_0", "q_1"], "gnd": gnd}
+    (root / "gnd_roxford5k.pkl").write_bytes(pickle.dumps(data, protocol=3))
+
+
+@pytest.fixture
+def stand_in(monkeypatch):
+    import apretrieval.cli.extract as cli_extract
+
+    model = TinyNet()
+    monkeypatch.setattr(cli_extract, "load_checkpoint_model", lambda path, device: model)
+    return model
+
+
+def test_cli_extract_benchmark_and_folder(tmp_path, stand_in):
+    from apretrieval.cli import main
+    from apretrieval.data.revisited import RevisitedDataset
+
+    rng = np.random.default_rng(8)
+    fake_benchmark(tmp_path / "rox", rng)
+    rc = main(["extract", "--checkpoint", "m.pt", "--dataset", "roxford5k", "--root",
+               str(tmp_path / "rox"), "--out", str(tmp_path / "f" / "rox"), "--workers", "0",
+               "--no-progress"])
+    assert rc == 0
+    ds = RevisitedDataset("roxford5k", tmp_path / "rox")
+    q = np.load(tmp_path / "f" / "rox.queries.npy")
+    want = extract_descriptors(stand_in, ImageFiles(ds.query_paths(), ds.query_boxes()),
+                               num_workers=0, progress=False)
+    np.testing.assert_allclose(q, want, atol=1e-6)
+    m = json.loads((tmp_path / "f" / "rox.db.json").read_text())
+    assert m["ids"] == [f"jpg/db_{i}.jpg" for i in range(5)] and m["checkpoint"] == "m.pt"
+    rc = main(["extract", "--checkpoint", "m.pt", "--images", str(tmp_path / "rox" / "jpg"),
+               "--out", str(tmp_path / "f" / "folder"), "--workers", "0", "--no-progress"])
+    assert rc == 0 and np.load(tmp_path / "f" / "folder.npy").shape == (7, 6)
+
+
+def test_cli_extract_bad_arguments_are_one_line_errors(tmp_path, stand_in, capsys):
+    from apretrieval.cli import main
+
+    rc = main(["extract", "--checkpoint", "m.pt", "--dataset", "rparis6k", "--out",
+               str(tmp_path / "x")])
+    assert rc == 2 and "--root" in capsys.readouterr().err
+    rc = main(["extract", "--checkpoint", "m.pt", "--images", str(tmp_path), "--out",
+               str(tmp_path / "x"), "--scales", "1", "0"])
+    assert rc == 2 and "--scales" in capsys.readouterr().err
