@@ -13,7 +13,6 @@ return identical numbers.
 from __future__ import annotations
 
 import argparse
-import pickle
 import platform
 import time
 from pathlib import Path
@@ -21,15 +20,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from apretrieval.data.revisited import load_gnd
 from apretrieval.evaluation import PROTOCOLS, evaluate_revisited, protocol_sets
 
 GND = Path(__file__).resolve().parents[2] / "shared/data/revisited/gnd_roxford5k.pkl"
 
 
-def load_gnd(num_queries: int, rng: np.random.Generator) -> tuple[list[dict], str]:
+def benchmark_gnd(num_queries: int, rng: np.random.Generator) -> tuple[list[dict], str]:
     if GND.exists():
-        with open(GND, "rb") as f:  # known-safe file: only dicts/lists/numbers (see its README)
-            gnd = pickle.load(f)["gnd"]
+        gnd = load_gnd(GND)["gnd"]
         return [gnd[i % len(gnd)] for i in range(num_queries)], "real ROxford5k"
     out = []
     for _ in range(num_queries):
@@ -101,7 +100,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(2)
     rng = np.random.default_rng(0)
-    gnd, source = load_gnd(args.queries, rng)
+    gnd, source = benchmark_gnd(args.queries, rng)
     print(f"machine: {platform.processor() or platform.machine()}, numpy {np.__version__}; "
           f"gnd: {source}; {args.queries} queries; best of {args.repeats}\n")
     print("| database | full argsort + per-query (s) | evaluate_revisited (s) | speed-up "
