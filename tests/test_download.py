@@ -296,3 +296,11 @@ def test_cli_download_offline_is_one_clear_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert rc == 1 and len(err.splitlines()) == 1
     assert err.startswith("apretrieval download: error: cannot download") and "offline" in err
+
+
+def test_stale_destination_is_fetched_again(host, tmp_path):
+    host.files["f"] = PAYLOAD
+    dest = tmp_path / "f"
+    dest.write_bytes(b"truncated")
+    download_file(f"{host.url}/f", dest, size=len(PAYLOAD), progress=False)
+    assert dest.read_bytes() == PAYLOAD

@@ -388,6 +388,8 @@ def extract_to_file(
         raise ValueError(f"{len(ids)} ids for {len(images)} images")
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    if not ids:
+        raise ValueError("no images to extract")
     npy, manifest_path = features_paths(out)
     settings = {"scales": list(scales), "max_side": max_side, **(meta or {})}
     fp = _fingerprint(ids, json.loads(json.dumps(settings)))

@@ -211,8 +211,11 @@ def download_file(
     """
     dest = Path(dest)
     if dest.exists():
-        _check_complete(dest, size, sha256, url)
-        return dest
+        try:
+            _check_complete(dest, size, sha256, url)
+            return dest
+        except DownloadError:  # a stale or foreign file: fetch it again
+            dest.unlink(missing_ok=True)
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
     bar = tqdm(
