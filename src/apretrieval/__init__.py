@@ -9,24 +9,38 @@ from apretrieval.losses import (
     average_precision,
     quantized_ap,
 )
+from apretrieval.models import RetrievalNet, build_model, load_model, save_checkpoint
+from apretrieval.multistage import multistage_backward
+from apretrieval.pooling import GeM, gem
 from apretrieval.search import IndexConfig, SearchIndex, build_index, knn, load_index
+from apretrieval.train_config import TrainConfig
+from apretrieval.training import train
 
 __version__ = "0.1.0"
 
 __all__ = [
     "APLoss",
     "ContrastiveLoss",
+    "GeM",
     "IndexConfig",
+    "RetrievalNet",
     "SearchIndex",
     "TieAwareAPLoss",
+    "TrainConfig",
     "TripletLoss",
     "__version__",
     "average_precision",
     "build_index",
+    "build_model",
     "evaluate_revisited",
+    "gem",
     "knn",
     "load_index",
+    "load_model",
     "load_results",
+    "multistage_backward",
     "quantized_ap",
+    "save_checkpoint",
+    "train",
     "write_results",
 ]

@@ -203,7 +203,7 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
 
 
 def _type_name(hint: Any) -> str:
-    return str(hint).replace("typing.", "")
+    return hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
 
 
 def write_yaml_atomic(path: str | os.PathLike, data: dict[str, Any]) -> Path:
