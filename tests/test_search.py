@@ -43,7 +43,7 @@ def data() -> tuple[np.ndarray, np.ndarray]:
 # ---------------------------------------------------------------------------------- knn
 
 
-@pytest.mark.parametrize("block_elements", [1, 37 * 10, 37 * 777, 10**9])
+@pytest.mark.parametrize("block_elements", [64, 37 * 10, 37 * 777, 10**9])
 def test_knn_matches_full_sort_for_any_chunking(data, block_elements):
     q, db = data
     s, i = knn(q, db, 10, block_elements=block_elements)
@@ -93,6 +93,16 @@ def test_knn_float64_stays_float64(data):
     assert s.dtype == np.float64
     np.testing.assert_array_equal(i, ref_i)
     np.testing.assert_allclose(s, ref_s, rtol=0, atol=1e-12)
+
+
+def test_knn_rejects_non_finite_descriptors(data):
+    q, db = data
+    bad = db.copy()
+    bad[1234, 5] = np.nan
+    with pytest.raises(ValueError, match="NaN/inf"):
+        knn(q, bad, 3)
+    with pytest.raises(ValueError, match="NaN/inf"):
+        knn(torch.full((1, 48), torch.inf), torch.from_numpy(db), 3)
 
 
 def test_knn_pads_like_faiss_when_k_exceeds_database():
@@ -238,3 +248,164 @@ def test_load_features_manifest_forms(tmp_path):
 def test_ranked_ids_drops_padding():
     out = ranked_ids(["a", "b"], np.array([[0.9, -np.inf]]), np.array([[1, -1]]))
     assert out == [[("b", 0.9)]]
+
+
+# ---------------------------------------------------------------------------------- CLI
+
+
+@pytest.fixture(scope="module")
+def image_index(tmp_path_factory) -> dict:
+    """A tiny checkpoint, an image folder extracted with it, and a flat index over it."""
+    from PIL import Image, ImageDraw
+
+    from apretrieval.cli import main
+    from apretrieval.extraction import ImageFiles, extract_to_file
+    from apretrieval.models import build_model, save_checkpoint
+
+    base = tmp_path_factory.mktemp("search_cli")
+    folder = base / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    names = []
+    for i in range(6):
+        img = Image.new("RGB", (48, 40), tuple(int(v) for v in rng.integers(0, 255, 3)))
+        ImageDraw.Draw(img).ellipse((4 + 3 * i, 6, 30 + 2 * i, 34), fill=(255, 255, 255))
+        names.append(f"im{i}.png")
+        img.save(folder / names[-1])
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = build_model("resnet18", out_dim=16).eval()
+    ckpt = save_checkpoint(base / "tiny.pt", model)
+    npy = extract_to_file(
+        model,
+        ImageFiles([folder / n for n in names], None, 64),
+        names,
+        base / "feats",
+        scales=(1.0, 0.75),
+        max_side=64,
+        num_workers=0,
+        progress=False,
+        meta={"checkpoint": str(ckpt)},
+    )
+    rc = main(
+        ["index", "build", "--features", str(npy), "--out", str(base / "ix"), "--no-progress"]
+    )
+    assert rc == 0
+    return {
+        "base": base,
+        "folder": folder,
+        "names": names,
+        "ckpt": ckpt,
+        "npy": npy,
+        "index": base / "ix",
+    }
+
+
+def test_cli_index_records_extraction_settings(image_index):
+    idx = load_index(image_index["index"])
+    assert idx.ids == image_index["names"]
+    assert idx.checkpoint == str(image_index["ckpt"].resolve())
+    assert idx.scales == [1.0, 0.75] and idx.extra["max_side"] == 64
+    assert idx.config.type == "flat" and idx.dim == 16
+
+
+def test_cli_search_finds_each_database_image_first(image_index, capsys):
+    from apretrieval.cli import main
+
+    queries = [str(image_index["folder"] / n) for n in ("im2.png", "im5.png")]
+    rc = main(
+        [
+            "search",
+            "--index",
+            str(image_index["index"]),
+            "--query",
+            queries[0],
+            "--query",
+            queries[1],
+            "--k",
+            "3",
+            "--json",
+        ]
+    )
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [r["query"] for r in out["results"]] == queries
+    for q, res in zip(("im2.png", "im5.png"), out["results"], strict=True):
+        ranks = res["results"]
+        assert [r["rank"] for r in ranks] == [1, 2, 3]
+        # Extracted exactly as the database was, a database image is its own best match.
+        assert ranks[0]["id"] == q and ranks[0]["score"] == pytest.approx(1.0, abs=1e-5)
+        assert ranks[0]["score"] >= ranks[1]["score"] >= ranks[2]["score"]
+    # The table form ranks the same ids.
+    assert main(["search", "--index", str(image_index["index"]), "--query", queries[0]]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"query: {queries[0]}" and lines[1].split()[0] == "1"
+    assert lines[1].split()[2] == "im2.png" and len(lines) == 1 + 6  # k=10 > 6 images
+
+
+def test_cli_search_errors_are_one_line(image_index, capsys, tmp_path):
+    from apretrieval.cli import main
+
+    ix = str(image_index["index"])
+    assert main(["search", "--index", ix, "--query", str(tmp_path / "nope.jpg")]) == 2
+    assert "query image not found" in capsys.readouterr().err
+    assert main(["search", "--index", str(tmp_path), "--query", "x.jpg"]) == 2
+    assert "not an index directory" in capsys.readouterr().err
+    # An index built from features without a checkpoint needs --checkpoint.
+    np.save(tmp_path / "f.npy", np.eye(4, dtype=np.float32))
+    assert (
+        main(
+            [
+                "index",
+                "build",
+                "--features",
+                str(tmp_path / "f.npy"),
+                "--out",
+                str(tmp_path / "ix"),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    img = str(image_index["folder"] / "im0.png")
+    assert main(["search", "--index", str(tmp_path / "ix"), "--query", img]) == 2
+    assert "records no checkpoint" in capsys.readouterr().err
+
+
+def test_cli_index_build_ivfpq_and_info(tmp_path, capsys):
+    from apretrieval.cli import main
+
+    x = _unit(np.random.default_rng(6), 700, 16)
+    np.save(tmp_path / "f.npy", x)
+    (tmp_path / "f.json").write_text(json.dumps({"ids": [f"i{k}" for k in range(700)]}))
+    args = [
+        "index",
+        "build",
+        "--features",
+        str(tmp_path / "f.npy"),
+        "--out",
+        str(tmp_path / "ix"),
+        "--type",
+        "ivfpq",
+        "--nlist",
+        "8",
+        "--m",
+        "4",
+        "--nbits",
+        "6",
+        "--nprobe",
+        "8",
+        "--train-size",
+        "0",
+        "--no-progress",
+    ]
+    assert main(args) == 0
+    idx = load_index(tmp_path / "ix")
+    assert idx.config == IndexConfig(type="ivfpq", nlist=8, m=4, nbits=6, nprobe=8, train_size=None)
+    _, i = idx.search(x[:20], 1)
+    assert (i[:, 0] == np.arange(20)).mean() > 0.8  # PQ codes still find the vector itself
+    capsys.readouterr()
+    assert main(["index", "info", str(tmp_path / "ix")]) == 0
+    assert "IVF-PQ nlist=8 m=4 nbits=6 nprobe=8" in capsys.readouterr().out
+    assert main([*args[:-9], "--type", "ivfpq", "--m", "5", "--no-progress"]) == 2
+    assert "must divide" in capsys.readouterr().err

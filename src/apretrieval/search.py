@@ -67,11 +67,14 @@ def _chunk_to_torch(x: np.ndarray | Tensor, device: torch.device, dtype: torch.d
         if x.dtype != np_dtype or not x.flags.c_contiguous or not x.flags.writeable:
             # One copy, straight to the compute dtype (memmap pages are read here).
             x = np.array(x, dtype=np_dtype, order="C")
+        # Checked in numpy: single-threaded and cheap next to the product it feeds.
+        finite = bool(np.isfinite(x).all())
         x = torch.from_numpy(x)
-    x = x.to(device=device, dtype=dtype)
-    if not torch.isfinite(x).all():
-        raise ValueError(f"descriptors contain {int((~torch.isfinite(x)).sum())} NaN/inf value(s)")
-    return x
+    else:
+        finite = bool(torch.isfinite(x).all())
+    if not finite:
+        raise ValueError("descriptors contain NaN/inf values")
+    return x.to(device=device, dtype=dtype)
 
 
 def _topk_first(s: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -204,18 +207,24 @@ def _read_json(path: Path) -> Any:
         raise ValueError(f"{path} is not valid JSON: {err}") from None
 
 
-def _ids_from_manifest(manifest: Any, source: Path) -> list[str]:
-    if isinstance(manifest, list):  # a bare list of ids
-        return [str(v) for v in manifest]
+_ID_KEYS = ("ids", "images", "paths", "imlist")
+
+
+def _ids_key(manifest: Any, source: Path) -> str | None:
+    """Which key of a manifest holds the id list (None: the manifest is a bare list)."""
+    if isinstance(manifest, list):
+        return None
     if not isinstance(manifest, dict):
         raise ValueError(f"{source}: manifest must be a JSON object or list, got {manifest!r:.80}")
-    for key in ("ids", "images", "paths", "imlist"):
-        if key in manifest:
-            ids = manifest[key]
-            if not isinstance(ids, list):
-                raise ValueError(f"{source}: {key!r} must be a list, got {type(ids).__name__}")
-            return [str(v) for v in ids]
+    for key in _ID_KEYS:
+        if isinstance(manifest.get(key), list):
+            return key
     raise ValueError(f"{source}: manifest has no 'ids' list (keys: {sorted(manifest)})")
+
+
+def _ids_from_manifest(manifest: Any, source: Path) -> list[str]:
+    key = _ids_key(manifest, source)
+    return [str(v) for v in (manifest if key is None else manifest[key])]
 
 
 def load_features(
@@ -255,11 +264,9 @@ def load_features(
     meta = data if isinstance(data, dict) else {}
     checkpoint = meta.get("checkpoint")
     scales = meta.get("scales")
-    extra = {
-        key: value
-        for key, value in meta.items()
-        if key not in ("ids", "images", "paths", "imlist", "checkpoint", "scales")
-    }
+    # Everything else (max_side, gem_p, dataset, ...) travels along, e.g. into an index.
+    used = {_ids_key(data, manifest_path), "checkpoint", "scales"}
+    extra = {key: value for key, value in meta.items() if key not in used}
     return FeatureSet(
         desc,
         ids,
@@ -358,6 +365,10 @@ def build_index(
     else:
         _check_ivfpq(config, n, dim)
         index = faiss.index_factory(dim, config.factory_string(), faiss.METRIC_INNER_PRODUCT)
+        # The factory turns on polysemous training (a code reordering for Hamming-distance
+        # filtering, which plain IVF-PQ search never uses): it costs O(2^(2 nbits)) per
+        # sub-quantizer and dominated training time.
+        faiss.downcast_index(faiss.extract_index_ivf(index)).do_polysemous_training = False
         if config.train_size is None or config.train_size >= n:
             train = np.ascontiguousarray(descriptors, dtype=np.float32)
         else:
@@ -439,6 +450,43 @@ class SearchIndex:
                 raise ValueError(f"nprobe must be a positive integer, got {nprobe!r}")
             _faiss().extract_index_ivf(self.index).nprobe = int(nprobe)
         return _faiss_search(self.index, queries, int(k))
+
+    def extract_queries(
+        self,
+        images: Sequence[str | os.PathLike[str]],
+        *,
+        checkpoint: str | os.PathLike[str] | None = None,
+        device: str | torch.device | None = None,
+        boxes: Sequence[Sequence[float] | None] | None = None,
+    ) -> np.ndarray:
+        """Descriptors ``(Q, D)`` of query image files, extracted as the database was: with
+        the recorded checkpoint (or ``checkpoint``), scales and maximum image side."""
+        from apretrieval.extraction import DEFAULT_SCALES, ImageFiles, extract_descriptors
+        from apretrieval.models import load_model
+
+        ckpt = checkpoint if checkpoint is not None else self.checkpoint
+        if ckpt is None:
+            raise ValueError("the index records no checkpoint: pass one to extract queries")
+        if not Path(ckpt).is_file():
+            raise ValueError(f"checkpoint not found: {ckpt}")
+        missing = [str(p) for p in images if not Path(p).is_file()]
+        if missing:
+            raise ValueError(f"query image not found: {missing[0]}")
+        dev = torch.device(device) if device is not None else torch.device("cpu")
+        model = load_model(ckpt, map_location=dev)
+        max_side = self.extra.get("max_side", 1024)
+        scales = self.scales if self.scales else DEFAULT_SCALES
+        files = ImageFiles([Path(p) for p in images], boxes, max_side)
+        return extract_descriptors(
+            model,
+            files,
+            scales=scales,
+            num_workers=0,
+            device=dev,
+            max_side=max_side,
+            progress=False,
+            desc="queries",
+        )
 
     def manifest(self) -> dict[str, Any]:
         return {

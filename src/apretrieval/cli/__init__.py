@@ -8,7 +8,15 @@ import sys
 from collections.abc import Sequence
 
 # Subcommand modules under apretrieval.cli, in the order `--help` lists them.
-COMMANDS: tuple[str, ...] = ("download", "evaluate", "extract", "report", "train")
+COMMANDS: tuple[str, ...] = (
+    "download",
+    "evaluate",
+    "extract",
+    "index",
+    "report",
+    "search",
+    "train",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,74 @@
+"""`apretrieval search`: the most similar database images of query images, from an index."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "search",
+        help="search an index with query images",
+        description=(
+            "Extract each query image with the checkpoint, scales and image size recorded in "
+            "the index (see `apretrieval index build`) and print its K most similar database "
+            "images, best first, with their cosine similarity."
+        ),
+    )
+    p.add_argument("--index", required=True, type=Path, metavar="DIR", help="index folder")
+    p.add_argument(
+        "--query",
+        required=True,
+        action="append",
+        type=Path,
+        metavar="IMAGE",
+        help="query image (repeat for several)",
+    )
+    p.add_argument("--k", type=int, default=10, help="results per query (default 10)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument(
+        "--checkpoint",
+        metavar="PATH",
+        help="model checkpoint (default: the one recorded in the index)",
+    )
+    p.add_argument("--nprobe", type=int, help="IVF cells to visit (ivfpq; default: recorded)")
+    p.add_argument("--device", default=None, help="torch device for extraction (default cpu)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from apretrieval.search import load_index, ranked_ids
+
+    if args.k < 1:
+        raise ValueError(f"--k must be >= 1, got {args.k}")
+    index = load_index(args.index)
+    desc = index.extract_queries(args.query, checkpoint=args.checkpoint, device=args.device)
+    scores, indices = index.search(desc, args.k, nprobe=args.nprobe)
+    ranked = ranked_ids(index.ids, scores, indices)
+    if args.json:
+        out = {
+            "index": str(args.index),
+            "k": args.k,
+            "results": [
+                {
+                    "query": str(q),
+                    "results": [
+                        {"rank": r, "id": i, "score": s} for r, (i, s) in enumerate(rows, 1)
+                    ],
+                }
+                for q, rows in zip(args.query, ranked, strict=True)
+            ],
+        }
+        json.dump(out, sys.stdout, indent=1)
+        sys.stdout.write("\n")
+        return 0
+    for n, (q, rows) in enumerate(zip(args.query, ranked, strict=True)):
+        if n:
+            print()
+        print(f"query: {q}")
+        for r, (i, s) in enumerate(rows, 1):
+            print(f"{r:>5}  {s:8.4f}  {i}")
+    return 0
