@@ -430,3 +430,22 @@ def test_cli_evaluate_reports_missing_images(tmp_path, capsys):
                "--root", str(tmp_path), "--out", str(tmp_path / "r.json"), "--no-progress"])
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("apretrieval evaluate: error:")
+
+
+def test_cli_evaluate_with_a_real_checkpoint(tmp_path, capsys):
+    """Integration with models.save_checkpoint / load_model (small random ResNet-18)."""
+    from apretrieval.cli import main
+    from apretrieval.models import build_model, save_checkpoint
+    from test_extraction import fake_benchmark
+
+    fake_benchmark(tmp_path / "rox", np.random.default_rng(13))
+    ckpt = save_checkpoint(tmp_path / "m.pt", build_model("resnet18", out_dim=32))
+    out = tmp_path / "res.json"
+    rc = main(["evaluate", "--checkpoint", str(ckpt), "--dataset", "roxford5k", "--root",
+               str(tmp_path / "rox"), "--out", str(out), "--scales", "1", "0.5",
+               "--workers", "0", "--device", "cpu", "--no-progress",
+               "--features", str(tmp_path / "feats" / "rox")])
+    assert rc == 0, capsys.readouterr().err
+    res = load_results(out)
+    assert res["model"] == str(ckpt) and set(res["metrics"]) == set(PROTOCOLS)
+    assert np.load(tmp_path / "feats" / "rox.db.npy").shape == (5, 32)

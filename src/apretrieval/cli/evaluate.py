@@ -8,12 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from apretrieval.cli.extract import (
-    add_extraction_args,
-    check_extraction_args,
-    load_checkpoint_model,
-    resolve_device,
-)
+from apretrieval.cli import extract as cli_extract
+from apretrieval.cli.extract import add_extraction_args, check_extraction_args, resolve_device
 
 
 def register(subparsers: Any) -> None:
@@ -114,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
     args.device_obj = resolve_device(args.device)
     ds = RevisitedDataset(args.dataset, args.root, r1m_root=args.r1m)
     whitening = _whitening(args.whiten, args.whiten_dim, args.whiten_power) if args.whiten else None
-    model = load_checkpoint_model(args.checkpoint, args.device_obj)
+    model = cli_extract.load_checkpoint_model(args.checkpoint, args.device_obj)
     q, db = _descriptors(args, model, ds)
     if whitening is not None:
         q, db = apply_whitening(q, whitening), apply_whitening(db, whitening)
