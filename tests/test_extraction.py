@@ -34,6 +34,7 @@ class TinyNet(nn.Module):
         self.pool = GeM(p=2.5)
         self.whiten = nn.Linear(8, dim) if whiten else None
         self.calls = 0
+        self.float()  # whatever torch's default dtype is in this session
 
     @property
     def gem_p(self) -> float:
@@ -51,6 +52,15 @@ class TinyNet(nn.Module):
 
 def make_images(rng, sizes):
     return [torch.from_numpy(rng.random((3, h, w), dtype=np.float32)) for h, w in sizes]
+
+
+def test_images_follow_the_model_precision():
+    rng = np.random.default_rng(9)
+    model = TinyNet().double()
+    imgs = make_images(rng, [(32, 32), (40, 24)])
+    got = extract_descriptors(model, imgs, num_workers=0, progress=False)
+    want = extract_descriptors(model.float(), imgs, num_workers=0, progress=False)
+    np.testing.assert_allclose(got, want, atol=1e-5)
 
 
 @torch.no_grad()

@@ -226,6 +226,13 @@ def _model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def _model_dtype(model: nn.Module) -> torch.dtype:
+    for t in model.parameters():
+        if t.is_floating_point():
+            return t.dtype
+    return torch.float32
+
+
 def _size_order(images: Any, indices: Sequence[int]) -> list[int]:
     sizer: Callable[[int], tuple[int, int]] | None = getattr(images, "output_size", None)
     if sizer is None:
@@ -265,12 +272,13 @@ def _extract_into(
         persistent_workers=False,
     )
     p = float(getattr(model, "gem_p", 3.0))
+    dtype = _model_dtype(model)  # images arrive as float32; follow the model's precision
     for batch in loader:
         groups: dict[tuple[int, ...], list[tuple[int, Tensor]]] = {}
         for i, x in batch:
             groups.setdefault(tuple(x.shape), []).append((i, x))
         for members in groups.values():
-            x = torch.stack([m[1] for m in members]).to(device, non_blocking=True)
+            x = torch.stack([m[1] for m in members]).to(device, dtype, non_blocking=True)
             v = multiscale_descriptors(model, x, scales, p).float().cpu().numpy()
             out[[row_of[m[0]] for m in members]] = v
             bar.update(len(members))
@@ -290,7 +298,8 @@ def _descriptor_dim(model: nn.Module, device: torch.device) -> int:
     if isinstance(dim, int):
         return dim
     with torch.no_grad():
-        return int(model(torch.zeros(1, 3, 64, 64, device=device)).shape[-1])
+        x = torch.zeros(1, 3, 64, 64, device=device, dtype=_model_dtype(model))
+        return int(model(x).shape[-1])
 
 
 def extract_descriptors(
