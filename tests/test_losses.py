@@ -9,7 +9,14 @@ import torch
 from apretrieval import APLoss, TieAwareAPLoss, average_precision, quantized_ap
 from apretrieval.losses import ContrastiveLoss, TripletLoss
 
-torch.set_default_dtype(torch.float64)
+
+@pytest.fixture(autouse=True)
+def _float64_default():
+    """Every tensor built in this module is float64 (1e-10 comparisons); restored afterwards."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
 
 
 # --- dense reference: autograd through the explicit (Q, M, N) soft assignment ---------------
