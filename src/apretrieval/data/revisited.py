@@ -181,14 +181,19 @@ class RevisitedDataset:
         root: str | os.PathLike,
         r1m_root: str | os.PathLike | None = None,
     ) -> None:
-        if name not in REVISITED_DATASETS:
-            raise ValueError(f"dataset must be one of {REVISITED_DATASETS}, got {name!r}")
         self.name = name
         self.root = Path(root)
         self.gnd_path = self.root / f"gnd_{name}.pkl"
+        # Any benchmark in the official layout works (e.g. the demo's generated one); the two
+        # official names get a download hint when their files are missing.
         if not self.gnd_path.is_file():
+            if name in REVISITED_DATASETS:
+                raise ValueError(
+                    f"{self.gnd_path} not found (run `apretrieval download {name} --root {root}`)"
+                )
             raise ValueError(
-                f"{self.gnd_path} not found (run `apretrieval download {name} --root {root}`)"
+                f"{self.gnd_path} not found: dataset must be one of {REVISITED_DATASETS} or "
+                f"a folder in the same layout (jpg/ + gnd_{name}.pkl), got {name!r}"
             )
         raw = load_gnd(self.gnd_path)
         self.images: list[str] = [str(n) for n in raw["imlist"]]
