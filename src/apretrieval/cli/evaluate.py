@@ -23,7 +23,10 @@ def register(subparsers: Any) -> None:
         ),
     )
     p.add_argument("--checkpoint", required=True, help="model checkpoint (.pt)")
-    p.add_argument("--dataset", required=True, choices=("roxford5k", "rparis6k"))
+    p.add_argument(
+        "--dataset", required=True,
+        help="roxford5k, rparis6k, or NAME of any benchmark in that layout (ROOT/gnd_NAME.pkl)",
+    )
     p.add_argument("--root", required=True, type=Path, metavar="DIR", help="benchmark folder")
     p.add_argument("--r1m", type=Path, metavar="DIR", help="add the R1M distractors from DIR")
     p.add_argument("--out", required=True, type=Path, help="results JSON to write")

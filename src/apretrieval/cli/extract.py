@@ -37,7 +37,9 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("--checkpoint", required=True, help="model checkpoint (.pt)")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--dataset", choices=("roxford5k", "rparis6k"), help="a revisited benchmark")
+    src.add_argument(
+        "--dataset", help="roxford5k, rparis6k, or NAME of a benchmark in that layout"
+    )
     src.add_argument("--images", type=Path, metavar="DIR", help="an image folder (recursive)")
     p.add_argument("--root", type=Path, metavar="DIR", help="benchmark folder (with --dataset)")
     p.add_argument("--r1m", type=Path, metavar="DIR", help="R1M distractors to append")
