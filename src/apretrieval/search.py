@@ -84,13 +84,25 @@ def _topk_first(s: Tensor, k: int) -> tuple[Tensor, Tensor]:
     if k >= s.shape[1]:
         cols = torch.arange(s.shape[1], device=s.device).expand(s.shape[0], -1)
         return s, cols
-    kth = s.topk(k, dim=1, sorted=True).values[:, -1:]
+    vals, cols = s.topk(k + 1, dim=1, sorted=True)
+    # Rows whose k-th and (k+1)-th values differ have no tie across the cut: topk's set is the
+    # answer. Only rows with such a tie (rare for real descriptors) take the exact pass below.
+    tie = vals[:, k - 1] == vals[:, k]
+    cols = cols[:, :k].sort(dim=1).values
+    if tie.any():
+        rows = tie.nonzero()[:, 0]
+        cols[rows] = _tie_cols(s[rows], vals[rows, k - 1 : k], k)
+    return s.gather(1, cols), cols
+
+
+def _tie_cols(s: Tensor, kth: Tensor, k: int) -> Tensor:
+    """Columns of the top-``k`` of ``s`` given its k-th value ``kth (q, 1)``: all greater
+    values, then the leftmost of those equal to it; in column order."""
     greater = s > kth
     tied = s == kth
     need = k - greater.sum(dim=1, keepdim=True)
     keep = greater | (tied & (tied.cumsum(dim=1) <= need))
-    cols = keep.nonzero()[:, 1].view(s.shape[0], k)  # row-major: exactly k per row, in order
-    return s.gather(1, cols), cols
+    return keep.nonzero()[:, 1].view(s.shape[0], k)  # row-major: exactly k per row, in order
 
 
 def knn(
