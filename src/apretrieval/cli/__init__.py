@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 # Subcommand modules under apretrieval.cli, in the order `--help` lists them.
 COMMANDS: tuple[str, ...] = (
+    "demo",
     "download",
     "evaluate",
     "extract",
