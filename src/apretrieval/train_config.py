@@ -49,6 +49,8 @@ class TrainConfig:
     num_bins: int = 20
     margin: float | None = None  # contrastive/triplet margin (null: 0.7 / 0.1)
     num_hard: int = 5  # contrastive: hardest in-batch negatives per anchor
+    # Memory bank (AP losses): each query also ranks the descriptors of the last K batches.
+    memory_batches: int = 0
     # Batches (B = classes per batch x images_per_class).
     batch_size: int = 4096
     images_per_class: int = 8
@@ -80,6 +82,9 @@ class TrainConfig:
     image_cache_mb: int = 2048  # decode a batch once if it fits, else stream it per chunk
     checkpoint_every: int = 50
     progress: bool = True
+    # Several processes (torchrun): auto = nccl on GPU, gloo on CPU; collective timeout (s).
+    dist_backend: str = "auto"  # auto | gloo | nccl
+    dist_timeout: float = 600.0
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes kept with the run
 
     @classmethod
@@ -136,7 +141,7 @@ class TrainConfig:
                      "checkpoint_every", "max_side", "pca_images", "num_hard"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "num_workers", "image_cache_mb"):
+        for name in ("warmup_steps", "num_workers", "image_cache_mb", "memory_batches"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.batch_size % self.images_per_class:
@@ -150,6 +155,13 @@ class TrainConfig:
             raise ValueError(
                 f"need lr > 0, weight_decay >= 0, 0 < lr_decay <= 1; got lr={self.lr}, "
                 f"weight_decay={self.weight_decay}, lr_decay={self.lr_decay}"
+            )
+        _choice("dist_backend", self.dist_backend, ("auto", "gloo", "nccl"))
+        if not self.dist_timeout > 0:
+            raise ValueError(f"dist_timeout must be > 0 seconds, got {self.dist_timeout}")
+        if self.memory_batches and self.loss not in ("ap", "tie_aware_ap"):
+            raise ValueError(
+                f"memory_batches needs an AP loss (ap, tie_aware_ap), got loss={self.loss!r}"
             )
         if self.margin is not None and self.margin <= 0:
             raise ValueError(f"margin must be > 0, got {self.margin}")
