@@ -31,15 +31,19 @@ from tqdm.auto import tqdm
 from apretrieval.data.lists import ImageList, open_image_list
 from apretrieval.data.sampler import ClassBalancedBatchSampler
 from apretrieval.data.transforms import TrainTransform, batch_seeds, resize_max_side
+from apretrieval.distributed import (
+    DistContext,
+    MemoryBank,
+    barrier,
+    broadcast_model,
+    distributed_multistage_backward,
+    init_distributed,
+    shard_bounds,
+    sync_stop,
+)
 from apretrieval.losses import APLoss, ContrastiveLoss, TieAwareAPLoss, TripletLoss
 from apretrieval.models import RetrievalNet, build_model, load_checkpoint, save_checkpoint
-from apretrieval.multistage import (
-    backward_descriptor_grads,
-    check_replayable,
-    compute_descriptors,
-    descriptor_loss_grads,
-    multistage_backward,
-)
+from apretrieval.multistage import multistage_backward
 from apretrieval.train_config import TrainConfig, write_yaml_atomic
 
 __all__ = [
@@ -101,22 +105,23 @@ def train_step(
     loss_fn: torch.nn.Module,
     chunk_size: int,
     num_workers: int = 0,
+    *,
+    ctx: DistContext | None = None,
+    memory: MemoryBank | None = None,
 ) -> tuple[float, int]:
-    """One multistage step + optimizer update; returns (loss, number of images used)."""
+    """One multistage step + optimizer update; returns (loss, number of images used).
+
+    With a ``ctx`` of several ranks, ``inputs``/``labels`` are this rank's shard and the step
+    is that of the whole batch (see ``distributed``); ``memory``: rank against a memory bank.
+    """
     model.train()
-    check_replayable(model)
     optimizer.zero_grad(set_to_none=True)
-    # Distributed hook: shard `inputs` by rank, all-gather (descriptors, labels) after stage 1,
-    # slice this rank's gradient rows for stage 3, all-reduce parameter gradients after it.
-    descriptors, kept = compute_descriptors(model, inputs, chunk_size, num_workers=num_workers)
-    used = labels if len(kept) == len(labels) else labels[kept]
-    loss, grads = descriptor_loss_grads(loss_fn, descriptors, used)
-    backward_descriptor_grads(
-        model, inputs, grads, chunk_size, indices=kept, reference=descriptors,
+    step = distributed_multistage_backward(
+        model, inputs, labels, loss_fn, chunk_size, ctx=ctx, memory=memory,
         num_workers=num_workers,
     )
     optimizer.step()
-    return loss, len(kept)
+    return step.loss, step.images
 
 
 # --------------------------------------------------------------------------------------------
@@ -150,8 +155,9 @@ class _Loader:
 class _StepItems:
     """Lazy batch sampler for the DataLoader: the (index, seed) items of each step."""
 
-    def __init__(self, sampler: ClassBalancedBatchSampler, seed: int, steps: range) -> None:
-        self.sampler, self.seed, self.steps = sampler, seed, steps
+    def __init__(self, sampler: ClassBalancedBatchSampler, seed: int, steps: range,
+                 shard: slice = slice(None)) -> None:
+        self.sampler, self.seed, self.steps, self.shard = sampler, seed, steps, shard
 
     def __len__(self) -> int:
         return len(self.steps)
@@ -160,7 +166,7 @@ class _StepItems:
         for step in self.steps:
             idx = self.sampler.batch(step)
             seeds = batch_seeds(self.seed, step, len(idx))
-            yield [(int(i), s) for i, s in zip(idx, seeds, strict=True)]
+            yield [(int(i), s) for i, s in zip(idx, seeds, strict=True)][self.shard]
 
 
 def _keep_list(batch: list) -> list:
@@ -169,10 +175,11 @@ def _keep_list(batch: list) -> list:
 
 def _batches(
     cfg: TrainConfig, images: ImageList, sampler: ClassBalancedBatchSampler, start: int,
-    in_memory: bool,
+    in_memory: bool, shard: slice = slice(None),
 ) -> Iterator[tuple[list, Tensor]]:
     """(inputs, labels) for steps start..steps-1: decoded tensors (prefetched by DataLoader
-    workers, each image decoded once per step) or, for batches too large for memory, loaders."""
+    workers, each image decoded once per step) or, for batches too large for memory, loaders.
+    ``shard``: this rank's positions in the batch (augmentation seeds stay those of the batch)."""
     data = _Augmented(images, TrainTransform(cfg.augment_config()))
 
     steps = range(start, cfg.steps)
@@ -181,18 +188,18 @@ def _batches(
             idx = sampler.batch(step)
             seeds = batch_seeds(cfg.seed, step, len(idx))
             loaders = [_Loader(data, int(i), s) for i, s in zip(idx, seeds, strict=True)]
-            yield loaders, torch.as_tensor(images.labels[idx])
+            yield loaders[shard], torch.as_tensor(images.labels[idx])[shard]
         return
     loader = torch.utils.data.DataLoader(
         data,
-        batch_sampler=_StepItems(sampler, cfg.seed, steps),
+        batch_sampler=_StepItems(sampler, cfg.seed, steps, shard),
         num_workers=cfg.num_workers,
         collate_fn=_keep_list,
         prefetch_factor=1 if cfg.num_workers > 0 else None,
     )
     for step, tensors in zip(steps, loader, strict=True):
         ok = [j for j, t in enumerate(tensors) if t is not None]
-        labels = torch.as_tensor(images.labels[sampler.batch(step)[ok]])
+        labels = torch.as_tensor(images.labels[sampler.batch(step)[shard][ok]])
         yield [tensors[j] for j in ok], labels
 
 
@@ -292,7 +299,10 @@ def train(
     ckpt_path, final_path, log_path = (
         run_dir / "checkpoint.pt", run_dir / "model.pt", run_dir / "metrics.jsonl"
     )
-    device = _resolve_device(cfg.device)
+    # Under torchrun: join the process group; every rank takes its shard of each batch.
+    ctx = init_distributed(cfg.dist_backend, cfg.dist_timeout, cfg.device)
+    device = ctx.device
+    shard = slice(*shard_bounds(cfg.batch_size, ctx.rank, ctx.world_size))
     images = open_image_list(cfg.data, cfg.data_format, cfg.image_root, cfg.check_images)
     sampler = ClassBalancedBatchSampler(
         images.labels, cfg.batch_size, cfg.images_per_class, cfg.seed, steps=cfg.steps
@@ -318,12 +328,19 @@ def train(
         sampler.load_state_dict(state["sampler"])
         start = int(state["step"])
         _warn_config_changes(state.get("train_config", {}), cfg)
-        _truncate_log(log_path, start)
+        if ctx.is_main:
+            _truncate_log(log_path, start)
     else:
-        log_path.unlink(missing_ok=True)
+        if ctx.is_main:
+            log_path.unlink(missing_ok=True)
         if cfg.whiten and cfg.whiten_init == "pca":
             init_whitening_from_data(model, images, cfg, device)
-    write_yaml_atomic(run_dir / "config.yaml", cfg.to_dict())
+    broadcast_model(ctx, model)  # one starting point for all ranks, whatever happened above
+    memory = MemoryBank(cfg.memory_batches) if cfg.memory_batches else None
+    if memory is not None and state is not None and "memory" in state:
+        memory.load_state_dict(state["memory"], device)
+    if ctx.is_main:
+        write_yaml_atomic(run_dir / "config.yaml", cfg.to_dict())
     loss_fn = make_loss(cfg)
     in_memory = _fits_in_memory(cfg)
     log.info("%d images, %d classes; batches %s", len(images), sampler.num_classes,
@@ -331,16 +348,20 @@ def train(
 
     def checkpoint(step: int) -> Path:
         sampler.step = step
+        if not ctx.is_main:  # rank 0 writes; the state is the same on every rank
+            return ckpt_path
         return save_checkpoint(
             ckpt_path, model, step=step, optimizer=optimizer.state_dict(),
             scheduler=scheduler.state_dict(), sampler=sampler.state_dict(),
             train_config=cfg.to_dict(),
+            **({"memory": memory.state_dict()} if memory is not None else {}),
         )
 
     done = start
-    bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", disable=not cfg.progress)
+    bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step",
+               disable=not cfg.progress or not ctx.is_main)
     with _SignalStop() as stop:
-        batches = _batches(cfg, images, sampler, start, in_memory)
+        batches = _batches(cfg, images, sampler, start, in_memory, shard)
         tic = time.perf_counter()
         while done < cfg.steps and stop.signum is None:
             try:
@@ -351,7 +372,7 @@ def train(
                 raise
             loss, used = train_step(
                 model, optimizer, inputs, labels, loss_fn, cfg.chunk_size,
-                num_workers=0 if in_memory else cfg.num_workers,
+                num_workers=0 if in_memory else cfg.num_workers, ctx=ctx, memory=memory,
             )
             scheduler.step()
             done += 1
@@ -365,9 +386,11 @@ def train(
             if callback is not None and callback_every > 0 and done % callback_every == 0 \
                     and done < cfg.steps:
                 record.update(_run_callback(callback, done, model))
-            _append_jsonl(log_path, record)
+            if ctx.is_main:
+                _append_jsonl(log_path, record)
             if done % cfg.checkpoint_every == 0 and done < cfg.steps:
                 checkpoint(done)
+            stop.signum = sync_stop(ctx, stop.signum)  # all ranks stop after the same step
         bar.close()
         if stop.signum is not None:
             path = checkpoint(done)
@@ -375,9 +398,12 @@ def train(
     checkpoint(done)
     if callback is not None:
         extra = _run_callback(callback, done, model)
-        if extra:
+        if extra and ctx.is_main:
             _append_jsonl(log_path, {"step": done, **extra})
-    return save_checkpoint(final_path, model, step=done, train_config=cfg.to_dict())
+    if ctx.is_main:
+        save_checkpoint(final_path, model, step=done, train_config=cfg.to_dict())
+    barrier(ctx)  # the other ranks return once the model file exists
+    return final_path
 
 
 def _run_callback(callback: Callback, step: int, model: RetrievalNet) -> dict[str, Any]:
