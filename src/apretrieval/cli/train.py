@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from typing import Any
 
@@ -55,8 +56,13 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config:
         yaml.safe_dump(cfg.to_dict(), sys.stdout, sort_keys=False)
         return 0
+    from apretrieval.distributed import shutdown_distributed
     from apretrieval.training import train  # heavy imports only when training
 
+    # Under `torchrun --nproc-per-node N` every process runs this command: train() joins the
+    # process group from torchrun's environment and rank 0 writes the files.
     final = train(cfg, resume=args.resume)
-    print(f"model written to {final}")
+    shutdown_distributed()
+    if os.environ.get("RANK", "0") == "0":
+        print(f"model written to {final}")
     return 0
