@@ -15,6 +15,7 @@ import json
 import math
 import os
 import tempfile
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -64,12 +65,14 @@ def _chunk_to_torch(x: np.ndarray | Tensor, device: torch.device, dtype: torch.d
     """Rows of a numpy array (possibly a memmap) or tensor as a tensor on ``device``/``dtype``."""
     if isinstance(x, np.ndarray):
         np_dtype = np.float64 if dtype == torch.float64 else np.float32
-        if x.dtype != np_dtype or not x.flags.c_contiguous or not x.flags.writeable:
-            # One copy, straight to the compute dtype (memmap pages are read here).
-            x = np.array(x, dtype=np_dtype, order="C")
+        if x.dtype != np_dtype or not x.flags.c_contiguous:
+            x = np.array(x, dtype=np_dtype, order="C")  # one copy, straight to the compute dtype
         # Checked in numpy: single-threaded and cheap next to the product it feeds.
         finite = bool(np.isfinite(x).all())
-        x = torch.from_numpy(x)
+        with warnings.catch_warnings():
+            # A read-only memmap is wrapped without a copy; nothing here writes to it.
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            x = torch.from_numpy(x)
     else:
         finite = bool(torch.isfinite(x).all())
     if not finite:
@@ -150,7 +153,9 @@ def knn(
         q_block = max(1, min(nq, block_elements // max(4096, 4 * k)))
         for q0 in range(0, nq, q_block):
             q = _chunk_to_torch(queries[q0 : q0 + q_block], device, dtype)
-            n_chunk = max(k, block_elements // q.shape[0])
+            # The chunk of database rows is bounded like the score block: a (c, D) float32
+            # copy (or mapped pages) of at most block_elements values.
+            n_chunk = max(k, min(block_elements // q.shape[0], block_elements // queries.shape[1]))
             best_s, best_i = _scan(q, database, k, n_chunk, device, dtype)
             out_scores[q0 : q0 + q.shape[0], : best_s.shape[1]] = best_s
             out_indices[q0 : q0 + q.shape[0], : best_i.shape[1]] = best_i
@@ -353,10 +358,17 @@ def _check_ivfpq(config: IndexConfig, n: int, dim: int) -> None:
         )
 
 
-def _add_in_chunks(index: Any, x: np.ndarray, chunk: int = 65536, progress: bool = False) -> None:
+def _add(index: Any, x: np.ndarray, flat: bool, progress: bool = False) -> None:
+    """Add rows of ``x`` in order: in one call when ``x`` is already float32 and C-contiguous
+    for a flat index (faiss then allocates its N x D storage once, where growing it chunk by
+    chunk transiently needs up to twice that), otherwise in chunks of ~128 MiB (IVF encoding
+    makes several copies of what it is given; other dtypes need a float32 copy)."""
     from tqdm import tqdm
 
-    # Chunks keep the float32 copy faiss needs small when x is a memmap or another dtype.
+    if flat and x.dtype == np.float32 and x.flags.c_contiguous:
+        index.add(x)
+        return
+    chunk = max(1024, _BLOCK_ELEMENTS // max(1, x.shape[1]))
     starts = range(0, x.shape[0], chunk)
     for start in tqdm(starts, desc="adding", unit="chunk", disable=not progress):
         index.add(np.ascontiguousarray(x[start : start + chunk], dtype=np.float32))
@@ -391,7 +403,7 @@ def build_index(
         index.train(train)
         del train
         faiss.extract_index_ivf(index).nprobe = config.nprobe
-    _add_in_chunks(index, descriptors, progress=progress)
+    _add(index, descriptors, config.type == "flat", progress=progress)
     return index
 
 
