@@ -395,7 +395,7 @@ def test_resume_with_one_process(cluster, folder):
     assert _losses(b1)[2:] == pytest.approx(_losses(out / "A")[2:], rel=1e-5, abs=1e-6)
     sa, s1 = _state(out / "A"), _state(b1)
     for k in sa:
-        assert torch.allclose(sa[k], s1[k], rtol=1e-3, atol=1e-5), k
+        assert torch.allclose(sa[k], s1[k], rtol=1e-4, atol=1e-5), k  # measured: 1.5e-7
 
 
 # --------------------------------------------------------------------------------------------
