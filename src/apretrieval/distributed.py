@@ -64,6 +64,7 @@ __all__ = [
     "StepResult",
     "all_reduce_gradients",
     "ap_loss_with_memory",
+    "barrier",
     "broadcast_model",
     "distributed_multistage_backward",
     "gather_rows",
@@ -180,10 +181,17 @@ def init_distributed(
     return DistContext(rank, world, local, backend, dev, timeout_s, owns_group=True)
 
 
-def shutdown_distributed(ctx: DistContext | None) -> None:
-    """Destroy the default process group if ``ctx`` created it (no-op otherwise)."""
-    if ctx is not None and ctx.owns_group and dist.is_initialized():
+def shutdown_distributed(ctx: DistContext | None = None) -> None:
+    """Destroy the default process group if ``ctx`` created it; ``ctx=None``: whoever did
+    (the end of a program). No-op without a group."""
+    if (ctx is None or ctx.owns_group) and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def barrier(ctx: DistContext) -> None:
+    """Wait for every rank (e.g. until rank 0 has written the final model)."""
+    if ctx.world_size > 1:
+        _collective(ctx, "barrier", lambda: dist.barrier(group=ctx.group))
 
 
 def shard_bounds(n: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -412,8 +420,9 @@ def ap_loss_with_memory(
     db_labels = torch.cat([labels, memory_labels.to(d.device)])
     b, n = d.shape[0], db.shape[0]
     # Queries with a positive besides themselves: the only ones the loss averages over.
-    same = (labels[:, None] == db_labels[None, :]).sum(1) - 1
-    n_valid = int((same > 0).sum())
+    # (Counted per label, without a B x N mask; every query's label is in db_labels.)
+    uniq, counts = torch.unique(db_labels, return_counts=True)
+    n_valid = int((counts[torch.searchsorted(uniq, labels)] > 1).sum())
     if n_valid == 0:
         raise ValueError(
             "no query has a positive in the batch or the memory: the AP loss is undefined "
