@@ -2,7 +2,7 @@
 IVF-PQ recall against exact, on synthetic L2-normalised descriptors.
 
     python benchmarks/bench_search.py [--sizes 100000 1000000] [--dims 128 2048]
-        [--queries 500] [--k 10] [--nprobe 16 64] [--workdir DIR] [--keep]
+        [--queries 500] [--k 10] [--nprobe 16 64] [--rerank 100] [--workdir DIR] [--keep]
 
 Synthetic data: a mixture of 1000 clusters (each vector ``normalize(c + noise)``, cosine ~0.6 to
 its centre), written to ``DIR/db_N_D.npy`` in chunks and memory-mapped, so the database never
@@ -19,7 +19,8 @@ exact top-k (``knn``); 1-recall@k: how often the exact nearest neighbour is in t
 
 ``knn`` reads the memory-mapped database block by block; faiss flat copies it into its own
 float32 storage (N x D x 4 bytes); IVF-PQ keeps ``m`` bytes per vector (plus its 8-byte id)
-and is trained on ``--train-size`` random vectors.
+and is trained on ``--train-size`` random vectors. "+ exact re-rank of R": the IVF-PQ top R
+re-scored exactly against the memory-mapped descriptors (``rerank_candidates``).
 """
 
 from __future__ import annotations
@@ -136,7 +137,7 @@ def run_child(a: argparse.Namespace) -> list[dict]:
     import faiss
     import torch
 
-    from apretrieval.search import IndexConfig, build_index, knn
+    from apretrieval.search import IndexConfig, build_index, knn, rerank_candidates
 
     torch.set_num_threads(THREADS)
     faiss.omp_set_num_threads(THREADS)
@@ -165,14 +166,22 @@ def run_child(a: argparse.Namespace) -> list[dict]:
                 else len(faiss.serialize_index(index)) / 2**20
             )
 
-        for nprobe in a.nprobe if a.method == "ivfpq" else [0]:
+        variants = [(0, 0)]
+        if a.method == "ivfpq":
+            variants = [(p, r) for p in a.nprobe for r in ([0, a.rerank] if a.rerank else [0])]
+        for nprobe, rerank in variants:
             if nprobe:
                 faiss.extract_index_ivf(index).nprobe = nprobe
 
-            def search(queries: np.ndarray) -> np.ndarray:
+            def search(queries: np.ndarray, rerank: int = rerank) -> np.ndarray:
                 if index is None:
                     return knn(queries, db, a.k)[1]
-                return index.search(np.ascontiguousarray(queries), a.k)[1]
+                queries = np.ascontiguousarray(queries)
+                if not rerank:
+                    return index.search(queries, a.k)[1]
+                # Shortlist from the codes, exact scores from the mapped descriptors.
+                cand = index.search(queries, max(rerank, a.k))[1]
+                return rerank_candidates(queries, db, cand, a.k)[1]
 
             # Warm-up on a few queries: thread pools, and the page cache of the mapped file.
             search(q[:20])
@@ -181,7 +190,8 @@ def run_child(a: argparse.Namespace) -> list[dict]:
                 t1 = time.perf_counter()
                 idx = search(q)
                 times.append(time.perf_counter() - t1)
-            out = a.out.with_name(a.out.stem + (f"_p{nprobe}" if nprobe else "") + ".npy")
+            tag = (f"_p{nprobe}" if nprobe else "") + (f"_r{rerank}" if rerank else "")
+            out = a.out.with_name(a.out.stem + tag + ".npy")
             np.save(out, np.asarray(idx, dtype=np.int64))
             results.append(
                 {
@@ -189,6 +199,7 @@ def run_child(a: argparse.Namespace) -> list[dict]:
                     "n": n,
                     "d": d,
                     "nprobe": nprobe,
+                    "rerank": rerank,
                     "build_s": build_s,
                     "index_mb": index_mb,
                     "out": str(out),
@@ -229,6 +240,8 @@ def _child(
         str(m),
         "--train-size",
         str(args.train_size),
+        "--rerank",
+        str(args.rerank),
         "--nprobe",
         *map(str, args.nprobe),
     ]
@@ -265,6 +278,12 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--nprobe", type=int, nargs="+", default=[16, 64])
     ap.add_argument("--train-size", type=int, default=32768)
+    ap.add_argument(
+        "--rerank",
+        type=int,
+        default=100,
+        help="also time IVF-PQ + exact re-ranking of its top R (0: off)",
+    )
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument(
         "--methods", nargs="+", default=["knn", "flat", "ivfpq"], choices=["knn", "flat", "ivfpq"]
@@ -311,7 +330,8 @@ def main() -> None:
                     r["label"] = {
                         "knn": "knn (torch, exact)",
                         "flat": "faiss flat (exact)",
-                        "ivfpq": f"IVF{nlist},PQ{m}x8 nprobe={r['nprobe']}",
+                        "ivfpq": f"IVF{nlist},PQ{m}x8 nprobe={r['nprobe']}"
+                        + (f" + exact re-rank of {r['rerank']}" if r.get("rerank") else ""),
                     }[method]
                     rows.append(r)
                     if exact is None and method != "ivfpq":

@@ -371,7 +371,6 @@ def _chromium_run(binary: str, profile: Path, *args: str) -> subprocess.Complete
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
 
 
-@pytest.mark.slow
 def test_headless_chromium_renders_the_grids(mini, tmp_path):
     binary = _chromium()
     if binary is None:

@@ -17,6 +17,7 @@ from apretrieval.search import (
     load_features,
     load_index,
     ranked_ids,
+    rerank_candidates,
 )
 
 
@@ -179,6 +180,50 @@ def test_ivfpq_recall_and_nprobe():
     assert one <= full
     s, _ = idx.search(q, 10)
     assert (np.diff(s, axis=1) <= 0).all()
+
+
+def test_rerank_of_all_candidates_is_knn(data):
+    q, db = data
+    everything = np.tile(np.arange(len(db)), (len(q), 1))
+    s, i = rerank_candidates(q, db, everything[:, ::-1].copy(), 10, block_elements=50_000)
+    ref_s, ref_i = knn(q, db, 10)
+    np.testing.assert_array_equal(i, ref_i)
+    np.testing.assert_allclose(s, ref_s, atol=1e-6)
+
+
+def test_rerank_scores_are_exact_and_padding_stays_last():
+    rng = np.random.default_rng(8)
+    db, q = _unit(rng, 50, 8), _unit(rng, 2, 8)
+    cand = np.array([[7, -1, 3, 3], [-1, -1, -1, 9]])
+    s, i = rerank_candidates(q, db, cand, 3)
+    assert i[0, :2].tolist() == sorted([7, 3], key=lambda j: -(q[0] @ db[j])) and i[0, 2] == -1
+    assert i[1].tolist() == [9, -1, -1] and np.isneginf(s[1, 1:]).all()
+    np.testing.assert_allclose(s[1, 0], q[1] @ db[9], rtol=1e-6)
+    with pytest.raises(ValueError, match="outside the database"):
+        rerank_candidates(q, db, np.array([[50], [0]]), 1)
+
+
+def test_ivfpq_rerank_from_the_recorded_features(tmp_path):
+    rng = np.random.default_rng(9)
+    db = _unit(rng, 1500, 16)
+    q = db[:40] + 0.05 * rng.standard_normal((40, 16)).astype(np.float32)
+    np.save(tmp_path / "f.npy", db)
+    cfg = IndexConfig(type="ivfpq", nlist=8, m=4, nbits=6, nprobe=8)
+    SearchIndex.from_features(load_features(tmp_path / "f.npy"), cfg).save(tmp_path / "ix")
+    idx = load_index(tmp_path / "ix")
+    assert idx.features == str((tmp_path / "f.npy").resolve())
+    _, exact = knn(q, db, 10)
+    _, plain = idx.search(q, 10)
+    s, re = idx.search(q, 10, rerank=200)
+
+    def overlap(a):
+        return np.mean([len(set(x) & set(e)) / 10 for x, e in zip(a, exact, strict=True)])
+
+    assert overlap(re) > overlap(plain) and overlap(re) > 0.9
+    ok = re >= 0
+    np.testing.assert_allclose(s[ok], np.einsum("qd,qkd->qk", q, db[re])[ok], atol=1e-6)
+    with pytest.raises(ValueError, match="rerank must be"):
+        idx.search(q, 10, rerank=-1)
 
 
 def test_ivfpq_rejects_impossible_configs():

@@ -35,6 +35,7 @@ __all__ = [
     "load_features",
     "load_index",
     "ranked_ids",
+    "rerank_candidates",
 ]
 
 INDEX_TYPES = ("flat", "ivfpq")
@@ -205,6 +206,7 @@ class FeatureSet:
     checkpoint: str | None = None
     scales: list[float] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    path: str | None = None  # the .npy file, when read from disk
 
 
 def _manifest_candidates(features: Path) -> list[Path]:
@@ -271,7 +273,7 @@ def load_features(
         if not manifest_path.is_file():
             raise ValueError(f"manifest file not found: {manifest_path}")
     if manifest_path is None:
-        return FeatureSet(desc, [str(i) for i in range(desc.shape[0])])
+        return FeatureSet(desc, [str(i) for i in range(desc.shape[0])], path=str(path.resolve()))
     data = _read_json(manifest_path)
     ids = _ids_from_manifest(data, manifest_path)
     if len(ids) != desc.shape[0]:
@@ -290,7 +292,58 @@ def load_features(
         checkpoint=None if checkpoint is None else str(checkpoint),
         scales=None if scales is None else [float(s) for s in scales],
         extra=extra,
+        path=str(path.resolve()),
     )
+
+
+def rerank_candidates(
+    queries: np.ndarray | Tensor,
+    database: np.ndarray | Tensor,
+    candidates: np.ndarray,
+    k: int,
+    *,
+    block_elements: int = _BLOCK_ELEMENTS,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-``k`` among ``candidates (Q, C)`` (database rows; -1 = none), e.g. the
+    shortlist of an approximate index: each is re-scored as ``queries[q] . database[c]``.
+
+    ``database`` may be a memmap: only candidate rows are read. Returns numpy ``scores``,
+    ``indices`` ``(Q, k)``, scores descending, ties by index, padding ``-inf`` / ``-1``.
+    """
+    if isinstance(queries, Tensor):
+        queries = queries.detach().cpu().numpy()
+    if isinstance(database, Tensor):
+        database = database.detach().cpu().numpy()
+    _as_2d("queries", queries)
+    _as_2d("database", database)
+    cand = np.asarray(candidates, dtype=np.int64)
+    if cand.ndim != 2 or cand.shape[0] != queries.shape[0]:
+        raise ValueError(f"candidates must be (Q={queries.shape[0]}, C), got {cand.shape}")
+    if cand.size and cand.max() >= database.shape[0]:
+        raise ValueError(f"candidate {cand.max()} outside the database of {database.shape[0]}")
+    if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
+        raise ValueError(f"k must be a positive integer, got {k!r}")
+    nq, c = cand.shape
+    out_s = np.full((nq, k), -np.inf, dtype=np.float32)
+    out_i = np.full((nq, k), -1, dtype=np.int64)
+    q_block = max(1, block_elements // max(1, c * database.shape[1]))
+    for q0 in range(0, nq, q_block):
+        cb = np.sort(cand[q0 : q0 + q_block], axis=1)
+        cb[:, 1:][cb[:, 1:] == cb[:, :-1]] = -1  # a candidate listed twice counts once
+        rows = np.unique(cb[cb >= 0])  # sorted: a memmap is read in file order
+        vecs = np.asarray(database[rows], dtype=np.float32)
+        if not np.isfinite(vecs).all():
+            raise ValueError("descriptors contain NaN/inf values")
+        qb = np.asarray(queries[q0 : q0 + q_block], dtype=np.float32)
+        sc = qb @ vecs.T  # (q, unique candidates of the block)
+        pos = np.searchsorted(rows, np.maximum(cb, 0))
+        s = np.where(cb >= 0, np.take_along_axis(sc, pos, axis=1), -np.inf).astype(np.float32)
+        # Sort by score descending, then index ascending (padding, -1 at -inf, goes last).
+        order = np.lexsort((np.where(cb >= 0, cb, np.iinfo(np.int64).max), -s), axis=1)[:, :k]
+        out_s[q0 : q0 + q_block, : order.shape[1]] = np.take_along_axis(s, order, axis=1)
+        out_i[q0 : q0 + q_block, : order.shape[1]] = np.take_along_axis(cb, order, axis=1)
+    out_i[np.isneginf(out_s)] = -1
+    return out_s, out_i
 
 
 # --------------------------------------------------------------------------------------------
@@ -431,6 +484,7 @@ class SearchIndex:
     checkpoint: str | None = None
     scales: list[float] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    features: str | None = None  # the descriptors file it was built from (for re-ranking)
 
     def __post_init__(self) -> None:
         if self.index.ntotal != len(self.ids):
@@ -456,12 +510,24 @@ class SearchIndex:
             features.checkpoint,
             features.scales,
             dict(features.extra),
+            features.path,
         )
 
     def search(
-        self, queries: np.ndarray | Tensor, k: int, *, nprobe: int | None = None
+        self,
+        queries: np.ndarray | Tensor,
+        k: int,
+        *,
+        nprobe: int | None = None,
+        rerank: int = 0,
+        descriptors: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Top-``k`` of ``queries (Q, D)``: ``scores (Q, k)`` descending, ``indices (Q, k)``."""
+        """Top-``k`` of ``queries (Q, D)``: ``scores (Q, k)`` descending, ``indices (Q, k)``.
+
+        ``rerank=R`` (> 0): take the index's top ``max(R, k)`` and re-score them exactly
+        against ``descriptors`` (default: the features file the index was built from, memory-
+        mapped), which recovers most of the ranking quality that PQ codes lose.
+        """
         if isinstance(queries, Tensor):
             queries = queries.detach().cpu().numpy()
         _as_2d("queries", queries)
@@ -473,7 +539,23 @@ class SearchIndex:
             if nprobe < 1:
                 raise ValueError(f"nprobe must be a positive integer, got {nprobe!r}")
             _faiss().extract_index_ivf(self.index).nprobe = int(nprobe)
-        return _faiss_search(self.index, queries, int(k))
+        if rerank < 0:
+            raise ValueError(f"rerank must be >= 0, got {rerank!r}")
+        if not rerank:
+            return _faiss_search(self.index, queries, int(k))
+        if descriptors is None:
+            if self.features is None:
+                raise ValueError("no descriptors to re-rank with: the index records no features")
+            if not Path(self.features).is_file():
+                raise ValueError(f"features file of the index not found: {self.features}")
+            descriptors = np.load(self.features, mmap_mode="r")
+        if descriptors.shape != (len(self), self.dim):
+            raise ValueError(
+                f"re-ranking descriptors have shape {descriptors.shape}, "
+                f"the index holds {(len(self), self.dim)}"
+            )
+        _, cand = _faiss_search(self.index, queries, max(int(rerank), int(k)))
+        return rerank_candidates(queries, descriptors, cand, int(k))
 
     def extract_queries(
         self,
@@ -521,6 +603,7 @@ class SearchIndex:
             "index": asdict(self.config),
             "checkpoint": self.checkpoint,
             "scales": self.scales,
+            "features": self.features,
             **({"extra": self.extra} if self.extra else {}),
         }
 
@@ -576,6 +659,7 @@ def load_index(directory: str | os.PathLike[str]) -> SearchIndex:
         checkpoint=manifest.get("checkpoint"),
         scales=None if scales is None else [float(s) for s in scales],
         extra=dict(manifest.get("extra") or {}),
+        features=manifest.get("features"),
     )
 
 

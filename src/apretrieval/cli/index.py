@@ -123,4 +123,5 @@ def run_info(args: argparse.Namespace) -> int:
     print(f"vectors:    {len(index)} x {index.dim}")
     print(f"checkpoint: {index.checkpoint}")
     print(f"scales:     {index.scales}")
+    print(f"features:   {index.features}")
     return 0

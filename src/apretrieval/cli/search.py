@@ -35,6 +35,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="model checkpoint (default: the one recorded in the index)",
     )
     p.add_argument("--nprobe", type=int, help="IVF cells to visit (ivfpq; default: recorded)")
+    p.add_argument(
+        "--rerank",
+        type=int,
+        default=0,
+        metavar="R",
+        help="re-score the index's top R exactly with the descriptors it was built from "
+        "(for ivfpq; default 0: off)",
+    )
     p.add_argument("--device", default=None, help="torch device for extraction (default cpu)")
     p.set_defaults(func=run)
 
@@ -46,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--k must be >= 1, got {args.k}")
     index = load_index(args.index)
     desc = index.extract_queries(args.query, checkpoint=args.checkpoint, device=args.device)
-    scores, indices = index.search(desc, args.k, nprobe=args.nprobe)
+    scores, indices = index.search(desc, args.k, nprobe=args.nprobe, rerank=args.rerank)
     ranked = ranked_ids(index.ids, scores, indices)
     if args.json:
         out = {
