@@ -381,6 +381,23 @@ def test_cli_search_finds_each_database_image_first(image_index, capsys):
         # Extracted exactly as the database was, a database image is its own best match.
         assert ranks[0]["id"] == q and ranks[0]["score"] == pytest.approx(1.0, abs=1e-5)
         assert ranks[0]["score"] >= ranks[1]["score"] >= ranks[2]["score"]
+    # Exact re-ranking of a flat index's shortlist changes nothing.
+    rc = main(
+        [
+            "search",
+            "--index",
+            str(image_index["index"]),
+            "--query",
+            queries[0],
+            "--k",
+            "3",
+            "--json",
+            "--rerank",
+            "4",
+        ]
+    )
+    reranked = json.loads(capsys.readouterr().out)["results"][0]["results"]
+    assert [r["id"] for r in reranked] == [r["id"] for r in out["results"][0]["results"]]
     # The table form ranks the same ids.
     assert main(["search", "--index", str(image_index["index"]), "--query", queries[0]]) == 0
     lines = capsys.readouterr().out.splitlines()
