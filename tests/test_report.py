@@ -271,6 +271,15 @@ def test_training_log_parsing(mini, tmp_path):
         read_training_log(bad)
 
 
+def test_unusable_training_log_is_noted_not_fatal(mini, tmp_path):
+    log = tmp_path / "empty.jsonl"
+    log.write_text(json.dumps({"step": 1, "lr": 0.1}) + "\n")
+    with pytest.warns(UserWarning, match="neither a loss nor a mAP"):
+        page = write_report(mini["results"], tmp_path / "o", train_log=log, num_worst=1)
+    assert "Training curves not drawn" in page.read_text()
+    assert not (tmp_path / "o" / "training.png").exists()
+
+
 def test_result_labels_against_protocol_definitions():
     entry = {"easy": [0, 3], "hard": [1], "junk": [2]}
     assert result_labels(entry, [0, 1, 2, 3, 4], "medium") == [

@@ -24,6 +24,7 @@ import json
 import math
 import os
 import tempfile
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -508,12 +509,19 @@ def write_report(
         scatter = "<p>No per-query AP_Q in the results.</p>"
 
     if train_log is not None:
-        keys = plot_training_curves(read_training_log(train_log), out / CURVES_FILE)
-        curves = (
-            f'<img class="plot" id="training-curves" src="{_img_src(out / CURVES_FILE, embed)}"'
-            f' alt="training curves"><p class="meta">From {_esc(Path(train_log).name)}: '
-            f"{_esc(', '.join(keys))}.</p>"
-        )
+        try:
+            keys = plot_training_curves(read_training_log(train_log), out / CURVES_FILE)
+        except ValueError as err:
+            # The retrieval results are the point of the page: a log without curves to draw
+            # (empty, or from an interrupted run) is reported on it rather than failing it.
+            warnings.warn(f"training curves not drawn: {err}", stacklevel=2)
+            curves = f"<p>Training curves not drawn: {_esc(err)}</p>"
+        else:
+            curves = (
+                f'<img class="plot" id="training-curves" '
+                f'src="{_img_src(out / CURVES_FILE, embed)}" alt="training curves">'
+                f'<p class="meta">From {_esc(Path(train_log).name)}: {_esc(", ".join(keys))}.</p>'
+            )
     else:
         curves = "<p>No training log given (<code>--train-log metrics.jsonl</code>).</p>"
 
