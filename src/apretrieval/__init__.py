@@ -12,6 +12,7 @@ from apretrieval.losses import (
 from apretrieval.models import RetrievalNet, build_model, load_model, save_checkpoint
 from apretrieval.multistage import multistage_backward
 from apretrieval.pooling import GeM, gem
+from apretrieval.report import write_report
 from apretrieval.search import IndexConfig, SearchIndex, build_index, knn, load_index
 from apretrieval.train_config import TrainConfig
 from apretrieval.training import train
@@ -42,5 +43,6 @@ __all__ = [
     "quantized_ap",
     "save_checkpoint",
     "train",
+    "write_report",
     "write_results",
 ]
