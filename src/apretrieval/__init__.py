@@ -1,5 +1,6 @@
 """apretrieval: image retrieval trained with a listwise Average-Precision loss."""
 
+from apretrieval.distributed import MemoryBank, distributed_multistage_backward, init_distributed
 from apretrieval.evaluation import evaluate_revisited, load_results, write_results
 from apretrieval.losses import (
     APLoss,
@@ -24,6 +25,7 @@ __all__ = [
     "ContrastiveLoss",
     "GeM",
     "IndexConfig",
+    "MemoryBank",
     "RetrievalNet",
     "SearchIndex",
     "TieAwareAPLoss",
@@ -33,8 +35,10 @@ __all__ = [
     "average_precision",
     "build_index",
     "build_model",
+    "distributed_multistage_backward",
     "evaluate_revisited",
     "gem",
+    "init_distributed",
     "knn",
     "load_index",
     "load_model",
