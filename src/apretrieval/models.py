@@ -293,7 +293,11 @@ def build_model(
     if weights is not None:
         state = _load_file(weights)
         if state.get("format") == _CHECKPOINT_FORMAT:
-            model.load_state_dict(state["state_dict"])
+            try:
+                model.load_state_dict(state["state_dict"])
+            except RuntimeError as err:
+                raise ValueError(f"checkpoint {weights} does not fit this model: "
+                                 f"{str(err)[:500]}") from err
             return model.train()
     elif pretrained == "imagenet":
         state = imagenet_state_dict(name, download=download)
@@ -367,6 +371,8 @@ def load_model(path: str | os.PathLike, map_location: Any = "cpu") -> RetrievalN
     """Rebuild a RetrievalNet from a checkpoint written by ``save_checkpoint``."""
     ckpt = load_checkpoint(path, map_location)
     config = ModelConfig.from_dict(ckpt["config"])
+    if config.name not in BACKBONES:
+        raise ValueError(f"{path}: unknown backbone {config.name!r}")
     _, trunk = _torchvision_backbone(config.name)
     model = RetrievalNet(trunk, BACKBONES[config.name], config)
     model.load_state_dict(ckpt["state_dict"])

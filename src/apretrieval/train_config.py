@@ -79,6 +79,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     num_workers: int = 2  # data loading processes (threads when batches are streamed)
+    cpu_threads: int | None = None  # torch intra-op threads while training (null: unchanged)
     image_cache_mb: int = 2048  # decode a batch once if it fits, else stream it per chunk
     checkpoint_every: int = 50
     progress: bool = True
@@ -163,6 +164,8 @@ class TrainConfig:
             raise ValueError(
                 f"memory_batches needs an AP loss (ap, tie_aware_ap), got loss={self.loss!r}"
             )
+        if self.cpu_threads is not None and self.cpu_threads < 1:
+            raise ValueError(f"cpu_threads must be >= 1 or null, got {self.cpu_threads}")
         if self.margin is not None and self.margin <= 0:
             raise ValueError(f"margin must be > 0, got {self.margin}")
         self.augment_config()  # validates the augmentation settings

@@ -69,10 +69,12 @@ class TrainingInterrupted(KeyboardInterrupt):
 
 def make_loss(cfg: TrainConfig) -> torch.nn.Module:
     """The loss named by ``cfg.loss``: ap, tie_aware_ap, contrastive or triplet."""
+    # Score rows per block: about 256K scores, so the loss's temporaries stay ~10 MB for any B.
+    rows = max(1, 2**18 // cfg.batch_size)
     if cfg.loss == "ap":
-        return APLoss(num_bins=cfg.num_bins)
+        return APLoss(num_bins=cfg.num_bins, chunk_size=rows)
     if cfg.loss == "tie_aware_ap":
-        return TieAwareAPLoss(num_bins=cfg.num_bins)
+        return TieAwareAPLoss(num_bins=cfg.num_bins, chunk_size=rows)
     if cfg.loss == "contrastive":
         return ContrastiveLoss(margin=cfg.margin or 0.7, num_hard=cfg.num_hard)
     if cfg.loss == "triplet":
@@ -294,6 +296,18 @@ def train(
     current step and raise TrainingInterrupted.
     """
     cfg.validate()
+    threads = torch.get_num_threads()
+    if cfg.cpu_threads is not None:
+        torch.set_num_threads(cfg.cpu_threads)
+    try:
+        return _train(cfg, resume, callback, callback_every)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(
+    cfg: TrainConfig, resume: bool, callback: Callback | None, callback_every: int
+) -> Path:
     run_dir = Path(cfg.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path, final_path, log_path = (
