@@ -238,6 +238,29 @@ def test_query_database_form_equals_batch_form_minus_self():
     torch.testing.assert_close(batch, 1 - torch.stack(per_query).mean(), atol=1e-12, rtol=0)
 
 
+def test_query_index_form_equals_batch_form_with_gradients_through_both_roles():
+    desc, labels = unit_batch(24, 8, 5, seed=9)
+    bank, bank_labels = unit_batch(30, 8, 5, seed=10)
+    d1, d2 = desc.clone().requires_grad_(), desc.clone().requires_grad_()
+    # batch + bank with each query's own column excluded == dense reference on the same sets
+    db = torch.cat([d1, bank])
+    fast = APLoss(chunk_size=7)(d1, labels, db, torch.cat([labels, bank_labels]),
+                                query_index=torch.arange(24))
+    scores = d2 @ torch.cat([d2, bank]).T
+    rel = labels[:, None] == torch.cat([labels, bank_labels])[None]
+    valid = torch.ones_like(rel)
+    valid[torch.arange(24), torch.arange(24)] = False
+    ap = dense_quantized_ap(scores, rel, valid=valid)
+    dense = 1 - ap[(rel & valid).any(1)].mean()
+    torch.testing.assert_close(fast, dense, atol=1e-10, rtol=0)
+    fast.backward()
+    dense.backward()
+    torch.testing.assert_close(d1.grad, d2.grad, atol=1e-10, rtol=0)
+    # with an empty bank it is exactly the batch form
+    same = APLoss()(desc, labels, desc, labels, query_index=torch.arange(24))
+    torch.testing.assert_close(same, APLoss()(desc, labels), atol=1e-12, rtol=0)
+
+
 def test_queries_without_positive_are_left_out_and_all_missing_is_an_error():
     desc, _ = unit_batch(6, 4, 1)
     labels = torch.tensor([0, 0, 1, 2, 3, 4])  # only queries 0 and 1 have a positive

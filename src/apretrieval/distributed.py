@@ -47,7 +47,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from apretrieval.losses import APLoss, quantized_ap
+from apretrieval.losses import APLoss
 from apretrieval.multistage import (
     Inputs,
     backward_descriptor_grads,
@@ -403,53 +403,22 @@ def ap_loss_with_memory(
     """Stage 2 with a bank: loss and dL/dD (B, D); each query ranks the batch (minus itself)
     and the (M, D) ``memory`` (no gradient: it is detached).
 
-    ``APLoss``'s query/database form cannot be used as is with the batch in the database: each
-    query would find its own copy there (score 1, a positive ranked first). So the scores
-    S = D [D; memory]^T are formed ``chunk`` queries at a time, the self column is dropped,
-    ``quantized_ap`` gives dL/dS, and a batch item's gradient sums both roles (Eq. 10):
-    dL/dd_i = sum_j g_ij x_j (as a query) + sum_q g_qi d_q (as a database item).
+    The database is [batch; memory] and ``query_index`` tells APLoss each query's own column,
+    which it does not rank; autograd sums a batch item's two roles (query and database item).
     """
     if not isinstance(loss_fn, APLoss):
         raise ValueError(f"a memory bank needs an AP loss, got {type(loss_fn).__name__}")
     if memory.shape[0] == 0:
         return descriptor_loss_grads(loss_fn, descriptors, labels)
-    dtype = torch.float64 if descriptors.dtype == torch.float64 else torch.float32
-    d = descriptors.detach().to(dtype)
+    d = descriptors.detach().requires_grad_(True)
     labels = labels.to(d.device)
-    db = torch.cat([d, memory.detach().to(device=d.device, dtype=dtype)])
-    db_labels = torch.cat([labels, memory_labels.to(d.device)])
-    b, n = d.shape[0], db.shape[0]
-    # Queries with a positive besides themselves: the only ones the loss averages over.
-    # (Counted per label, without a B x N mask; every query's label is in db_labels.)
-    uniq, counts = torch.unique(db_labels, return_counts=True)
-    n_valid = int((counts[torch.searchsorted(uniq, labels)] > 1).sum())
-    if n_valid == 0:
-        raise ValueError(
-            "no query has a positive in the batch or the memory: the AP loss is undefined "
-            f"({b} queries, labels e.g. {labels[:8].tolist()})"
-        )
-    chunk = loss_fn.chunk_size or max(1, (1 << 21) // n)
-    grad = torch.zeros_like(d)
-    ap_sum = 0.0
-    for start in range(0, b, chunk):
-        stop = min(start + chunk, b)
-        c = stop - start
-        keep = torch.ones(c, n, dtype=torch.bool, device=d.device)
-        keep[torch.arange(c, device=d.device), torch.arange(start, stop, device=d.device)] = False
-        s = (d[start:stop] @ db.T)[keep].view(c, n - 1).requires_grad_(True)
-        rel = (labels[start:stop, None] == db_labels[None, :])[keep].view(c, n - 1)
-        with torch.enable_grad():
-            ap = quantized_ap(s, rel, loss_fn.num_bins, loss_fn.score_range,
-                              tie_aware=loss_fn.tie_aware)
-            (g_kept,) = torch.autograd.grad(ap.sum(), s)
-        ap_sum += float(ap.detach().sum())
-        g = torch.zeros(c, n, dtype=dtype, device=d.device)
-        g[keep] = g_kept.reshape(-1)
-        grad[start:stop] += g @ db  # query role
-        grad += g[:, :b].T @ d[start:stop]  # database role (memory columns: detached)
-    # L = 1 - sum_q AP_q / n_valid, so dL/dS = -dAP/dS / n_valid.
-    grad *= -1.0 / n_valid
-    return 1.0 - ap_sum / n_valid, grad.to(descriptors.dtype)
+    with torch.enable_grad():
+        db = torch.cat([d, memory.detach().to(device=d.device, dtype=d.dtype)])
+        db_labels = torch.cat([labels, memory_labels.to(d.device)])
+        query_index = torch.arange(d.shape[0], device=d.device)
+        loss = loss_fn(d, labels, db, db_labels, query_index=query_index)
+        (grad,) = torch.autograd.grad(loss, d)
+    return float(loss.detach()), grad
 
 
 # --------------------------------------------------------------------------------------------

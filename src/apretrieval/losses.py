@@ -228,12 +228,17 @@ def _check_pair(scores: Tensor, relevance: Tensor) -> None:
 # The loss on descriptors: S = Q X^T formed in query chunks, gradient accumulated on the fly.
 
 
-def _positives_per_query(query_labels: Tensor, database_labels: Tensor, self_db: bool) -> Tensor:
-    """Number of database items sharing each query's label, (Q,) int64, without a Q x N mask."""
+def _positives_per_query(
+    query_labels: Tensor, database_labels: Tensor, exclude: Tensor | None
+) -> Tensor:
+    """Database items sharing each query's label, (Q,) int64, without a Q x N mask; items at
+    the ``exclude`` columns (Q,) do not count."""
     uniq, counts = torch.unique(database_labels, return_counts=True)
     pos = torch.searchsorted(uniq, query_labels).clamp(max=len(uniq) - 1)
     n = torch.where(uniq[pos] == query_labels, counts[pos], torch.zeros_like(counts[pos]))
-    return n - 1 if self_db else n
+    if exclude is not None:
+        n = n - (database_labels[exclude] == query_labels).long()
+    return n
 
 
 def _ap_loss_and_grads(
@@ -245,16 +250,21 @@ def _ap_loss_and_grads(
     chunk_size: int,
     self_db: bool,
     need_grad: bool,
+    query_index: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """1 - mean AP_Q over queries with a positive; and dL/dqueries, dL/ddatabase.
 
     queries (Q, D), database (N, D); labels (Q,), (N,). Peak extra memory O(chunk_size * N)
     plus the gradients. ``self_db``: queries *are* the database (batch form): query i does not
     rank item i, and a single gradient (returned as the first one) serves both roles.
+    ``query_index`` (Q,) int64: otherwise, the database column each query must not rank.
     """
     dtype = _compute_dtype(queries)
     q, x = queries.to(dtype), database.to(dtype)
-    n_valid = int((_positives_per_query(query_labels, database_labels, self_db) > 0).sum())
+    if self_db:
+        query_index = torch.arange(q.shape[0], device=q.device)
+    n_pos = _positives_per_query(query_labels, database_labels, query_index)
+    n_valid = int((n_pos > 0).sum())
     if n_valid == 0:
         raise ValueError(
             "no query has a positive in the database: the AP loss is undefined "
@@ -269,7 +279,7 @@ def _ap_loss_and_grads(
         stop = min(start + chunk_size, q.shape[0])
         s = q[start:stop] @ x.T
         rel = query_labels[start:stop, None] == database_labels[None, :]
-        exclude = torch.arange(start, stop, device=q.device) if self_db else None
+        exclude = None if query_index is None else query_index[start:stop]
         ap, g, _ = _ap_and_grad(
             s, rel, bins, need_grad, exclude=exclude, grad_scale=scale[: stop - start], inplace=True
         )
@@ -287,10 +297,13 @@ class _APLossFunction(torch.autograd.Function):
     """Fused forward/backward: the gradient is computed with the loss, chunk by chunk."""
 
     @staticmethod
-    def forward(ctx, queries, query_labels, database, database_labels, bins, chunk_size, self_db):  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        ctx, queries, query_labels, database, database_labels, bins, chunk, self_db, query_index
+    ):
         need = ctx.needs_input_grad[0] or ctx.needs_input_grad[2]
         loss, gq, gx = _ap_loss_and_grads(
-            queries, query_labels, database, database_labels, bins, chunk_size, self_db, need
+            queries, query_labels, database, database_labels, bins, chunk, self_db, need,
+            query_index,
         )
         ctx.self_db = self_db
         ctx.dtypes = (queries.dtype, database.dtype)
@@ -304,7 +317,7 @@ class _APLossFunction(torch.autograd.Function):
         scale = grad_loss.to(gq.dtype) if gq.numel() else grad_loss
         dq = (gq * scale).to(ctx.dtypes[0]) if gq.numel() else None
         dx = (gx * scale).to(ctx.dtypes[1]) if gx.numel() else None
-        return dq, None, dx, None, None, None, None
+        return dq, None, dx, None, None, None, None, None
 
 
 def _check_descriptors(name: str, x: Tensor, labels: Tensor) -> None:
@@ -328,7 +341,9 @@ class APLoss(nn.Module):
 
     ``loss_fn(descriptors, labels)``: (B, D), (B,) -> scalar; every item is a query ranking the
     other B - 1 (itself excluded). ``loss_fn(queries, query_labels, database, database_labels)``:
-    (Q, D), (Q,), (N, D), (N,) -> scalar; e.g. the batch against a memory bank.
+    (Q, D), (Q,), (N, D), (N,) -> scalar; e.g. the batch against a memory bank. When the
+    queries are also in the database (batch + bank), ``query_index`` (Q,) int64 gives each
+    query's own column, which it does not rank; gradients reach both roles through autograd.
     Descriptors are expected L2-normalised (scores in ``score_range``).
 
     Memory: the score matrix is formed ``chunk_size`` queries at a time and the gradient is
@@ -370,6 +385,8 @@ class APLoss(nn.Module):
         query_labels: Tensor,
         database: Tensor | None = None,
         database_labels: Tensor | None = None,
+        *,
+        query_index: Tensor | None = None,
     ) -> Tensor:
         _check_descriptors("descriptors" if database is None else "queries", queries, query_labels)
         if (database is None) != (database_labels is None):
@@ -383,14 +400,27 @@ class APLoss(nn.Module):
                 raise ValueError(
                     f"queries have dimension {queries.shape[1]}, database {database.shape[1]}"
                 )
+        if query_index is not None:
+            if self_db:
+                raise ValueError("query_index is for the query/database form only")
+            query_index = torch.as_tensor(query_index, dtype=torch.long, device=queries.device)
+            if query_index.shape != query_labels.shape or (
+                len(query_index)
+                and (query_index.min() < 0 or query_index.max() >= database.shape[0])
+            ):
+                raise ValueError(
+                    f"query_index must be ({queries.shape[0]},) columns of the database "
+                    f"(N={database.shape[0]}), got {query_index.tolist()[:8]}..."
+                )
         chunk = self.chunk_size or max(1, (1 << 21) // database.shape[0])
         if self_db:
             # Same tensor for both roles; the Function returns one combined gradient.
             return _APLossFunction.apply(
-                queries, query_labels, queries.detach(), database_labels, self.bins, chunk, True
+                queries, query_labels, queries.detach(), database_labels, self.bins, chunk, True,
+                None,
             )
         return _APLossFunction.apply(
-            queries, query_labels, database, database_labels, self.bins, chunk, False
+            queries, query_labels, database, database_labels, self.bins, chunk, False, query_index
         )
 
 
