@@ -471,3 +471,28 @@ def test_cli_index_build_ivfpq_and_info(tmp_path, capsys):
     assert "IVF-PQ nlist=8 m=4 nbits=6 nprobe=8" in capsys.readouterr().out
     assert main([*args[:-9], "--type", "ivfpq", "--m", "5", "--no-progress"]) == 2
     assert "must divide" in capsys.readouterr().err
+
+
+def test_missing_faiss_is_a_clear_error(monkeypatch, tmp_path, capsys):
+    import sys
+
+    from apretrieval.cli import main
+    from apretrieval.search import require_faiss
+
+    monkeypatch.setitem(sys.modules, "faiss", None)  # makes `import faiss` fail
+    with pytest.raises(ImportError, match=r"apretrieval\[search\]"):
+        require_faiss()
+    with pytest.raises(ImportError, match="faiss-cpu"):
+        build_index(np.eye(4, dtype=np.float32))
+    # knn needs no faiss.
+    assert knn(np.eye(4, dtype=np.float32), np.eye(4, dtype=np.float32), 1)[1].ravel().tolist() == [
+        0,
+        1,
+        2,
+        3,
+    ]
+    np.save(tmp_path / "f.npy", np.eye(4, dtype=np.float32))
+    args = ["index", "build", "--features", str(tmp_path / "f.npy"), "--out", str(tmp_path / "x")]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pip install 'apretrieval[search]'" in err

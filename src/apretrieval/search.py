@@ -35,6 +35,7 @@ __all__ = [
     "load_features",
     "load_index",
     "ranked_ids",
+    "require_faiss",
     "rerank_candidates",
 ]
 
@@ -351,7 +352,8 @@ def rerank_candidates(
 # --------------------------------------------------------------------------------------------
 
 
-def _faiss():
+def require_faiss() -> Any:
+    """The faiss module; ImportError with the install command when it is missing."""
     try:
         import faiss
     except ImportError:
@@ -360,6 +362,9 @@ def _faiss():
             "(or pip install faiss-cpu)"
         ) from None
     return faiss
+
+
+_faiss = require_faiss
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 
@@ -82,8 +83,23 @@ def _absolute_if_exists(path: str | None) -> str | None:
     return str(p.resolve()) if p.exists() else path
 
 
+def faiss_or_error(command: str) -> bool:
+    """True when faiss imports; else prints the one-line install hint (exit code 1 follows)."""
+    from apretrieval.search import require_faiss
+
+    try:
+        require_faiss()
+    except ImportError as err:
+        print(f"apretrieval {command}: error: {err}", file=sys.stderr)
+        return False
+    return True
+
+
 def run_build(args: argparse.Namespace) -> int:
     from apretrieval.search import IndexConfig, SearchIndex, load_features
+
+    if not faiss_or_error("index"):
+        return 1
 
     if args.train_size < 0:
         raise ValueError(f"--train-size must be >= 0, got {args.train_size}")
@@ -110,6 +126,9 @@ def run_build(args: argparse.Namespace) -> int:
 
 def run_info(args: argparse.Namespace) -> int:
     from apretrieval.search import load_index
+
+    if not faiss_or_error("index"):
+        return 1
 
     index = load_index(args.index)
     cfg = index.config

@@ -48,7 +48,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from apretrieval.cli.index import faiss_or_error
     from apretrieval.search import load_index, ranked_ids
+
+    if not faiss_or_error("search"):
+        return 1
 
     if args.k < 1:
         raise ValueError(f"--k must be >= 1, got {args.k}")
