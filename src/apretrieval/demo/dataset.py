@@ -41,7 +41,7 @@ from apretrieval.demo.sources import (
 )
 
 # Bump when the generator's output changes for a given config, so caches are rebuilt.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 DATASET_NAME = "demo"
 
 Box = tuple[float, float, float, float]
@@ -52,11 +52,11 @@ class BenchmarkConfig:
     """How the benchmark is generated (every field is part of the cache key)."""
 
     seed: int = 0
-    image_size: int = 160  # long side of test images, px
+    image_size: int = 128  # long side of test images, px
     train_image_size: int = 128  # side of the (square) training images, px
-    cell_size: int = 200  # target landmark cell size in source-photo pixels
+    cell_size: int = 160  # target landmark cell size in source-photo pixels
     core_fraction: float = 0.7  # landmark core = this central fraction of its cell (per side)
-    max_landmarks_per_photo: int = 8
+    max_landmarks_per_photo: int = 10
     test_fraction: float = 0.4  # share of each photo's landmarks held out for testing
     query_landmark_fraction: float = 0.75  # test landmarks with queries; the rest distract
     queries_per_landmark: int = 2
@@ -221,7 +221,7 @@ class _Renderer:
         *,
         scale_range: tuple[float, float] | None = None,
         occlusion: bool = True,
-        far_prob: float = 0.3,
+        far_prob: float = 0.4,
         allow_second: bool = True,
     ) -> _View:
         second = allow_second and lm.second_photo is not None and rng.uniform() < 0.5

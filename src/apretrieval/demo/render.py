@@ -81,7 +81,7 @@ def sample_camera(
     difficulty: float,
     *,
     scale_range: tuple[float, float] | None = None,
-    far_prob: float = 0.3,
+    far_prob: float = 0.4,
 ) -> Camera:
     """A random viewpoint on the landmark whose extent is ``core``, never leaving ``cell``.
 
@@ -94,7 +94,7 @@ def sample_camera(
     w, h = out_size
     d = float(np.clip(difficulty, 0.0, 1.0))
     # Scale: fraction of the core's size the footprint covers (< 1 partial crop, > 1 context).
-    lo, hi = scale_range if scale_range is not None else (1.0 - 0.6 * d, 1.0 + 0.35)
+    lo, hi = scale_range if scale_range is not None else (1.0 - 0.65 * d, 1.0 + 0.35)
     s = float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
     area = s * s * cw * ch
     fw, fh = np.sqrt(area * w / h), np.sqrt(area * h / w)
@@ -104,7 +104,7 @@ def sample_camera(
     # Perspective tilt: one side of the footprint seen from further away looks shorter, i.e.
     # the output's side maps onto a longer source segment; narrowing the opposite side of the
     # footprint gives the same keystone effect while staying inside the cell.
-    tilt = rng.uniform(0.0, 0.4 * d)
+    tilt = rng.uniform(0.0, 0.5 * d)
     side = int(rng.integers(4))
     pairs = ((0, 1), (1, 2), (2, 3), (3, 0))  # top, right, bottom, left
     i, j = pairs[side]
@@ -113,14 +113,14 @@ def sample_camera(
     quad[j] += (mid - quad[j]) * tilt
     quad += rng.uniform(-1, 1, (4, 2)) * 0.04 * d * np.array([fw, fh])
     # In-plane roll.
-    angle = np.deg2rad(np.clip(rng.normal(0.0, 1.0), -2.0, 2.0) * 18.0 * d)
+    angle = np.deg2rad(np.clip(rng.normal(0.0, 1.0), -2.0, 2.0) * 25.0 * d)
     rot = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
     quad = quad @ rot.T + centre
     quad = fit_quad(quad, cell)
     placement = (0, 0, w, h)
     if rng.uniform() < far_prob * d:
         # Far-away view: the landmark fills only part of the frame, clutter around it.
-        f = rng.uniform(0.5, 0.8)
+        f = rng.uniform(0.45, 0.8)
         pw, ph = round(w * f), round(h * f)
         px, py = int(rng.integers(0, w - pw + 1)), int(rng.integers(0, h - ph + 1))
         placement = (px, py, px + pw, py + ph)
@@ -191,7 +191,7 @@ def render(
         canvas = landmark
     mask = Image.new("L", (sw, sh), 0)
     if occlusion and rng.uniform() < 0.85 * d:
-        target = rng.uniform(0.05, 0.4) * d * sw * sh  # occluded area, in pixels
+        target = rng.uniform(0.05, 0.45) * d * sw * sh  # occluded area, in pixels
         draw = ImageDraw.Draw(mask)
         for _ in range(int(rng.integers(1, 4))):
             a = target / 2
