@@ -255,14 +255,6 @@ def launch(out: Path, folder: Path, timeout: float = 300.0) -> list[dict]:
 # Tests.
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> Path:
     return make_folder(tmp_path_factory.mktemp("dist_folder"))

@@ -21,16 +21,6 @@ from apretrieval.models import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a busy 2-core machine the
-    thread synchronisation costs far more than the work."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(autouse=True)
 def empty_hub(tmp_path, monkeypatch):
     """An empty torch hub cache, and any download attempt fails the test loudly."""

@@ -22,16 +22,6 @@ B = 8
 LABELS = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a busy 2-core machine the
-    thread synchronisation costs far more than the work."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny_model(seed: int = 0) -> RetrievalNet:
     """Conv + frozen BatchNorm trunk (8 channels) -> GeM -> whitening, float64."""
     torch.manual_seed(seed)

@@ -25,16 +25,6 @@ from apretrieval.training import TrainingInterrupted, lr_factor, make_loss, trai
 CONFIGS = Path(__file__).parents[1] / "configs"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a busy 2-core machine the
-    thread synchronisation costs far more than the work."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> Path:
     """4 classes x 4 small images (one class folder also holds a corrupt file)."""

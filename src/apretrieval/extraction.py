@@ -21,7 +21,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
+
+from apretrieval.atomic import atomic_open, atomic_path
 
 __all__ = [
     "DEFAULT_SCALES",
@@ -350,15 +351,8 @@ def features_paths(out: str | os.PathLike) -> tuple[Path, Path]:
 
 
 def _atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path, mode) as f:
+        write(f)
 
 
 def _fingerprint(ids: Sequence[str], settings: dict[str, Any]) -> dict[str, Any]:
@@ -440,18 +434,12 @@ def extract_to_file(
         model.train(was_training)
 
     # Assemble through a memory map so a 1M x 2048 result never needs to sit in RAM twice.
-    fd, tmp = tempfile.mkstemp(prefix=f".{npy.name}.", suffix=".tmp", dir=npy.parent)
-    os.close(fd)
-    try:
+    with atomic_path(npy) as tmp:
         full = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, dim))
         for k, rows in shards:
             full[rows.start : rows.stop] = np.load(parts / f"{k:06d}.npy")
         full.flush()
         del full
-        os.replace(tmp, npy)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     manifest = {"format": FEATURES_FORMAT, "ids": ids, "dim": dim, **settings,
                 "fingerprint": fp}
     _atomic_write(manifest_path, lambda f: json.dump(manifest, f), "w")

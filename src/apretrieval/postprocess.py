@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from apretrieval.atomic import atomic_open
+
 __all__ = [
     "Whitening",
     "alpha_query_expansion",
@@ -106,11 +108,9 @@ def apply_whitening(x: np.ndarray, whitening: Whitening) -> np.ndarray:
 def save_whitening(path: str | os.PathLike, whitening: Whitening) -> Path:
     """Write ``whitening`` to an ``.npz`` file atomically."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.npz")
-    np.savez(tmp, mean=whitening.mean, projection=whitening.projection,
-             power=np.float64(whitening.power))
-    os.replace(tmp, path)
+    with atomic_open(path, "wb") as f:
+        np.savez(f, mean=whitening.mean, projection=whitening.projection,
+                 power=np.float64(whitening.power))
     return path
 
 

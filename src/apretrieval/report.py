@@ -23,7 +23,6 @@ import io
 import json
 import math
 import os
-import tempfile
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -32,6 +31,8 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from apretrieval.atomic import atomic_open
 
 __all__ = [
     "LABELS",
@@ -232,15 +233,8 @@ def plot_training_curves(
 
 
 def _write_bytes_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path, "wb") as f:
+        f.write(data)
 
 
 def _placeholder(text: str, size: int) -> Image.Image:

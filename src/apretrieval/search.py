@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -24,6 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
+
+from apretrieval.atomic import atomic_open, atomic_path
 
 __all__ = [
     "INDEX_TYPES",
@@ -617,27 +618,15 @@ class SearchIndex:
         faiss = _faiss()
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".index-", suffix=".tmp", dir=out)
-        os.close(fd)
-        try:
-            faiss.write_index(self.index, tmp)
-            os.replace(tmp, out / INDEX_FILE)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        with atomic_path(out / INDEX_FILE) as tmp:
+            faiss.write_index(self.index, str(tmp))
         _write_json_atomic(out / MANIFEST_FILE, self.manifest())
         return out
 
 
 def _write_json_atomic(path: Path, data: Any) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=1)
 
 
 def load_index(directory: str | os.PathLike[str]) -> SearchIndex:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
@@ -17,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from apretrieval.atomic import atomic_open
 from apretrieval.data.transforms import AugmentConfig
 from apretrieval.models import BACKBONES
 
@@ -224,13 +224,6 @@ def _type_name(hint: Any) -> str:
 def write_yaml_atomic(path: str | os.PathLike, data: dict[str, Any]) -> Path:
     """Write ``data`` as YAML through a temporary file + os.replace."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            yaml.safe_dump(data, f, sort_keys=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path, "w", encoding="utf-8") as f:
+        yaml.safe_dump(data, f, sort_keys=False)
     return path

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import signal
 import threading
 import time
@@ -28,6 +27,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from apretrieval.atomic import atomic_open
 from apretrieval.data.lists import ImageList, open_image_list
 from apretrieval.data.sampler import ClassBalancedBatchSampler
 from apretrieval.data.transforms import TrainTransform, batch_seeds, resize_max_side
@@ -276,9 +276,8 @@ def _truncate_log(path: Path, last_step: int) -> None:
         return
     lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
     keep = [ln for ln in lines if json.loads(ln).get("step", 0) <= last_step]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(ln + "\n" for ln in keep), encoding="utf-8")
-    os.replace(tmp, path)
+    with atomic_open(path, "w", encoding="utf-8") as f:
+        f.write("".join(ln + "\n" for ln in keep))
 
 
 def train(
