@@ -16,7 +16,6 @@ import dataclasses
 import json
 import os
 import platform
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -229,11 +228,10 @@ def probe_training_set(model: torch.nn.Module, bench: Benchmark, cfg: DemoConfig
 
 
 def _atomic_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
+    from apretrieval.atomic import atomic_open
+
+    with atomic_open(path, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
 
 
 def machine_info() -> dict[str, Any]:
