@@ -34,7 +34,7 @@ class TinyNet(nn.Module):
         self.pool = GeM(p=2.5)
         self.whiten = nn.Linear(8, dim) if whiten else None
         self.calls = 0
-        self.float()  # whatever torch's default dtype is in this session
+        self.float()  # whatever torch's default dtype is in this process
 
     @property
     def gem_p(self) -> float:
