@@ -35,6 +35,7 @@ from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
 from apretrieval.atomic import atomic_open, atomic_path
+from apretrieval.data.transforms import draft_crop
 
 __all__ = [
     "DEFAULT_SCALES",
@@ -107,19 +108,9 @@ class ImageFiles(Dataset):
         try:
             with Image.open(self.paths[i]) as img:
                 box = self._box(i, img.size)
-                bw, bh = box[2] - box[0], box[3] - box[1]
-                size = _fit_size(bw, bh, self.max_side)
-                full = img.size
-                scale = max(size[0] / bw, size[1] / bh)
-                if getattr(img, "format", None) == "JPEG" and scale < 0.5:
-                    # Let the decoder downscale by 2/4/8 (several times faster for large
-                    # photos); it keeps at least the requested size, so the resize below
-                    # still only shrinks.
-                    img.draft("RGB", (math.ceil(full[0] * scale), math.ceil(full[1] * scale)))
-                fx, fy = img.size[0] / full[0], img.size[1] / full[1]
-                img = img.convert("RGB").resize(
-                    size, Image.BILINEAR, box=(box[0] * fx, box[1] * fy, box[2] * fx, box[3] * fy)
-                )
+                size = _fit_size(box[2] - box[0], box[3] - box[1], self.max_side)
+                img, scaled_box = draft_crop(img, box, size)
+                img = img.convert("RGB").resize(size, Image.BILINEAR, box=scaled_box)
         except OSError as err:
             raise ValueError(f"cannot read image {self.paths[i]}: {err}") from None
         return TF.to_dtype(TF.pil_to_tensor(img), torch.float32, scale=True)

@@ -24,7 +24,14 @@ from PIL import Image
 from torch import Tensor
 from torchvision.transforms.v2 import functional as TF
 
-__all__ = ["AugmentConfig", "TrainTransform", "batch_seeds", "resize_max_side", "sample_seed"]
+__all__ = [
+    "AugmentConfig",
+    "TrainTransform",
+    "batch_seeds",
+    "draft_crop",
+    "resize_max_side",
+    "sample_seed",
+]
 
 
 @dataclass
@@ -88,7 +95,7 @@ class TrainTransform:
         width, height = img.size
         box = self._crop_box(rng, width, height)
         out_size = self._output_size(box[2] - box[0], box[3] - box[1])
-        img, box = _draft(img, box, out_size)
+        img, box = draft_crop(img, box, out_size)
         img = img.convert("RGB").resize(out_size, Image.BILINEAR, box=box)
         x = TF.to_dtype(TF.pil_to_tensor(img), torch.float32, scale=True)
         # Every draw below happens whether or not its step applies, so one parameter change
@@ -157,7 +164,7 @@ class TrainTransform:
         return x
 
 
-def _draft(
+def draft_crop(
     img: Image.Image, box: tuple[int, int, int, int], out_size: tuple[int, int]
 ) -> tuple[Image.Image, tuple[float, float, float, float]]:
     """Let the JPEG decoder downscale by 2/4/8 when the output is that much smaller.
@@ -179,6 +186,6 @@ def resize_max_side(img: Image.Image, max_side: int) -> Tensor:
     w, h = img.size
     scale = max_side / max(w, h)
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    img, box = _draft(img, (0, 0, w, h), size)
+    img, box = draft_crop(img, (0, 0, w, h), size)
     img = img.convert("RGB").resize(size, Image.BILINEAR, box=box)
     return TF.to_dtype(TF.pil_to_tensor(img), torch.float32, scale=True)
