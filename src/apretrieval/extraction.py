@@ -35,9 +35,10 @@ from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
 from apretrieval.atomic import atomic_open, atomic_path
-from apretrieval.data.transforms import draft_crop
+from apretrieval.data.decode import decode_rgb, oriented_size
 
 __all__ = [
+    "DEFAULT_MAX_SIDE",
     "DEFAULT_SCALES",
     "IMAGE_EXTENSIONS",
     "ImageFiles",
@@ -50,6 +51,8 @@ __all__ = [
 ]
 
 DEFAULT_SCALES: tuple[float, ...] = (1.0, 2**-0.5, 0.5)
+# Longer image side before scaling, pixels (the size multi-scale test images start from).
+DEFAULT_MAX_SIDE = 1024
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 FEATURES_FORMAT = "apretrieval-features/1"
 
@@ -78,7 +81,7 @@ class ImageFiles(Dataset):
         self,
         paths: Sequence[str | os.PathLike],
         boxes: Sequence[Sequence[float] | None] | None = None,
-        max_side: int | None = 1024,
+        max_side: int | None = DEFAULT_MAX_SIDE,
     ) -> None:
         self.paths = [Path(p) for p in paths]
         if boxes is not None and len(boxes) != len(self.paths):
@@ -100,17 +103,16 @@ class ImageFiles(Dataset):
     def output_size(self, i: int) -> tuple[int, int]:
         """(H, W) of item ``i`` from the file header, without decoding the pixels."""
         with Image.open(self.paths[i]) as img:
-            x1, y1, x2, y2 = self._box(i, img.size)
+            x1, y1, x2, y2 = self._box(i, oriented_size(img))
         w, h = _fit_size(x2 - x1, y2 - y1, self.max_side)
         return h, w
 
     def __getitem__(self, i: int) -> Tensor:
         try:
             with Image.open(self.paths[i]) as img:
-                box = self._box(i, img.size)
+                box = self._box(i, oriented_size(img))
                 size = _fit_size(box[2] - box[0], box[3] - box[1], self.max_side)
-                img, scaled_box = draft_crop(img, box, size)
-                img = img.convert("RGB").resize(size, Image.BILINEAR, box=scaled_box)
+                img = decode_rgb(img, box, size)
         except OSError as err:
             raise ValueError(f"cannot read image {self.paths[i]}: {err}") from None
         return TF.to_dtype(TF.pil_to_tensor(img), torch.float32, scale=True)
@@ -302,7 +304,7 @@ def extract_descriptors(
     batch_size: int = 8,
     num_workers: int = 2,
     device: str | torch.device | None = None,
-    max_side: int | None = 1024,
+    max_side: int | None = DEFAULT_MAX_SIDE,
     sort_by_size: bool = True,
     progress: bool = True,
     desc: str = "extract",
@@ -361,7 +363,7 @@ def extract_to_file(
     batch_size: int = 8,
     num_workers: int = 2,
     device: str | torch.device | None = None,
-    max_side: int | None = 1024,
+    max_side: int | None = DEFAULT_MAX_SIDE,
     shard_size: int = 1024,
     sort_by_size: bool = True,
     meta: dict[str, Any] | None = None,

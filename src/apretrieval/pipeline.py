@@ -1,0 +1,254 @@
+"""From a checkpoint and images to descriptors: the library route behind the commands.
+
+``apretrieval extract``, ``evaluate`` and ``search`` (and the demo) are thin shells over these
+functions; they take typed settings (:class:`ExtractionSettings`), never parsed command lines.
+
+- :func:`load_checkpoint_model`: a checkpoint's model on a device.
+- :func:`extract_benchmark`: the query (cropped) and database descriptors of a revisited
+  benchmark, ``(Q, D)`` and ``(N, D)``, in memory or through the resumable descriptor files.
+- :func:`extract_folder`: an image folder to a descriptor file.
+- :func:`extract_query_images`: query images for an index, extracted as its database was.
+
+Example:
+    >>> settings = ExtractionSettings(scales=(1.0,), num_workers=0)        # doctest: +SKIP
+    >>> model = load_checkpoint_model("model.pt", settings.device)          # doctest: +SKIP
+    >>> q, db = extract_benchmark(model, RevisitedDataset("roxford5k", "data/roxford5k"),
+    ...                           settings)                                  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from apretrieval.data.revisited import RevisitedDataset
+from apretrieval.extraction import (
+    DEFAULT_MAX_SIDE,
+    DEFAULT_SCALES,
+    ImageFiles,
+    extract_descriptors,
+    extract_to_file,
+    list_images,
+)
+
+__all__ = [
+    "ExtractionSettings",
+    "check_benchmark_images",
+    "extract_benchmark",
+    "extract_benchmark_files",
+    "extract_folder",
+    "extract_query_images",
+    "load_checkpoint_model",
+    "resolve_device",
+]
+
+
+@dataclass(frozen=True)
+class ExtractionSettings:
+    """How descriptors are extracted (see :mod:`apretrieval.extraction`).
+
+    ``device`` None: CUDA when available, else the CPU (:func:`resolve_device`).
+    ``shard_size`` only matters for extraction to files (the unit of resuming).
+    """
+
+    scales: tuple[float, ...] = DEFAULT_SCALES
+    max_side: int | None = DEFAULT_MAX_SIDE
+    batch_size: int = 8
+    num_workers: int = 2
+    device: str | torch.device | None = None
+    shard_size: int = 1024
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        scales = tuple(float(s) for s in self.scales)
+        if not scales or any(not (math.isfinite(s) and s > 0) for s in scales):
+            raise ValueError(f"scales must be positive numbers, got {list(self.scales)}")
+        object.__setattr__(self, "scales", scales)
+        for name in ("batch_size", "shard_size", "max_side"):
+            value = getattr(self, name)
+            if value is None and name == "max_side":
+                continue  # keep the images' own size
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if isinstance(self.num_workers, bool) or self.num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {self.num_workers!r}")
+
+    def _kwargs(self, device: torch.device) -> dict[str, Any]:
+        return {
+            "scales": self.scales,
+            "batch_size": self.batch_size,
+            "num_workers": self.num_workers,
+            "device": device,
+            "max_side": self.max_side,
+            "progress": self.progress,
+        }
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """``device`` as a torch device; None: CUDA when available, else the CPU."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"unknown device {device!r}") from None
+
+
+def load_checkpoint_model(
+    checkpoint: str | os.PathLike[str], device: str | torch.device | None = None
+) -> nn.Module:
+    """The model of a checkpoint written by :func:`apretrieval.models.save_checkpoint`, on
+    ``device`` (see :func:`resolve_device`)."""
+    from apretrieval.models import load_model
+
+    if not Path(checkpoint).is_file():
+        raise ValueError(f"checkpoint not found: {checkpoint}")
+    return load_model(checkpoint, map_location=resolve_device(device))
+
+
+def check_benchmark_images(dataset: RevisitedDataset) -> None:
+    """ValueError naming the first missing image (and the download command) if any is missing."""
+    missing = dataset.missing_images()
+    if missing:
+        raise ValueError(
+            f"{len(missing)} image(s) missing, e.g. {missing[0]} "
+            f"(run `apretrieval download {dataset.name} --root {dataset.root}`)"
+        )
+
+
+def _model_meta(model: nn.Module, checkpoint: str | os.PathLike[str] | None) -> dict[str, Any]:
+    # Recorded in the descriptor manifests: what made the descriptors, for `index` / `search`.
+    return {
+        "checkpoint": None if checkpoint is None else str(checkpoint),
+        "gem_p": float(getattr(model, "gem_p", 3.0)),
+    }
+
+
+def extract_benchmark_files(
+    model: nn.Module,
+    dataset: RevisitedDataset,
+    prefix: str | os.PathLike[str],
+    settings: ExtractionSettings,
+    *,
+    checkpoint: str | os.PathLike[str] | None = None,
+) -> tuple[Path, Path]:
+    """Query and database descriptors of ``dataset`` to the descriptor files
+    ``PREFIX.queries.npy`` / ``PREFIX.db.npy`` (with their ``.json`` manifests); resumable,
+    and reused as they are when complete with the same inputs. Returns the two ``.npy`` paths.
+    """
+    check_benchmark_images(dataset)
+    device = resolve_device(settings.device)
+    meta = _model_meta(model, checkpoint)
+    common = {**settings._kwargs(device), "shard_size": settings.shard_size}
+    q = extract_to_file(
+        model,
+        ImageFiles(dataset.query_paths(), dataset.query_boxes(), settings.max_side),
+        dataset.query_names,
+        Path(f"{prefix}.queries"),
+        desc="queries",
+        meta={**meta, "dataset": dataset.name, "part": "queries"},
+        **common,
+    )
+    r1m = None if dataset.r1m_root is None else str(dataset.r1m_root)
+    d = extract_to_file(
+        model,
+        ImageFiles(dataset.db_paths(), None, settings.max_side),
+        [dataset.relative(p) for p in dataset.db_paths()],
+        Path(f"{prefix}.db"),
+        desc="database",
+        meta={**meta, "dataset": dataset.name, "part": "database", "r1m": r1m},
+        **common,
+    )
+    return q, d
+
+
+def extract_benchmark(
+    model: nn.Module,
+    dataset: RevisitedDataset,
+    settings: ExtractionSettings,
+    cache_prefix: str | os.PathLike[str] | None = None,
+    *,
+    checkpoint: str | os.PathLike[str] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Descriptors of ``dataset``'s queries (cropped to their boxes) ``(Q, D)`` and database
+    ``(N, D)``, float32, L2-normalised, in the ground truth's order.
+
+    With ``cache_prefix`` they go through the descriptor files of
+    :func:`extract_benchmark_files` (kept, resumed, reused); the database then comes back
+    memory-mapped, so R1M need not fit in memory. ``checkpoint`` is recorded with them.
+    """
+    if cache_prefix is not None:
+        q_path, d_path = extract_benchmark_files(
+            model, dataset, cache_prefix, settings, checkpoint=checkpoint
+        )
+        return np.load(q_path), np.load(d_path, mmap_mode="r")
+    check_benchmark_images(dataset)
+    kw = settings._kwargs(resolve_device(settings.device))
+    queries = ImageFiles(dataset.query_paths(), dataset.query_boxes(), settings.max_side)
+    q = extract_descriptors(model, queries, desc="queries", **kw)
+    database = ImageFiles(dataset.db_paths(), None, settings.max_side)
+    d = extract_descriptors(model, database, desc="database", **kw)
+    return q, d
+
+
+def extract_folder(
+    model: nn.Module,
+    folder: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    settings: ExtractionSettings,
+    *,
+    checkpoint: str | os.PathLike[str] | None = None,
+) -> Path:
+    """Descriptors of every image under ``folder`` (recursive) to the descriptor file ``OUT``;
+    ids are the paths relative to ``folder``. Resumable like the benchmark files."""
+    folder = Path(folder)
+    paths = list_images(folder)
+    ids = [p.relative_to(folder).as_posix() for p in paths]
+    return extract_to_file(
+        model,
+        ImageFiles(paths, None, settings.max_side),
+        ids,
+        out,
+        desc="images",
+        meta={**_model_meta(model, checkpoint), "images": str(folder.resolve())},
+        shard_size=settings.shard_size,
+        **settings._kwargs(resolve_device(settings.device)),
+    )
+
+
+def extract_query_images(
+    images: Sequence[str | os.PathLike[str]],
+    checkpoint: str | os.PathLike[str],
+    *,
+    scales: Sequence[float] | None = None,
+    max_side: int | None = DEFAULT_MAX_SIDE,
+    device: str | torch.device | None = None,
+    boxes: Sequence[Sequence[float] | None] | None = None,
+) -> np.ndarray:
+    """Descriptors ``(Q, D)`` of query image files with the model of ``checkpoint``, for
+    searching an index: pass the index's recorded scales and ``max_side`` so the queries are
+    extracted as its database was. ``device`` None: the CPU (a few images)."""
+    missing = [str(p) for p in images if not Path(p).is_file()]
+    if missing:
+        raise ValueError(f"query image not found: {missing[0]}")
+    dev = resolve_device(device if device is not None else "cpu")
+    model = load_checkpoint_model(checkpoint, dev)
+    files = ImageFiles([Path(p) for p in images], boxes, max_side)
+    return extract_descriptors(
+        model,
+        files,
+        scales=tuple(scales) if scales else DEFAULT_SCALES,
+        num_workers=0,
+        device=dev,
+        max_side=max_side,
+        progress=False,
+        desc="queries",
+    )
