@@ -100,8 +100,9 @@ def test_extraction_equals_per_image_definition(scales):
     rng = np.random.default_rng(0)
     model = TinyNet()
     imgs = make_images(rng, SIZES)
-    got = extract_descriptors(model, imgs, scales=scales, batch_size=3, num_workers=0,
-                              progress=False)
+    got = extract_descriptors(
+        model, imgs, scales=scales, batch_size=3, num_workers=0, progress=False
+    )
     assert got.shape == (len(SIZES), 6) and got.dtype == np.float32
     for i, img in enumerate(imgs):
         want = per_image(model, img, scales, model.gem_p).numpy()
@@ -116,8 +117,9 @@ def test_default_power_is_the_models_gem_p():
         model.pool.p.fill_(4.0)
     x = make_images(rng, [(40, 40)])[0][None]
     ms = multiscale_descriptors(model, x)
-    torch.testing.assert_close(ms[0], per_image(model, x[0], (1.0, 2**-0.5, 0.5), 4.0),
-                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        ms[0], per_image(model, x[0], (1.0, 2**-0.5, 0.5), 4.0), atol=1e-5, rtol=0
+    )
 
 
 def test_batching_workers_and_order_do_not_change_results():
@@ -144,8 +146,9 @@ def test_same_size_images_share_a_forward(tmp_path):
             calls.append(x.shape[0])
             return super().forward(x)
 
-    extract_descriptors(Spy(), ImageFiles(paths), scales=(1.0,), batch_size=4, num_workers=0,
-                        progress=False)
+    extract_descriptors(
+        Spy(), ImageFiles(paths), scales=(1.0,), batch_size=4, num_workers=0, progress=False
+    )
     assert calls == [2, 2]  # sorted by size: two batches of two equal-size images
 
 
@@ -155,15 +158,15 @@ def test_paths_boxes_and_max_side(tmp_path):
     Image.fromarray(arr).save(tmp_path / "a.png")
     ds = ImageFiles([tmp_path / "a.png"] * 3, boxes=[None, [10, 5, 50, 45], None], max_side=None)
     np.testing.assert_allclose(ds[0].numpy(), arr.transpose(2, 0, 1) / 255.0, atol=1e-6)
-    np.testing.assert_allclose(ds[1].numpy(), arr[5:45, 10:50].transpose(2, 0, 1) / 255.0,
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        ds[1].numpy(), arr[5:45, 10:50].transpose(2, 0, 1) / 255.0, atol=1e-6
+    )
     small = ImageFiles([tmp_path / "a.png"], max_side=40)
     assert tuple(small[0].shape) == (3, 30, 40) and small.output_size(0) == (30, 40)
     # Path items in a plain list are loaded the same way.
     model = TinyNet()
     a = extract_descriptors(model, [tmp_path / "a.png"], num_workers=0, progress=False)
-    b = extract_descriptors(model, ImageFiles([tmp_path / "a.png"]), num_workers=0,
-                            progress=False)
+    b = extract_descriptors(model, ImageFiles([tmp_path / "a.png"]), num_workers=0, progress=False)
     np.testing.assert_array_equal(a, b)
     with pytest.raises(ValueError, match="cannot read"):
         ImageFiles([tmp_path / "missing.png"])[0]
@@ -204,17 +207,36 @@ def test_extract_to_file_resumes_after_interruption(tmp_path):
     out = tmp_path / "feats" / "db"
     data = Flaky(imgs, fail_at=7)
     with pytest.raises(KeyboardInterrupt):
-        extract_to_file(model, data, ids, out, shard_size=3, batch_size=2, num_workers=0,
-                        meta={"checkpoint": "ckpt.pt"}, progress=False)
+        extract_to_file(
+            model,
+            data,
+            ids,
+            out,
+            shard_size=3,
+            batch_size=2,
+            num_workers=0,
+            meta={"checkpoint": "ckpt.pt"},
+            progress=False,
+        )
     npy, manifest = features_paths(out)
     assert not npy.exists() and not manifest.exists()
     assert sorted(p.name for p in (tmp_path / "feats" / "db.parts").glob("*.npy")) == [
-        "000000.npy", "000001.npy",
+        "000000.npy",
+        "000001.npy",
     ]
     data.fail_at = None
     model.calls = 0
-    path = extract_to_file(model, data, ids, out, shard_size=3, batch_size=2, num_workers=0,
-                           meta={"checkpoint": "ckpt.pt"}, progress=False)
+    path = extract_to_file(
+        model,
+        data,
+        ids,
+        out,
+        shard_size=3,
+        batch_size=2,
+        num_workers=0,
+        meta={"checkpoint": "ckpt.pt"},
+        progress=False,
+    )
     assert model.calls == 3 * (len(imgs) - 6)  # only the 5 missing images, at 3 scales
     np.testing.assert_allclose(np.load(path), want, atol=1e-6)
     m = json.loads(manifest.read_text())
@@ -223,8 +245,16 @@ def test_extract_to_file_resumes_after_interruption(tmp_path):
     assert not (tmp_path / "feats" / "db.parts").exists()
     # Complete output with the same settings: nothing is recomputed.
     model.calls = 0
-    extract_to_file(model, data, ids, out, shard_size=3, num_workers=0,
-                    meta={"checkpoint": "ckpt.pt"}, progress=False)
+    extract_to_file(
+        model,
+        data,
+        ids,
+        out,
+        shard_size=3,
+        num_workers=0,
+        meta={"checkpoint": "ckpt.pt"},
+        progress=False,
+    )
     assert model.calls == 0
 
 
@@ -233,11 +263,26 @@ def test_extract_to_file_refuses_foreign_partial_output(tmp_path):
     imgs = make_images(rng, [(32, 32)] * 4)
     model = TinyNet()
     with pytest.raises(KeyboardInterrupt):
-        extract_to_file(model, Flaky(imgs, fail_at=3), list("abcd"), tmp_path / "x",
-                        shard_size=2, num_workers=0, progress=False)
+        extract_to_file(
+            model,
+            Flaky(imgs, fail_at=3),
+            list("abcd"),
+            tmp_path / "x",
+            shard_size=2,
+            num_workers=0,
+            progress=False,
+        )
     with pytest.raises(ValueError, match="partial extraction"):
-        extract_to_file(model, imgs, list("abcd"), tmp_path / "x", scales=(1.0,),
-                        shard_size=2, num_workers=0, progress=False)
+        extract_to_file(
+            model,
+            imgs,
+            list("abcd"),
+            tmp_path / "x",
+            scales=(1.0,),
+            shard_size=2,
+            num_workers=0,
+            progress=False,
+        )
 
 
 def test_output_is_readable_by_the_search_module(tmp_path):
@@ -245,8 +290,9 @@ def test_output_is_readable_by_the_search_module(tmp_path):
 
     rng = np.random.default_rng(7)
     imgs = make_images(rng, [(32, 32)] * 3)
-    path = extract_to_file(TinyNet(), imgs, ["a", "b", "c"], tmp_path / "f", num_workers=0,
-                           progress=False)
+    path = extract_to_file(
+        TinyNet(), imgs, ["a", "b", "c"], tmp_path / "f", num_workers=0, progress=False
+    )
     fs = load_features(path)
     assert fs.ids == ["a", "b", "c"] and fs.descriptors.shape == (3, 6)
 
@@ -277,18 +323,20 @@ def fake_benchmark(root, rng, n_db=5):
         h, w = (40, 56) if rng.random() < 0.5 else (56, 40)
         arr = rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
         Image.fromarray(arr).save(root / "jpg" / f"{n}.jpg")
-    gnd = [{"bbx": [2, 3, 30, 35], "easy": [0, 1], "hard": [2], "junk": [3]},
-           {"bbx": [0, 0, 40, 40], "easy": [4], "hard": [0], "junk": []}]
+    gnd = [
+        {"bbx": [2, 3, 30, 35], "easy": [0, 1], "hard": [2], "junk": [3]},
+        {"bbx": [0, 0, 40, 40], "easy": [4], "hard": [0], "junk": []},
+    ]
     data = {"imlist": names, "qimlist": ["q_0", "q_1"], "gnd": gnd}
     (root / "gnd_roxford5k.pkl").write_bytes(pickle.dumps(data, protocol=3))
 
 
 @pytest.fixture
 def stand_in(monkeypatch):
-    import apretrieval.cli.extract as cli_extract
+    import apretrieval.pipeline as pipeline
 
     model = TinyNet()
-    monkeypatch.setattr(cli_extract, "load_checkpoint_model", lambda path, device: model)
+    monkeypatch.setattr(pipeline, "load_checkpoint_model", lambda path, device: model)
     return model
 
 
@@ -298,28 +346,67 @@ def test_cli_extract_benchmark_and_folder(tmp_path, stand_in):
 
     rng = np.random.default_rng(8)
     fake_benchmark(tmp_path / "rox", rng)
-    rc = main(["extract", "--checkpoint", "m.pt", "--dataset", "roxford5k", "--root",
-               str(tmp_path / "rox"), "--out", str(tmp_path / "f" / "rox"), "--workers", "0",
-               "--no-progress"])
+    rc = main(
+        [
+            "extract",
+            "--checkpoint",
+            "m.pt",
+            "--dataset",
+            "roxford5k",
+            "--root",
+            str(tmp_path / "rox"),
+            "--out",
+            str(tmp_path / "f" / "rox"),
+            "--workers",
+            "0",
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     ds = RevisitedDataset("roxford5k", tmp_path / "rox")
     q = np.load(tmp_path / "f" / "rox.queries.npy")
-    want = extract_descriptors(stand_in, ImageFiles(ds.query_paths(), ds.query_boxes()),
-                               num_workers=0, progress=False)
+    want = extract_descriptors(
+        stand_in, ImageFiles(ds.query_paths(), ds.query_boxes()), num_workers=0, progress=False
+    )
     np.testing.assert_allclose(q, want, atol=1e-6)
     m = json.loads((tmp_path / "f" / "rox.db.json").read_text())
     assert m["ids"] == [f"jpg/db_{i}.jpg" for i in range(5)] and m["checkpoint"] == "m.pt"
-    rc = main(["extract", "--checkpoint", "m.pt", "--images", str(tmp_path / "rox" / "jpg"),
-               "--out", str(tmp_path / "f" / "folder"), "--workers", "0", "--no-progress"])
+    rc = main(
+        [
+            "extract",
+            "--checkpoint",
+            "m.pt",
+            "--images",
+            str(tmp_path / "rox" / "jpg"),
+            "--out",
+            str(tmp_path / "f" / "folder"),
+            "--workers",
+            "0",
+            "--no-progress",
+        ]
+    )
     assert rc == 0 and np.load(tmp_path / "f" / "folder.npy").shape == (7, 6)
 
 
 def test_cli_extract_bad_arguments_are_one_line_errors(tmp_path, stand_in, capsys):
     from apretrieval.cli import main
 
-    rc = main(["extract", "--checkpoint", "m.pt", "--dataset", "rparis6k", "--out",
-               str(tmp_path / "x")])
+    rc = main(
+        ["extract", "--checkpoint", "m.pt", "--dataset", "rparis6k", "--out", str(tmp_path / "x")]
+    )
     assert rc == 2 and "--root" in capsys.readouterr().err
-    rc = main(["extract", "--checkpoint", "m.pt", "--images", str(tmp_path), "--out",
-               str(tmp_path / "x"), "--scales", "1", "0"])
+    rc = main(
+        [
+            "extract",
+            "--checkpoint",
+            "m.pt",
+            "--images",
+            str(tmp_path),
+            "--out",
+            str(tmp_path / "x"),
+            "--scales",
+            "1",
+            "0",
+        ]
+    )
     assert rc == 2 and "--scales" in capsys.readouterr().err

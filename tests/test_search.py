@@ -281,8 +281,12 @@ def test_load_features_manifest_forms(tmp_path):
     assert f.ids == ["a", "b", "c"] and f.checkpoint == "m.pt" and f.scales == [1.0, 0.5]
     assert f.extra == {"dim": 4}
     np.testing.assert_array_equal(f.descriptors, x)
-    (tmp_path / "other.json").write_text(json.dumps({"images": ["x", "y", "z"]}))
+    (tmp_path / "other.json").write_text(json.dumps({"ids": ["x", "y", "z"]}))
     assert load_features(tmp_path / "f.npy", tmp_path / "other.json").ids == ["x", "y", "z"]
+    # One format: the id list is `ids`, nothing is guessed.
+    (tmp_path / "guess.json").write_text(json.dumps({"images": ["x", "y", "z"]}))
+    with pytest.raises(ValueError, match="no 'ids' list"):
+        load_features(tmp_path / "f.npy", tmp_path / "guess.json")
     (tmp_path / "bad.json").write_text(json.dumps({"ids": ["x"]}))
     with pytest.raises(ValueError, match="lists 1 ids but"):
         load_features(tmp_path / "f.npy", tmp_path / "bad.json")

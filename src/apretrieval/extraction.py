@@ -16,11 +16,9 @@ headers, which is cheap), and each loaded batch is split by size.
 
 from __future__ import annotations
 
-import hashlib
-import json
+import importlib
 import math
 import os
-import shutil
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -34,8 +32,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
-from apretrieval.atomic import atomic_open, atomic_path
 from apretrieval.data.decode import decode_rgb, oriented_size
+from apretrieval.descriptors import features_paths
 
 __all__ = [
     "DEFAULT_MAX_SIDE",
@@ -44,7 +42,7 @@ __all__ = [
     "ImageFiles",
     "combine_scales",
     "extract_descriptors",
-    "extract_to_file",
+    "extract_to_file",  # noqa: F822 (from apretrieval.resumable, see __getattr__)
     "features_paths",
     "list_images",
     "multiscale_descriptors",
@@ -54,7 +52,13 @@ DEFAULT_SCALES: tuple[float, ...] = (1.0, 2**-0.5, 0.5)
 # Longer image side before scaling, pixels (the size multi-scale test images start from).
 DEFAULT_MAX_SIDE = 1024
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
-FEATURES_FORMAT = "apretrieval-features/1"
+
+
+def __getattr__(name: str) -> Any:
+    # Resumable extraction to files lives in its own module (which imports this one).
+    if name == "extract_to_file":
+        return importlib.import_module("apretrieval.resumable").extract_to_file
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -130,28 +134,43 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
 
 
 class _AsTensor(Dataset):
-    """Items of ``base`` as (index, tensor): tensors pass through, paths are loaded."""
+    """Items of ``base`` as (index, tensor): tensors pass through, paths are loaded.
 
-    def __init__(self, base: Any, indices: Sequence[int], max_side: int | None) -> None:
+    ``skip_bad``: an item that cannot be loaded comes as (index, error message) instead of
+    raising, so one unreadable file does not end the extraction.
+    """
+
+    def __init__(
+        self, base: Any, indices: Sequence[int], max_side: int | None, skip_bad: bool = False
+    ) -> None:
         self.base = base
         self.indices = list(indices)
         self.max_side = max_side
+        self.skip_bad = skip_bad
 
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, j: int) -> tuple[int, Tensor]:
+    def __getitem__(self, j: int) -> tuple[int, Tensor | str]:
         i = self.indices[j]
+        if not self.skip_bad:
+            return i, self._load(i)
+        try:
+            return i, self._load(i)
+        except Exception as err:  # any decoder failure (truncated, bomb, bad header): skip it
+            return i, " ".join(str(err).split()) or type(err).__name__
+
+    def _load(self, i: int) -> Tensor:
         item = self.base[i]
         if isinstance(item, str | os.PathLike):
             item = ImageFiles([item], max_side=self.max_side)[0]
         if not isinstance(item, Tensor) or item.dim() != 3 or item.shape[0] != 3:
             shape = tuple(item.shape) if isinstance(item, Tensor) else type(item).__name__
             raise ValueError(f"image {i} must be a (3, H, W) tensor or a path, got {shape}")
-        return i, item
+        return item
 
 
-def _collate(items: list[tuple[int, Tensor]]) -> list[tuple[int, Tensor]]:
+def _collate(items: list[tuple[int, Tensor | str]]) -> list[tuple[int, Tensor | str]]:
     return items
 
 
@@ -194,7 +213,9 @@ def _rescale(x: Tensor, s: float) -> Tensor:
 
 @torch.no_grad()
 def multiscale_descriptors(
-    model: nn.Module, images: Tensor, scales: Sequence[float] = DEFAULT_SCALES,
+    model: nn.Module,
+    images: Tensor,
+    scales: Sequence[float] = DEFAULT_SCALES,
     p: float | None = None,
 ) -> Tensor:
     """Descriptors of a batch of same-size images: (B, 3, H, W) in [0, 1] -> (B, D).
@@ -251,12 +272,17 @@ def _extract_into(
     max_side: int | None,
     sort_by_size: bool,
     bar: tqdm,
+    skipped: dict[int, str] | None = None,
 ) -> None:
-    """Fill ``out[j]`` with the descriptor of ``images[indices[j]]``."""
+    """Fill ``out[j]`` with the descriptor of ``images[indices[j]]``.
+
+    ``skipped`` (a dict to fill): unreadable images are recorded there (image index -> error)
+    and their rows left zero, instead of raising.
+    """
     row_of = {i: j for j, i in enumerate(indices)}
     order = _size_order(images, indices) if sort_by_size else list(indices)
     loader = DataLoader(
-        _AsTensor(images, indices, max_side),
+        _AsTensor(images, indices, max_side, skip_bad=skipped is not None),
         batch_size=batch_size,
         sampler=_Ordered([row_of[i] for i in order]),
         num_workers=num_workers,
@@ -270,6 +296,11 @@ def _extract_into(
     for batch in loader:
         groups: dict[tuple[int, ...], list[tuple[int, Tensor]]] = {}
         for i, x in batch:
+            if isinstance(x, str):
+                assert skipped is not None  # only a skipping loader yields error messages
+                skipped[i] = x
+                bar.update(1)
+                continue
             groups.setdefault(tuple(x.shape), []).append((i, x))
         for members in groups.values():
             x = torch.stack([m[1] for m in members]).to(device, dtype, non_blocking=True)
@@ -324,117 +355,19 @@ def extract_descriptors(
         n = len(images)
         out = np.zeros((n, _descriptor_dim(model, dev) if n else 0), dtype=np.float32)
         with tqdm(total=n, desc=desc, unit="img", disable=not progress) as bar:
-            _extract_into(out, model, images, range(n), scales=scales, batch_size=batch_size,
-                          num_workers=num_workers, device=dev, max_side=max_side,
-                          sort_by_size=sort_by_size, bar=bar)
+            _extract_into(
+                out,
+                model,
+                images,
+                range(n),
+                scales=scales,
+                batch_size=batch_size,
+                num_workers=num_workers,
+                device=dev,
+                max_side=max_side,
+                sort_by_size=sort_by_size,
+                bar=bar,
+            )
     finally:
         model.train(was_training)
     return out
-
-
-# --------------------------------------------------------------------------------------------
-# Resumable extraction to disk
-
-
-def features_paths(out: str | os.PathLike) -> tuple[Path, Path]:
-    """(``X.npy``, ``X.json``) for an output prefix ``X`` (or ``X.npy``)."""
-    out = Path(out)
-    npy = out if out.suffix == ".npy" else out.with_name(out.name + ".npy")
-    return npy, npy.with_suffix(".json")
-
-
-def _atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
-    with atomic_open(path, mode) as f:
-        write(f)
-
-
-def _fingerprint(ids: Sequence[str], settings: dict[str, Any]) -> dict[str, Any]:
-    h = hashlib.sha256("\n".join(ids).encode("utf-8")).hexdigest()
-    return {"count": len(ids), "ids_sha256": h, **settings}
-
-
-def extract_to_file(
-    model: nn.Module,
-    images: Any,
-    ids: Sequence[str],
-    out: str | os.PathLike,
-    *,
-    scales: Sequence[float] = DEFAULT_SCALES,
-    batch_size: int = 8,
-    num_workers: int = 2,
-    device: str | torch.device | None = None,
-    max_side: int | None = DEFAULT_MAX_SIDE,
-    shard_size: int = 1024,
-    sort_by_size: bool = True,
-    meta: dict[str, Any] | None = None,
-    progress: bool = True,
-    desc: str = "extract",
-) -> Path:
-    """Extract to ``X.npy`` (N, D) float32 + ``X.json`` manifest (``ids`` and settings).
-
-    Resumable: rows are computed in shards of ``shard_size`` images saved atomically under
-    ``X.parts/``; after an interruption the same call skips the finished shards. The final
-    files appear (atomically) only when all shards are done. Returns the ``.npy`` path. If
-    complete output with the same settings exists, nothing is recomputed.
-    """
-    scales = _check_scales(scales)
-    _prepare(model, images, batch_size, num_workers)
-    ids = [str(i) for i in ids]
-    if len(ids) != len(images):
-        raise ValueError(f"{len(ids)} ids for {len(images)} images")
-    if shard_size < 1:
-        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
-    if not ids:
-        raise ValueError("no images to extract")
-    npy, manifest_path = features_paths(out)
-    settings = {"scales": list(scales), "max_side": max_side, **(meta or {})}
-    fp = _fingerprint(ids, json.loads(json.dumps(settings)))
-    if npy.exists() and manifest_path.exists():
-        old = json.loads(manifest_path.read_text())
-        if old.get("fingerprint") == fp:
-            return npy
-    parts = npy.with_name(npy.stem + ".parts")
-    fp_file = parts / "fingerprint.json"
-    if parts.exists() and fp_file.exists():
-        if json.loads(fp_file.read_text()) != fp:
-            raise ValueError(
-                f"{parts} holds a partial extraction with other images or settings; "
-                "delete it or choose another output"
-            )
-    parts.mkdir(parents=True, exist_ok=True)
-    _atomic_write(fp_file, lambda f: json.dump(fp, f), "w")
-
-    dev = torch.device(device) if device is not None else _model_device(model)
-    n = len(ids)
-    shards = [(k, range(s, min(s + shard_size, n))) for k, s in enumerate(range(0, n, shard_size))]
-    done = {k for k, _ in shards if (parts / f"{k:06d}.npy").exists()}
-    was_training = model.training
-    model.eval()
-    try:
-        dim = _descriptor_dim(model, dev)
-        remaining = sum(len(r) for k, r in shards if k not in done)
-        with tqdm(total=n, initial=n - remaining, desc=desc, unit="img",
-                  disable=not progress) as bar:
-            for k, rows in shards:
-                if k in done:
-                    continue
-                block = np.zeros((len(rows), dim), dtype=np.float32)
-                _extract_into(block, model, images, rows, scales=scales, batch_size=batch_size,
-                              num_workers=num_workers, device=dev, max_side=max_side,
-                              sort_by_size=sort_by_size, bar=bar)
-                _atomic_write(parts / f"{k:06d}.npy", lambda f, b=block: np.save(f, b))
-    finally:
-        model.train(was_training)
-
-    # Assemble through a memory map so a 1M x 2048 result never needs to sit in RAM twice.
-    with atomic_path(npy) as tmp:
-        full = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, dim))
-        for k, rows in shards:
-            full[rows.start : rows.stop] = np.load(parts / f"{k:06d}.npy")
-        full.flush()
-        del full
-    manifest = {"format": FEATURES_FORMAT, "ids": ids, "dim": dim, **settings,
-                "fingerprint": fp}
-    _atomic_write(manifest_path, lambda f: json.dump(manifest, f), "w")
-    shutil.rmtree(parts, ignore_errors=True)
-    return npy

@@ -7,7 +7,9 @@ functions; they take typed settings (:class:`ExtractionSettings`), never parsed 
 - :func:`extract_benchmark`: the query (cropped) and database descriptors of a revisited
   benchmark, ``(Q, D)`` and ``(N, D)``, in memory or through the resumable descriptor files.
 - :func:`extract_folder`: an image folder to a descriptor file.
-- :func:`extract_query_images`: query images for an index, extracted as its database was.
+- :func:`extract_index_queries`: query images for an index, extracted as its database was.
+- :func:`evaluate_checkpoint`: a checkpoint (or model) on a benchmark -> typed results
+  (:class:`~apretrieval.results.RetrievalResults`), scored a block of queries at a time.
 
 Example:
     >>> settings = ExtractionSettings(scales=(1.0,), num_workers=0)        # doctest: +SKIP
@@ -23,12 +25,13 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from apretrieval.apq_analysis import APQSettings
 from apretrieval.data.revisited import RevisitedDataset
 from apretrieval.extraction import (
     DEFAULT_MAX_SIDE,
@@ -39,12 +42,28 @@ from apretrieval.extraction import (
     list_images,
 )
 
+if TYPE_CHECKING:
+    from apretrieval.faiss_index import SearchIndex
+from apretrieval.postprocess import (
+    Whitening,
+    alpha_query_expansion,
+    apply_whitening,
+    database_augmentation,
+    learn_whitening,
+    load_whitening,
+)
+from apretrieval.results import EvaluationSettings, RetrievalResults, check_writable
+from apretrieval.scoring import evaluate_descriptors
+
 __all__ = [
     "ExtractionSettings",
+    "PostProcessing",
     "check_benchmark_images",
+    "evaluate_checkpoint",
     "extract_benchmark",
     "extract_benchmark_files",
     "extract_folder",
+    "extract_index_queries",
     "extract_query_images",
     "load_checkpoint_model",
     "resolve_device",
@@ -66,6 +85,7 @@ class ExtractionSettings:
     device: str | torch.device | None = None
     shard_size: int = 1024
     progress: bool = True
+    skip_bad: bool = False  # extraction to files: leave unreadable images out, listed
 
     def __post_init__(self) -> None:
         scales = tuple(float(s) for s in self.scales)
@@ -93,8 +113,8 @@ class ExtractionSettings:
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    """``device`` as a torch device; None: CUDA when available, else the CPU."""
-    if device is None:
+    """``device`` as a torch device; None or ``"auto"``: CUDA when available, else the CPU."""
+    if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         return torch.device(device)
@@ -145,9 +165,15 @@ def extract_benchmark_files(
     and reused as they are when complete with the same inputs. Returns the two ``.npy`` paths.
     """
     check_benchmark_images(dataset)
+    if settings.skip_bad:
+        raise ValueError("skip_bad does not apply to a benchmark: its gnd needs every image")
     device = resolve_device(settings.device)
     meta = _model_meta(model, checkpoint)
-    common = {**settings._kwargs(device), "shard_size": settings.shard_size}
+    common = {
+        **settings._kwargs(device),
+        "shard_size": settings.shard_size,
+        "checkpoint": checkpoint,
+    }
     q = extract_to_file(
         model,
         ImageFiles(dataset.query_paths(), dataset.query_boxes(), settings.max_side),
@@ -185,6 +211,8 @@ def extract_benchmark(
     :func:`extract_benchmark_files` (kept, resumed, reused); the database then comes back
     memory-mapped, so R1M need not fit in memory. ``checkpoint`` is recorded with them.
     """
+    if settings.skip_bad:
+        raise ValueError("skip_bad does not apply to a benchmark: its gnd needs every image")
     if cache_prefix is not None:
         q_path, d_path = extract_benchmark_files(
             model, dataset, cache_prefix, settings, checkpoint=checkpoint
@@ -220,13 +248,15 @@ def extract_folder(
         desc="images",
         meta={**_model_meta(model, checkpoint), "images": str(folder.resolve())},
         shard_size=settings.shard_size,
+        checkpoint=checkpoint,
+        skip_bad=settings.skip_bad,
         **settings._kwargs(resolve_device(settings.device)),
     )
 
 
 def extract_query_images(
     images: Sequence[str | os.PathLike[str]],
-    checkpoint: str | os.PathLike[str],
+    checkpoint: str | os.PathLike[str] | None,
     *,
     scales: Sequence[float] | None = None,
     max_side: int | None = DEFAULT_MAX_SIDE,
@@ -236,6 +266,8 @@ def extract_query_images(
     """Descriptors ``(Q, D)`` of query image files with the model of ``checkpoint``, for
     searching an index: pass the index's recorded scales and ``max_side`` so the queries are
     extracted as its database was. ``device`` None: the CPU (a few images)."""
+    if checkpoint is None:
+        raise ValueError("no checkpoint to extract the queries with: pass one")
     missing = [str(p) for p in images if not Path(p).is_file()]
     if missing:
         raise ValueError(f"query image not found: {missing[0]}")
@@ -251,4 +283,161 @@ def extract_query_images(
         max_side=max_side,
         progress=False,
         desc="queries",
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation: a checkpoint on a benchmark -> typed results
+
+
+@dataclass(frozen=True)
+class PostProcessing:
+    """Descriptor post-processing before ranking (see :mod:`apretrieval.postprocess`).
+
+    ``whiten``: a whitening ``.npz`` (:func:`~apretrieval.postprocess.save_whitening`) or the
+    ``.npy`` descriptors of a separate image set to learn a PCA whitening from, with
+    ``whiten_dim`` outputs and eigenvalue power ``whiten_power`` (0.5 whitens, 0 is plain PCA).
+    ``dba`` / ``qe``: database-side augmentation / alpha query expansion with that many
+    neighbours (0: off), weights raised to ``dba_alpha`` / ``qe_alpha``.
+    """
+
+    whiten: str | os.PathLike[str] | None = None
+    whiten_dim: int | None = None
+    whiten_power: float = 0.5
+    dba: int = 0
+    dba_alpha: float = 3.0
+    qe: int = 0
+    qe_alpha: float = 3.0
+
+    def __post_init__(self) -> None:
+        for name in ("dba", "qe"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+
+    def load_whitening(self) -> Whitening | None:
+        """The whitening to apply (read, or learned from the ``.npy`` set), None without one."""
+        if self.whiten is None:
+            return None
+        path = Path(self.whiten)
+        if not path.is_file():
+            raise ValueError(f"whitening file not found: {path}")
+        if path.suffix == ".npz":
+            return load_whitening(path)
+        if path.suffix == ".npy":
+            x = np.load(path, mmap_mode="r")
+            return learn_whitening(x, dim=self.whiten_dim, power=self.whiten_power)
+        raise ValueError(
+            f"whitening: expected a .npz whitening or a .npy of descriptors, got {path}"
+        )
+
+    def apply(
+        self, q: np.ndarray, db: np.ndarray, whitening: Whitening | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Whitening, then DBA on the database, then alpha-QE of the queries against it."""
+        if whitening is not None:
+            q, db = apply_whitening(q, whitening), apply_whitening(db, whitening)
+        if self.dba:
+            db = database_augmentation(db, self.dba, self.dba_alpha)
+        if self.qe:
+            q = alpha_query_expansion(q, db, self.qe, self.qe_alpha)
+        return q, db
+
+
+def evaluate_checkpoint(
+    checkpoint: str | os.PathLike[str] | nn.Module,
+    dataset: RevisitedDataset,
+    settings: ExtractionSettings | None = None,
+    *,
+    post: PostProcessing | None = None,
+    apq: APQSettings | None = None,
+    kappas: Sequence[int] = (1, 5, 10),
+    topk: int = 100,
+    cache_prefix: str | os.PathLike[str] | None = None,
+    out: str | os.PathLike[str] | None = None,
+    model_name: str | None = None,
+    block_size: int | None = None,
+) -> RetrievalResults:
+    """Evaluate a checkpoint (or a model in memory) on a revisited benchmark.
+
+    Extracts the query and database descriptors (:func:`extract_benchmark`, through the
+    descriptor files at ``cache_prefix`` when given), post-processes them (``post``), ranks
+    the database for a block of ``block_size`` queries at a time (default: what fits in 256 MiB
+    of scores; see :mod:`apretrieval.scoring`) and returns the metrics, the ``topk`` results and
+    AP / AP_Q (``apq``) of every query. With ``out`` the results file is written there; its
+    folder is checked before any work starts. Inputs are checked in the order that fails
+    fastest: output location, whitening, images, then the model.
+    """
+    settings = settings or ExtractionSettings()
+    post = post or PostProcessing()
+    if out is not None:
+        check_writable(out)
+    whitening = post.load_whitening()
+    check_benchmark_images(dataset)
+    if isinstance(checkpoint, nn.Module):
+        model, path = checkpoint, None
+    else:
+        model, path = load_checkpoint_model(checkpoint, settings.device), checkpoint
+    q, db = extract_benchmark(model, dataset, settings, cache_prefix, checkpoint=path)
+    q, db = post.apply(q, db, whitening)
+    metrics, queries = evaluate_descriptors(
+        q,
+        db,
+        dataset.gnd,
+        [dataset.relative(p) for p in dataset.query_paths()],
+        block_size=block_size,
+        kappas=kappas,
+        topk=topk,
+        apq=apq,
+    )
+    recorded = EvaluationSettings(
+        scales=settings.scales,
+        max_side=settings.max_side,
+        gem_p=_model_meta(model, path)["gem_p"],
+        whiten=None if post.whiten is None else str(post.whiten),
+        whiten_dim=None if whitening is None else whitening.dim,
+        whiten_power=None if whitening is None else whitening.power,
+        dba=post.dba,
+        dba_alpha=post.dba_alpha,
+        qe=post.qe,
+        qe_alpha=post.qe_alpha,
+        r1m=None if dataset.r1m_root is None else str(dataset.r1m_root),
+        num_db=dataset.num_db,
+    )
+    results = RetrievalResults(
+        dataset=dataset.name,
+        model=model_name or (str(path) if path is not None else type(model).__name__),
+        metrics=metrics,
+        queries=queries,
+        database=tuple(dataset.relative(p) for p in dataset.db_paths()),
+        root=str(dataset.root.resolve()),
+        gnd_file=dataset.gnd_path.name,
+        settings=recorded,
+        apq=apq or APQSettings(),
+    )
+    if out is not None:
+        results.save(out)
+    return results
+
+
+def extract_index_queries(
+    index: SearchIndex,
+    images: Sequence[str | os.PathLike[str]],
+    *,
+    checkpoint: str | os.PathLike[str] | None = None,
+    device: str | torch.device | None = None,
+    boxes: Sequence[Sequence[float] | None] | None = None,
+) -> np.ndarray:
+    """Descriptors ``(Q, D)`` of query images for ``index``, extracted as its database was:
+    with its recorded checkpoint (or ``checkpoint``), scales and maximum image side."""
+    ckpt = checkpoint if checkpoint is not None else index.checkpoint
+    if ckpt is None:
+        raise ValueError("the index records no checkpoint: pass one to extract queries")
+    return extract_query_images(
+        images,
+        ckpt,
+        scales=index.scales,
+        max_side=index.extra.get("max_side", DEFAULT_MAX_SIDE),
+        device=device,
+        boxes=boxes,
     )

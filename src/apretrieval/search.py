@@ -1,49 +1,63 @@
-"""Nearest-neighbour search over descriptors: exact chunked k-NN in torch and faiss indexes.
+"""Nearest-neighbour search over descriptors: exact chunked k-NN and exact re-ranking.
 
 Conventions (the same as faiss, so the two are interchangeable): similarity is the inner product
 of L2-normalised descriptors (cosine), results are ``scores (Q, k)`` sorted descending and
 ``indices (Q, k)`` int64 into the database rows. When ``k`` exceeds the database size the missing
 places hold score ``-inf`` and index ``-1``.
 
-faiss is an optional dependency (``pip install apretrieval[search]``); it is imported only when an
-index is built or loaded, so :func:`knn` works without it.
+This module needs neither faiss nor a model. faiss indexes live in
+:mod:`apretrieval.faiss_index`, the descriptor files in :mod:`apretrieval.descriptors`, and the
+extraction of query images in :mod:`apretrieval.pipeline`; their names stay importable from here.
 """
 
 from __future__ import annotations
 
-import json
+import importlib
 import math
-import os
 import warnings
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from apretrieval.atomic import atomic_open, atomic_path
+from apretrieval.descriptors import FeatureSet, load_features
 
+# The faiss names (provided by __getattr__ below) are listed too: they stay importable from here.
 __all__ = [
-    "INDEX_TYPES",
+    "INDEX_TYPES",  # noqa: F822
     "FeatureSet",
-    "IndexConfig",
-    "SearchIndex",
-    "build_index",
+    "IndexConfig",  # noqa: F822
+    "SearchIndex",  # noqa: F822
+    "build_index",  # noqa: F822
     "knn",
     "load_features",
-    "load_index",
+    "load_index",  # noqa: F822
     "ranked_ids",
-    "require_faiss",
+    "require_faiss",  # noqa: F822
     "rerank_candidates",
 ]
 
-INDEX_TYPES = ("flat", "ivfpq")
-INDEX_FILE = "index.faiss"
-MANIFEST_FILE = "manifest.json"
-MANIFEST_FORMAT = "apretrieval-index/1"
+# Names that moved to the faiss module; imported on first use (faiss_index imports this
+# module, so a top-level import here would be circular, and faiss stays optional).
+_MOVED = {
+    "INDEX_TYPES": "apretrieval.faiss_index",
+    "INDEX_FILE": "apretrieval.faiss_index",
+    "MANIFEST_FILE": "apretrieval.faiss_index",
+    "IndexConfig": "apretrieval.faiss_index",
+    "SearchIndex": "apretrieval.faiss_index",
+    "build_index": "apretrieval.faiss_index",
+    "load_index": "apretrieval.faiss_index",
+    "require_faiss": "apretrieval.faiss_index",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _MOVED:
+        return getattr(importlib.import_module(_MOVED[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 # Budget for one block of the score matrix in knn (elements, i.e. 4 bytes each): 32M floats =
 # 128 MiB keeps the matrix-product blocks large enough to run at BLAS speed while the whole
@@ -194,110 +208,6 @@ def _scan(
     return best_s.gather(1, order), best_i.gather(1, order)
 
 
-# --------------------------------------------------------------------------------------------
-# Descriptor files (as written by `apretrieval extract`)
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class FeatureSet:
-    """Descriptors ``(N, D)`` with their ordered image ids and extraction metadata."""
-
-    descriptors: np.ndarray
-    ids: list[str]
-    checkpoint: str | None = None
-    scales: list[float] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-    path: str | None = None  # the .npy file, when read from disk
-
-
-def _manifest_candidates(features: Path) -> list[Path]:
-    return [
-        features.with_suffix(".json"),
-        features.with_name(features.name + ".json"),
-        features.with_name(features.stem + ".manifest.json"),
-        features.with_name(features.stem + "_manifest.json"),
-        features.parent / MANIFEST_FILE,
-    ]
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from None
-
-
-_ID_KEYS = ("ids", "images", "paths", "imlist")
-
-
-def _ids_key(manifest: Any, source: Path) -> str | None:
-    """Which key of a manifest holds the id list (None: the manifest is a bare list)."""
-    if isinstance(manifest, list):
-        return None
-    if not isinstance(manifest, dict):
-        raise ValueError(f"{source}: manifest must be a JSON object or list, got {manifest!r:.80}")
-    for key in _ID_KEYS:
-        if isinstance(manifest.get(key), list):
-            return key
-    raise ValueError(f"{source}: manifest has no 'ids' list (keys: {sorted(manifest)})")
-
-
-def _ids_from_manifest(manifest: Any, source: Path) -> list[str]:
-    key = _ids_key(manifest, source)
-    return [str(v) for v in (manifest if key is None else manifest[key])]
-
-
-def load_features(
-    features: str | os.PathLike[str], manifest: str | os.PathLike[str] | None = None
-) -> FeatureSet:
-    """Read extracted descriptors (``.npy``, memory-mapped) and their JSON manifest.
-
-    The manifest is ``{"ids": [...], "checkpoint": ..., "scales": [...], ...}`` (only ``ids`` is
-    required; ``images``/``paths`` are accepted for it too). Without an explicit ``manifest`` it
-    is looked for beside the features: ``X.json``, ``X.npy.json``, ``X.manifest.json``,
-    ``X_manifest.json``, ``manifest.json``. With none found, ids are the row numbers.
-    """
-    path = Path(features)
-    if not path.is_file():
-        raise ValueError(f"features file not found: {path}")
-    try:
-        desc = np.load(path, mmap_mode="r")  # memory-mapped: 1M x 2048 need not fit in RAM
-    except ValueError as err:
-        raise ValueError(f"{path} is not a .npy array: {err}") from None
-    if desc.ndim != 2:
-        raise ValueError(f"{path}: descriptors must be (N, D), got shape {desc.shape}")
-    if manifest is None:
-        found = [p for p in _manifest_candidates(path) if p.is_file()]
-        manifest_path = found[0] if found else None
-    else:
-        manifest_path = Path(manifest)
-        if not manifest_path.is_file():
-            raise ValueError(f"manifest file not found: {manifest_path}")
-    if manifest_path is None:
-        return FeatureSet(desc, [str(i) for i in range(desc.shape[0])], path=str(path.resolve()))
-    data = _read_json(manifest_path)
-    ids = _ids_from_manifest(data, manifest_path)
-    if len(ids) != desc.shape[0]:
-        raise ValueError(
-            f"{manifest_path} lists {len(ids)} ids but {path} holds {desc.shape[0]} descriptors"
-        )
-    meta = data if isinstance(data, dict) else {}
-    checkpoint = meta.get("checkpoint")
-    scales = meta.get("scales")
-    # Everything else (max_side, gem_p, dataset, ...) travels along, e.g. into an index.
-    used = {_ids_key(data, manifest_path), "checkpoint", "scales"}
-    extra = {key: value for key, value in meta.items() if key not in used}
-    return FeatureSet(
-        desc,
-        ids,
-        checkpoint=None if checkpoint is None else str(checkpoint),
-        scales=None if scales is None else [float(s) for s in scales],
-        extra=extra,
-        path=str(path.resolve()),
-    )
-
-
 def rerank_candidates(
     queries: np.ndarray | Tensor,
     database: np.ndarray | Tensor,
@@ -346,315 +256,6 @@ def rerank_candidates(
         out_i[q0 : q0 + q_block, : order.shape[1]] = np.take_along_axis(cb, order, axis=1)
     out_i[np.isneginf(out_s)] = -1
     return out_s, out_i
-
-
-# --------------------------------------------------------------------------------------------
-# faiss indexes
-# --------------------------------------------------------------------------------------------
-
-
-def require_faiss() -> Any:
-    """The faiss module; ImportError with the install command when it is missing."""
-    try:
-        import faiss
-    except ImportError:
-        raise ImportError(
-            "faiss is needed for search indexes: pip install 'apretrieval[search]' "
-            "(or pip install faiss-cpu)"
-        ) from None
-    return faiss
-
-
-_faiss = require_faiss
-
-
-@dataclass(frozen=True)
-class IndexConfig:
-    """How to build a faiss index over inner-product similarity.
-
-    ``type="flat"``: exact (every database vector is compared). ``type="ivfpq"``: an inverted
-    file of ``nlist`` k-means cells, each vector stored as a product-quantised code of ``m``
-    sub-vectors x ``nbits`` bits (``m * nbits / 8`` bytes); a search visits ``nprobe`` cells.
-    IVF-PQ is trained on ``train_size`` vectors drawn at random (``None``: all of them).
-    """
-
-    type: str = "flat"
-    nlist: int = 1024
-    m: int = 64
-    nbits: int = 8
-    nprobe: int = 16
-    train_size: int | None = 131072
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.type not in INDEX_TYPES:
-            raise ValueError(f"index type must be one of {INDEX_TYPES}, got {self.type!r}")
-        for name in ("nlist", "m", "nbits", "nprobe"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if not 1 <= self.nbits <= 16:
-            raise ValueError(f"nbits must be in [1, 16], got {self.nbits!r}")
-        if self.train_size is not None and self.train_size < 1:
-            raise ValueError(
-                f"train_size must be a positive integer or None, got {self.train_size!r}"
-            )
-
-    def factory_string(self) -> str:
-        return "Flat" if self.type == "flat" else f"IVF{self.nlist},PQ{self.m}x{self.nbits}"
-
-
-def _check_ivfpq(config: IndexConfig, n: int, dim: int) -> None:
-    if dim % config.m:
-        raise ValueError(f"m={config.m} must divide the descriptor dimension {dim}")
-    n_train = n if config.train_size is None else min(n, config.train_size)
-    # k-means needs at least one point per centroid (faiss refuses fewer).
-    need = max(config.nlist, 2**config.nbits)
-    if n_train < need:
-        raise ValueError(
-            f"IVF-PQ with nlist={config.nlist}, nbits={config.nbits} needs at least {need} "
-            f"training vectors, got {n_train}: lower --nlist/--nbits or use --type flat"
-        )
-
-
-def _add(index: Any, x: np.ndarray, flat: bool, progress: bool = False) -> None:
-    """Add rows of ``x`` in order: in one call when ``x`` is already float32 and C-contiguous
-    for a flat index (faiss then allocates its N x D storage once, where growing it chunk by
-    chunk transiently needs up to twice that), otherwise in chunks of ~128 MiB (IVF encoding
-    makes several copies of what it is given; other dtypes need a float32 copy)."""
-    from tqdm import tqdm
-
-    if flat and x.dtype == np.float32 and x.flags.c_contiguous:
-        index.add(x)
-        return
-    chunk = max(1024, _BLOCK_ELEMENTS // max(1, x.shape[1]))
-    starts = range(0, x.shape[0], chunk)
-    for start in tqdm(starts, desc="adding", unit="chunk", disable=not progress):
-        index.add(np.ascontiguousarray(x[start : start + chunk], dtype=np.float32))
-
-
-def build_index(
-    descriptors: np.ndarray | Tensor, config: IndexConfig | None = None, *, progress: bool = False
-) -> Any:
-    """A trained faiss index (inner product) holding ``descriptors (N, D)``, in row order."""
-    faiss = _faiss()
-    config = config or IndexConfig()
-    if isinstance(descriptors, Tensor):
-        descriptors = descriptors.detach().cpu().numpy()
-    _as_2d("descriptors", descriptors)
-    n, dim = descriptors.shape
-    if config.type == "flat":
-        index = faiss.IndexFlatIP(dim)
-    else:
-        _check_ivfpq(config, n, dim)
-        index = faiss.index_factory(dim, config.factory_string(), faiss.METRIC_INNER_PRODUCT)
-        # The factory turns on polysemous training (a code reordering for Hamming-distance
-        # filtering, which plain IVF-PQ search never uses): it costs O(2^(2 nbits)) per
-        # sub-quantizer and dominated training time.
-        faiss.downcast_index(faiss.extract_index_ivf(index)).do_polysemous_training = False
-        if config.train_size is None or config.train_size >= n:
-            train = np.ascontiguousarray(descriptors, dtype=np.float32)
-        else:
-            rng = np.random.default_rng(config.seed)
-            # Sorted rows read a memmap sequentially.
-            rows = np.sort(rng.choice(n, size=config.train_size, replace=False))
-            train = np.ascontiguousarray(descriptors[rows], dtype=np.float32)
-        index.train(train)
-        del train
-        faiss.extract_index_ivf(index).nprobe = config.nprobe
-    _add(index, descriptors, config.type == "flat", progress=progress)
-    return index
-
-
-def _faiss_search(index: Any, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    scores, indices = index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
-    # faiss marks missing results with label -1 and score -FLT_MAX; knn uses -inf.
-    scores[indices < 0] = -np.inf
-    indices = indices.astype(np.int64, copy=False)
-    # faiss lists tied scores in reverse id order; order ties by id, as knn does, so the two
-    # agree element for element (padding, id -1 at -inf, stays last).
-    by_id = np.argsort(np.where(indices < 0, np.iinfo(np.int64).max, indices), axis=1)
-    scores = np.take_along_axis(scores, by_id, axis=1)
-    indices = np.take_along_axis(indices, by_id, axis=1)
-    order = np.argsort(-scores, axis=1, kind="stable")
-    return np.take_along_axis(scores, order, axis=1), np.take_along_axis(indices, order, axis=1)
-
-
-@dataclass
-class SearchIndex:
-    """A faiss index with the ordered ids of its vectors and how they were extracted."""
-
-    index: Any
-    ids: list[str]
-    config: IndexConfig = field(default_factory=IndexConfig)
-    checkpoint: str | None = None
-    scales: list[float] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-    features: str | None = None  # the descriptors file it was built from (for re-ranking)
-
-    def __post_init__(self) -> None:
-        if self.index.ntotal != len(self.ids):
-            raise ValueError(f"index holds {self.index.ntotal} vectors but {len(self.ids)} ids")
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    @property
-    def dim(self) -> int:
-        return int(self.index.d)
-
-    @classmethod
-    def from_features(
-        cls, features: FeatureSet, config: IndexConfig | None = None, *, progress: bool = False
-    ) -> SearchIndex:
-        config = config or IndexConfig()
-        index = build_index(features.descriptors, config, progress=progress)
-        return cls(
-            index,
-            list(features.ids),
-            config,
-            features.checkpoint,
-            features.scales,
-            dict(features.extra),
-            features.path,
-        )
-
-    def search(
-        self,
-        queries: np.ndarray | Tensor,
-        k: int,
-        *,
-        nprobe: int | None = None,
-        rerank: int = 0,
-        descriptors: np.ndarray | None = None,
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Top-``k`` of ``queries (Q, D)``: ``scores (Q, k)`` descending, ``indices (Q, k)``.
-
-        ``rerank=R`` (> 0): take the index's top ``max(R, k)`` and re-score them exactly
-        against ``descriptors`` (default: the features file the index was built from, memory-
-        mapped), which recovers most of the ranking quality that PQ codes lose.
-        """
-        if isinstance(queries, Tensor):
-            queries = queries.detach().cpu().numpy()
-        _as_2d("queries", queries)
-        if queries.shape[1] != self.dim:
-            raise ValueError(f"queries have dimension {queries.shape[1]}, index has {self.dim}")
-        if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
-            raise ValueError(f"k must be a positive integer, got {k!r}")
-        if nprobe is not None and self.config.type == "ivfpq":
-            if nprobe < 1:
-                raise ValueError(f"nprobe must be a positive integer, got {nprobe!r}")
-            _faiss().extract_index_ivf(self.index).nprobe = int(nprobe)
-        if rerank < 0:
-            raise ValueError(f"rerank must be >= 0, got {rerank!r}")
-        if not rerank:
-            return _faiss_search(self.index, queries, int(k))
-        if descriptors is None:
-            if self.features is None:
-                raise ValueError("no descriptors to re-rank with: the index records no features")
-            if not Path(self.features).is_file():
-                raise ValueError(f"features file of the index not found: {self.features}")
-            descriptors = np.load(self.features, mmap_mode="r")
-        if descriptors.shape != (len(self), self.dim):
-            raise ValueError(
-                f"re-ranking descriptors have shape {descriptors.shape}, "
-                f"the index holds {(len(self), self.dim)}"
-            )
-        _, cand = _faiss_search(self.index, queries, max(int(rerank), int(k)))
-        return rerank_candidates(queries, descriptors, cand, int(k))
-
-    def extract_queries(
-        self,
-        images: Sequence[str | os.PathLike[str]],
-        *,
-        checkpoint: str | os.PathLike[str] | None = None,
-        device: str | torch.device | None = None,
-        boxes: Sequence[Sequence[float] | None] | None = None,
-    ) -> np.ndarray:
-        """Descriptors ``(Q, D)`` of query image files, extracted as the database was: with
-        the recorded checkpoint (or ``checkpoint``), scales and maximum image side."""
-        from apretrieval.extraction import DEFAULT_SCALES, ImageFiles, extract_descriptors
-        from apretrieval.models import load_model
-
-        ckpt = checkpoint if checkpoint is not None else self.checkpoint
-        if ckpt is None:
-            raise ValueError("the index records no checkpoint: pass one to extract queries")
-        if not Path(ckpt).is_file():
-            raise ValueError(f"checkpoint not found: {ckpt}")
-        missing = [str(p) for p in images if not Path(p).is_file()]
-        if missing:
-            raise ValueError(f"query image not found: {missing[0]}")
-        dev = torch.device(device) if device is not None else torch.device("cpu")
-        model = load_model(ckpt, map_location=dev)
-        max_side = self.extra.get("max_side", 1024)
-        scales = self.scales if self.scales else DEFAULT_SCALES
-        files = ImageFiles([Path(p) for p in images], boxes, max_side)
-        return extract_descriptors(
-            model,
-            files,
-            scales=scales,
-            num_workers=0,
-            device=dev,
-            max_side=max_side,
-            progress=False,
-            desc="queries",
-        )
-
-    def manifest(self) -> dict[str, Any]:
-        return {
-            "format": MANIFEST_FORMAT,
-            "ids": self.ids,
-            "dim": self.dim,
-            "count": len(self),
-            "index": asdict(self.config),
-            "checkpoint": self.checkpoint,
-            "scales": self.scales,
-            "features": self.features,
-            **({"extra": self.extra} if self.extra else {}),
-        }
-
-    def save(self, directory: str | os.PathLike[str]) -> Path:
-        """Write ``index.faiss`` and ``manifest.json`` into ``directory`` (atomically each)."""
-        faiss = _faiss()
-        out = Path(directory)
-        out.mkdir(parents=True, exist_ok=True)
-        with atomic_path(out / INDEX_FILE) as tmp:
-            faiss.write_index(self.index, str(tmp))
-        _write_json_atomic(out / MANIFEST_FILE, self.manifest())
-        return out
-
-
-def _write_json_atomic(path: Path, data: Any) -> None:
-    with atomic_open(path, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=1)
-
-
-def load_index(directory: str | os.PathLike[str]) -> SearchIndex:
-    """Read an index written by :meth:`SearchIndex.save` (or ``apretrieval index build``)."""
-    faiss = _faiss()
-    d = Path(directory)
-    index_path, manifest_path = d / INDEX_FILE, d / MANIFEST_FILE
-    for p in (index_path, manifest_path):
-        if not p.is_file():
-            raise ValueError(f"not an index directory (missing {p.name}): {d}")
-    manifest = _read_json(manifest_path)
-    ids = _ids_from_manifest(manifest, manifest_path)
-    known = {f.name for f in IndexConfig.__dataclass_fields__.values()}
-    cfg = manifest.get("index") or {}
-    config = IndexConfig(**{key: v for key, v in cfg.items() if key in known})
-    index = faiss.read_index(str(index_path))
-    if config.type == "ivfpq":
-        faiss.extract_index_ivf(index).nprobe = config.nprobe
-    scales = manifest.get("scales")
-    return SearchIndex(
-        index,
-        ids,
-        config,
-        checkpoint=manifest.get("checkpoint"),
-        scales=None if scales is None else [float(s) for s in scales],
-        extra=dict(manifest.get("extra") or {}),
-        features=manifest.get("features"),
-    )
 
 
 def ranked_ids(

@@ -85,7 +85,7 @@ def _absolute_if_exists(path: str | None) -> str | None:
 
 def faiss_or_error(command: str) -> bool:
     """True when faiss imports; else prints the one-line install hint (exit code 1 follows)."""
-    from apretrieval.search import require_faiss
+    from apretrieval.faiss_index import require_faiss
 
     try:
         require_faiss()
@@ -96,7 +96,9 @@ def faiss_or_error(command: str) -> bool:
 
 
 def run_build(args: argparse.Namespace) -> int:
-    from apretrieval.search import IndexConfig, SearchIndex, load_features
+    from apretrieval.descriptors import load_features
+    from apretrieval.faiss_index import IndexConfig, build_index_folder
+    from apretrieval.locking import check_writable
 
     if not faiss_or_error("index"):
         return 1
@@ -111,12 +113,12 @@ def run_build(args: argparse.Namespace) -> int:
         nprobe=args.nprobe,
         train_size=args.train_size or None,
     )
+    check_writable(args.out.parent)  # before the build, which may take long
     features = load_features(args.features, args.manifest)
     if args.checkpoint is not None:
         features.checkpoint = args.checkpoint
     features.checkpoint = _absolute_if_exists(features.checkpoint)
-    index = SearchIndex.from_features(features, config, progress=not args.no_progress)
-    index.save(args.out)
+    index = build_index_folder(features, args.out, config, progress=not args.no_progress)
     n, d = features.descriptors.shape
     print(f"{config.type} index of {n} x {d} descriptors: {args.out}")
     if index.checkpoint is None:
@@ -125,7 +127,7 @@ def run_build(args: argparse.Namespace) -> int:
 
 
 def run_info(args: argparse.Namespace) -> int:
-    from apretrieval.search import load_index
+    from apretrieval.faiss_index import load_index
 
     if not faiss_or_error("index"):
         return 1

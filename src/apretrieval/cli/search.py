@@ -49,7 +49,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from apretrieval.cli.index import faiss_or_error
-    from apretrieval.search import load_index, ranked_ids
+    from apretrieval.faiss_index import load_index
+    from apretrieval.pipeline import extract_index_queries
+    from apretrieval.search import ranked_ids
 
     if not faiss_or_error("search"):
         return 1
@@ -57,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     if args.k < 1:
         raise ValueError(f"--k must be >= 1, got {args.k}")
     index = load_index(args.index)
-    desc = index.extract_queries(args.query, checkpoint=args.checkpoint, device=args.device)
+    desc = extract_index_queries(index, args.query, checkpoint=args.checkpoint, device=args.device)
     scores, indices = index.search(desc, args.k, nprobe=args.nprobe, rerank=args.rerank)
     ranked = ranked_ids(index.ids, scores, indices)
     if args.json:
