@@ -55,9 +55,7 @@ def test_gldv2_train_csv_with_urls_or_paths(tmp_path):
     _img(tmp_path / "a" / "b" / "c" / "abc.jpg")
     _img(tmp_path / "local" / "x.jpg")
     csv = tmp_path / "train.csv"
-    csv.write_text(
-        "id,url,landmark_id\nabc,http://example.org/abc.jpg,5\nxyz,local/x.jpg,7\n"
-    )
+    csv.write_text("id,url,landmark_id\nabc,http://example.org/abc.jpg,5\nxyz,local/x.jpg,7\n")
     images = gldv2_csv(csv)
     assert images.paths == [str(tmp_path / "a/b/c/abc.jpg"), str(tmp_path / "local/x.jpg")]
     assert images.classes == ["5", "7"]

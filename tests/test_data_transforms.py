@@ -51,16 +51,30 @@ def test_max_side_and_square_outputs():
 
 
 def test_identity_settings_only_resize():
-    cfg = AugmentConfig(max_side=60, crop_scale=(1.0, 1.0), crop_ratio=(4 / 3, 4 / 3),
-                        tilt=0.0, brightness=0.0, contrast=0.0, saturation=0.0)
+    cfg = AugmentConfig(
+        max_side=60,
+        crop_scale=(1.0, 1.0),
+        crop_ratio=(4 / 3, 4 / 3),
+        tilt=0.0,
+        brightness=0.0,
+        contrast=0.0,
+        saturation=0.0,
+    )
     out = TrainTransform(cfg)(photo(120, 90), 0)
     assert torch.allclose(out, resize_max_side(photo(120, 90), 60))
     assert out.shape == (3, 45, 60)
 
 
 def test_flip_is_off_by_default():
-    cfg = AugmentConfig(max_side=60, crop_scale=(1.0, 1.0), crop_ratio=(4 / 3, 4 / 3), tilt=0.0,
-                        brightness=0.0, contrast=0.0, saturation=0.0)
+    cfg = AugmentConfig(
+        max_side=60,
+        crop_scale=(1.0, 1.0),
+        crop_ratio=(4 / 3, 4 / 3),
+        tilt=0.0,
+        brightness=0.0,
+        contrast=0.0,
+        saturation=0.0,
+    )
     ref = resize_max_side(photo(), 60)
     assert all(torch.allclose(TrainTransform(cfg)(photo(), s), ref) for s in range(8))
     flipped = TrainTransform(AugmentConfig(**{**cfg.__dict__, "hflip": 1.0}))(photo(), 0)
@@ -75,8 +89,16 @@ def test_seeds_are_stable_per_position():
 
 
 @pytest.mark.parametrize(
-    "bad", [{"max_side": 4}, {"crop_scale": (0.5, 0.2)}, {"tilt": 1.0}, {"hue": 0.6},
-            {"hflip": 2.0}, {"brightness": 1.5}, {"crop_ratio": (0, 1)}]
+    "bad",
+    [
+        {"max_side": 4},
+        {"crop_scale": (0.5, 0.2)},
+        {"tilt": 1.0},
+        {"hue": 0.6},
+        {"hflip": 2.0},
+        {"brightness": 1.5},
+        {"crop_ratio": (0, 1)},
+    ],
 )
 def test_bad_settings(bad):
     with pytest.raises(ValueError):

@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from apretrieval.data.decode import decode_rgb
+
 __all__ = [
     "IMAGE_EXTENSIONS",
     "ImageList",
@@ -61,12 +63,13 @@ class ImageList:
         """``fn(image)`` of image ``i``, or the RGB image itself when ``fn`` is None.
 
         ``fn`` gets the lazily opened file in its own mode (so it may call ``draft`` before
-        decoding, and must convert to RGB). Unreadable files are reported and give None.
+        decoding, and must decode it with ``data.decode.decode_rgb``). Unreadable files are
+        reported and give None.
         """
         path = self.paths[i]
         try:
             with Image.open(path) as img:
-                return fn(img) if fn is not None else img.convert("RGB")
+                return fn(img) if fn is not None else decode_rgb(img)
         except _DECODE_ERRORS as err:
             self.num_bad += 1
             if self.num_bad <= _MAX_REPORTED:
@@ -85,8 +88,12 @@ class ImageList:
         dropped = [p for p, k in zip(self.paths, keep, strict=True) if not k]
         if dropped:
             shown = ", ".join(dropped[:5]) + (" ..." if len(dropped) > 5 else "")
-            log.warning("dropped %d of %d images (missing or unreadable): %s",
-                        len(dropped), len(self.paths), shown)
+            log.warning(
+                "dropped %d of %d images (missing or unreadable): %s",
+                len(dropped),
+                len(self.paths),
+                shown,
+            )
         return self.subset(np.flatnonzero(keep))
 
     def subset(self, indices: Sequence[int] | np.ndarray) -> ImageList:

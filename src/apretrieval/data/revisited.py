@@ -26,6 +26,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from apretrieval.data.decode import decode_rgb, oriented_size
+
 __all__ = [
     "R1M_LIST",
     "REVISITED_DATASETS",
@@ -120,9 +122,7 @@ def load_gnd(path: str | os.PathLike) -> dict[str, Any]:
         keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
         raise ValueError(f"{path}: expected a dict with imlist, qimlist and gnd, got {keys}")
     if len(obj["gnd"]) != len(obj["qimlist"]):
-        raise ValueError(
-            f"{path}: {len(obj['gnd'])} gnd entries for {len(obj['qimlist'])} queries"
-        )
+        raise ValueError(f"{path}: {len(obj['gnd'])} gnd entries for {len(obj['qimlist'])} queries")
     return obj
 
 
@@ -253,11 +253,11 @@ class RevisitedDataset:
     def load_query(self, i: int) -> Image.Image:
         """Query ``i`` cropped to its ``bbx``, RGB."""
         with Image.open(self.query_path(i)) as img:
-            return img.convert("RGB").crop(crop_box(self.query_bbx(i), img.size))
+            return decode_rgb(img, crop_box(self.query_bbx(i), oriented_size(img)))
 
     def load_db(self, i: int) -> Image.Image:
         with Image.open(self.db_path(i)) as img:
-            return img.convert("RGB")
+            return decode_rgb(img)
 
     def missing_images(self) -> list[Path]:
         """Image files the lists name but the disk lacks (empty when complete)."""

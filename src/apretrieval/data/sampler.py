@@ -2,9 +2,13 @@
 
 A batch of B images holds C = B / K classes with K images each, so every image of the batch has
 K - 1 positives (a query without positive contributes nothing to the AP loss) and the rest of
-the batch as negatives. Classes are visited epoch by epoch in a random order (each class once
-per epoch); the K images of a class are drawn at random (without replacement when the class
-has at least K images).
+the batch as negatives. No batch holds a class twice: with n drawable classes, an epoch is
+floor(n / C) batches cut from one random order of the classes, and the n mod C classes left at
+the end of that order sit out the epoch (a different random few each epoch). A window running
+into the next epoch's order could repeat a class, and a batch of one class has no negative
+(loss 0). When C >= n, every batch holds all n classes, the C groups of K images spread over
+them as evenly as possible. The images of a class are drawn at random (without replacement
+when the class has enough images).
 
 The random state is a counter: the batch of step t is drawn from generators seeded by
 (seed, t), so ``state_dict() == {"seed", "step", ...}`` restores the exact same stream, and
@@ -13,12 +17,15 @@ any process can produce batch t (prefetching workers, a shard of a distributed b
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 
-__all__ = ["ClassBalancedBatchSampler"]
+__all__ = ["ClassBalancedBatchSampler", "has_positive"]
+
+log = logging.getLogger("apretrieval.data")
 
 # Stream tags, so the class order and the image draws use independent generators.
 _CLASS_ORDER, _IMAGE_DRAW = 0, 1
@@ -28,8 +35,9 @@ class ClassBalancedBatchSampler:
     """Index batches of ``batch_size`` = C x ``images_per_class`` for a labelled image list.
 
     ``labels`` (N,) ints. Classes with fewer than ``min_images_per_class`` images are never
-    drawn (they would give queries without positives). Iterating yields lists of indices from
-    the current ``step`` up to ``steps`` (forever when None), advancing ``step``.
+    drawn (they would give queries without positives); fewer than 2 drawable classes is a
+    ValueError (no negatives, nothing to learn). Iterating yields lists of indices from the
+    current ``step`` up to ``steps`` (forever when None), advancing ``step``.
     """
 
     def __init__(
@@ -57,6 +65,18 @@ class ClassBalancedBatchSampler:
                 f"no class has at least {min_images_per_class} images "
                 f"({labels.size} images, {classes.size} classes)"
             )
+        if keep.sum() < 2:
+            raise ValueError(
+                f"training needs at least 2 classes with {min_images_per_class} or more images, "
+                f"got {int(keep.sum())} ({labels.size} images, {classes.size} classes): "
+                "a batch of one class has no negative and its loss is 0"
+            )
+        if images_per_class < 2:
+            log.warning(
+                "images_per_class=%d: no image of a batch has a positive (the AP and triplet "
+                "losses need at least 2 images per class)",
+                images_per_class,
+            )
         # members[c] = dataset indices of the c-th eligible class, ascending.
         self.members = [order[s : s + n] for s, n in zip(starts[keep], counts[keep], strict=True)]
         self.class_ids = classes[keep]
@@ -77,25 +97,36 @@ class ClassBalancedBatchSampler:
         return rng.permutation(self.num_classes)
 
     def batch_classes(self, step: int) -> np.ndarray:
-        """(C,) positions into ``members`` of the classes of batch ``step``."""
+        """(min(C, n),) distinct positions into ``members``: the classes of batch ``step``."""
         n, c = self.num_classes, self.classes_per_batch
-        first, last = step * c, (step + 1) * c  # a window on the endless epoch-by-epoch stream
-        epochs = range(first // n, (last - 1) // n + 1)
-        stream = np.concatenate([self._epoch_order(e) for e in epochs])
-        offset = epochs[0] * n
-        return stream[first - offset : last - offset]
+        if c >= n:  # every class in every batch, in a fresh order
+            return self._epoch_order(step)
+        epoch, j = divmod(step, n // c)
+        return self._epoch_order(epoch)[j * c : (j + 1) * c]
+
+    def images_per_batch_class(self, step: int) -> np.ndarray:
+        """(len(batch_classes(step)),) images of each class in batch ``step``: K when C <= n,
+        else the C groups of K spread over the n classes (the first C mod n get one more)."""
+        n, c, k = self.num_classes, self.classes_per_batch, self.images_per_class
+        if c <= n:
+            return np.full(c, k, dtype=np.int64)
+        return k * (c // n + (np.arange(n) < c % n)).astype(np.int64)
 
     def batch(self, step: int) -> np.ndarray:
-        """(B,) dataset indices of batch ``step``, grouped by class (K consecutive each)."""
+        """(B,) dataset indices of batch ``step``, grouped by class (consecutive, distinct
+        classes; K images each when the batch holds at most as many classes as there are)."""
         if step < 0:
             raise ValueError(f"step must be >= 0, got {step}")
         rng = np.random.default_rng([self.seed, _IMAGE_DRAW, step])
-        k = self.images_per_class
         out = np.empty(self.batch_size, dtype=np.int64)
-        for j, cls in enumerate(self.batch_classes(step)):
+        start = 0
+        counts = self.images_per_batch_class(step)
+        for cls, k in zip(self.batch_classes(step), counts, strict=True):
             members = self.members[cls]
             pick = rng.choice(members.size, size=k, replace=members.size < k)
-            out[j * k : (j + 1) * k] = members[pick]
+            out[start : start + k] = members[pick]
+            start += k
+        assert start == self.batch_size
         return out
 
     def __iter__(self) -> Iterator[list[int]]:
@@ -128,3 +159,9 @@ class ClassBalancedBatchSampler:
                 )
         self.seed = int(state["seed"])
         self.step = int(state["step"])
+
+
+def has_positive(labels: Sequence[int] | np.ndarray) -> bool:
+    """Whether some item of a batch shares its label with another (a query with a positive)."""
+    labels = np.asarray(labels).reshape(-1)
+    return np.unique(labels).size < labels.size

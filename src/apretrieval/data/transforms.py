@@ -24,6 +24,8 @@ from PIL import Image
 from torch import Tensor
 from torchvision.transforms.v2 import functional as TF
 
+from apretrieval.data.decode import decode_rgb, jpeg_draft, oriented_size
+
 __all__ = [
     "AugmentConfig",
     "TrainTransform",
@@ -92,19 +94,22 @@ class TrainTransform:
     def __call__(self, img: Image.Image, seed: int) -> Tensor:
         cfg = self.config
         rng = random.Random(seed)
-        width, height = img.size
+        width, height = oriented_size(img)
         box = self._crop_box(rng, width, height)
         out_size = self._output_size(box[2] - box[0], box[3] - box[1])
-        img, box = draft_crop(img, box, out_size)
-        img = img.convert("RGB").resize(out_size, Image.BILINEAR, box=box)
+        img = decode_rgb(img, box, out_size)
         x = TF.to_dtype(TF.pil_to_tensor(img), torch.float32, scale=True)
         # Every draw below happens whether or not its step applies, so one parameter change
         # does not shift the random stream of the others.
         do_tilt = rng.random() < cfg.tilt_prob
         corners = self._tilt_corners(rng, x.shape[-1], x.shape[-2])
         if cfg.tilt > 0 and do_tilt:
-            start = [[0, 0], [x.shape[-1] - 1, 0], [x.shape[-1] - 1, x.shape[-2] - 1],
-                     [0, x.shape[-2] - 1]]
+            start = [
+                [0, 0],
+                [x.shape[-1] - 1, 0],
+                [x.shape[-1] - 1, x.shape[-2] - 1],
+                [0, x.shape[-2] - 1],
+            ]
             x = TF.perspective(x, start, corners, interpolation=TF.InterpolationMode.BILINEAR)
         x = self._jitter(rng, x)
         if rng.random() < cfg.hflip:
@@ -143,8 +148,12 @@ class TrainTransform:
         dx, dy = int(self.config.tilt * w / 2), int(self.config.tilt * h / 2)
         r = [rng.randint(0, dx) if dx else 0 for _ in range(4)]
         s = [rng.randint(0, dy) if dy else 0 for _ in range(4)]
-        return [[r[0], s[0]], [w - 1 - r[1], s[1]], [w - 1 - r[2], h - 1 - s[2]],
-                [r[3], h - 1 - s[3]]]
+        return [
+            [r[0], s[0]],
+            [w - 1 - r[1], s[1]],
+            [w - 1 - r[2], h - 1 - s[2]],
+            [r[3], h - 1 - s[3]],
+        ]
 
     def _jitter(self, rng: random.Random, x: Tensor) -> Tensor:
         cfg = self.config
@@ -171,21 +180,19 @@ def draft_crop(
 
     Decoding at reduced size is several times faster for large photos; ``draft`` keeps the
     decoded image at least as large as requested, so the final resize still only shrinks.
+    ``box`` is in stored pixels (no EXIF orientation); ``decode_rgb`` does the whole decode.
     """
     w, h = box[2] - box[0], box[3] - box[1]
-    scale = max(out_size[0] / w, out_size[1] / h)
     full = img.size
-    if getattr(img, "format", None) == "JPEG" and scale < 0.5:
-        img.draft("RGB", (math.ceil(full[0] * scale), math.ceil(full[1] * scale)))
+    jpeg_draft(img, max(out_size[0] / w, out_size[1] / h))
     fx, fy = img.size[0] / full[0], img.size[1] / full[1]
     return img, (box[0] * fx, box[1] * fy, box[2] * fx, box[3] * fy)
 
 
 def resize_max_side(img: Image.Image, max_side: int) -> Tensor:
     """Deterministic evaluation resize: longer side to ``max_side`` -> (3, H, W) in [0, 1]."""
-    w, h = img.size
+    w, h = oriented_size(img)
     scale = max_side / max(w, h)
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    img, box = draft_crop(img, (0, 0, w, h), size)
-    img = img.convert("RGB").resize(size, Image.BILINEAR, box=box)
+    img = decode_rgb(img, None, size)
     return TF.to_dtype(TF.pil_to_tensor(img), torch.float32, scale=True)
