@@ -126,9 +126,10 @@ def load_whitening(path: str | os.PathLike) -> Whitening:
 def _weighted_neighbour_sum(
     x: np.ndarray, database: np.ndarray, scores: np.ndarray, indices: np.ndarray, alpha: float
 ) -> np.ndarray:
-    # Weights s^alpha of the neighbours (negative similarities count zero); the item itself
-    # keeps weight 1, i.e. its own similarity.
-    w = np.clip(scores, 0.0, None).astype(np.float64) ** alpha
+    # Weights s^alpha of the neighbours (negative similarities count zero, also for alpha = 0
+    # where 0**0 would be 1); the item itself keeps weight 1, i.e. its own similarity.
+    s = scores.astype(np.float64)
+    w = np.where(s > 0, np.clip(s, 0.0, None) ** alpha, 0.0)
     agg = x.astype(np.float64).copy()
     for j in range(indices.shape[1]):
         agg += w[:, j : j + 1] * database[indices[:, j]].astype(np.float64)

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from apretrieval.atomic import atomic_open
 from apretrieval.data.lists import ImageList, open_image_list
-from apretrieval.data.sampler import ClassBalancedBatchSampler
+from apretrieval.data.sampler import ClassBalancedBatchSampler, has_positive
 from apretrieval.data.transforms import TrainTransform, batch_seeds, resize_max_side
 from apretrieval.distributed import (
     DistContext,
@@ -377,14 +377,18 @@ def _train(
                 if stop.signum is not None:  # a data worker died of the same signal
                     break
                 raise
+            if ctx.world_size == 1 and not has_positive(labels.tolist()):
+                log.warning("step %d: no image of the batch has a positive (%d images, all of "
+                            "different classes)", done + 1, len(labels))
             loss, used = train_step(
                 model, optimizer, inputs, labels, loss_fn, cfg.chunk_size,
                 num_workers=0 if in_memory else cfg.num_workers, ctx=ctx, memory=memory,
             )
+            lr = optimizer.param_groups[0]["lr"]  # the lr this step used (before the schedule)
             scheduler.step()
             done += 1
             toc = time.perf_counter()
-            record = {"step": done, "loss": loss, "lr": optimizer.param_groups[0]["lr"],
+            record = {"step": done, "loss": loss, "lr": lr,
                       "images": used, "skipped": cfg.batch_size - used,
                       "images_per_s": used / (toc - tic), "gem_p": model.gem_p}
             tic = toc
