@@ -28,7 +28,8 @@ def test_whitening_gives_identity_covariance_on_its_learning_set():
     x = unit_rows(rng, 500, 16, scale=np.linspace(0.1, 3.0, 16))
     w = learn_whitening(x, power=0.5)
     y = (x - w.mean) @ w.projection.T  # before the final L2 normalisation
-    np.testing.assert_allclose(np.cov(y.T, bias=True), np.eye(w.dim), atol=1e-4)
+    # Unit *sample* variance: the whitening uses the N - 1 covariance (pca_whitening_matrix).
+    np.testing.assert_allclose(np.cov(y.T), np.eye(w.dim), atol=1e-4)
 
 
 def test_power_zero_is_a_rotation_that_preserves_distances():
@@ -37,15 +38,18 @@ def test_power_zero_is_a_rotation_that_preserves_distances():
     w = learn_whitening(x, power=0.0, dim=8)
     np.testing.assert_allclose(w.projection @ w.projection.T, np.eye(8), atol=1e-5)
     a = (x - w.mean) @ w.projection.T
-    np.testing.assert_allclose(np.linalg.norm(a, axis=1), np.linalg.norm(x - w.mean, axis=1),
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        np.linalg.norm(a, axis=1), np.linalg.norm(x - w.mean, axis=1), rtol=1e-5
+    )
 
 
 def test_intermediate_power_shrinks_dominant_directions_partially():
     rng = np.random.default_rng(2)
     x = unit_rows(rng, 2000, 6, scale=np.array([4.0, 2.0, 1.0, 1.0, 0.5, 0.5]))
-    var = [np.var((x - w.mean) @ w.projection.T, axis=0)
-           for w in (learn_whitening(x, power=p) for p in (0.0, 0.25, 0.5))]
+    var = [
+        np.var((x - w.mean) @ w.projection.T, axis=0)
+        for w in (learn_whitening(x, power=p) for p in (0.0, 0.25, 0.5))
+    ]
     ratio = [v[0] / v[-1] for v in var]  # spread between the largest and smallest components
     assert ratio[0] > ratio[1] > ratio[2] and ratio[2] == pytest.approx(1.0, rel=1e-3)
     assert ratio[1] == pytest.approx(np.sqrt(ratio[0]), rel=1e-3)  # lambda^(1 - 2p), p = 1/4
@@ -128,3 +132,16 @@ def test_dba_is_permutation_equivariant_and_merges_duplicates():
     out = database_augmentation(dup, k=1, alpha=3.0)
     np.testing.assert_allclose(out[0], out[1], atol=1e-6)  # each one's neighbour is the other
     np.testing.assert_allclose(out[0], db[0], atol=1e-6)
+
+
+def test_average_qe_gives_negative_neighbours_no_weight():
+    """alpha = 0 is average QE over the neighbours with a positive similarity: a negative one
+    counts zero (0**0 would give it weight 1)."""
+    q = np.array([[1.0, 0.0]])
+    db = np.array([[0.6, 0.8], [-0.6, 0.8], [0.0, 1.0]])  # similarities 0.6, -0.6, 0
+    out = alpha_query_expansion(q, db, k=3, alpha=0.0)
+    np.testing.assert_allclose(out, l2_normalize(q + db[:1]), atol=1e-7)
+    # the same rule in DBA: here every pair has similarity -1 or 0
+    db2 = np.array([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0]])
+    out = database_augmentation(db2, k=2, alpha=0.0)
+    np.testing.assert_allclose(out, db2, atol=1e-7)  # no neighbour with s > 0: unchanged
