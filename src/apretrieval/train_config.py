@@ -7,114 +7,252 @@ command line.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
+from difflib import get_close_matches
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from apretrieval.atomic import atomic_open
+from apretrieval.backbones import is_timm_name
+from apretrieval.configs import recipe_path
 from apretrieval.data.transforms import AugmentConfig
 from apretrieval.models import BACKBONES
 
-__all__ = ["LOSSES", "SCHEDULES", "TrainConfig", "write_yaml_atomic"]
+__all__ = [
+    "GROUPS",
+    "LOSSES",
+    "SCHEDULES",
+    "TrainConfig",
+    "read_yaml_mapping",
+    "write_yaml_atomic",
+]
 
 LOSSES = ("ap", "tie_aware_ap", "contrastive", "triplet")
 SCHEDULES = ("constant", "cosine", "exponential")
+# Sections of `apretrieval train --help`, in order; each field names its group.
+GROUPS = ("data", "model", "loss", "optimisation", "run")
+
+
+def _opt(
+    group: str,
+    default: Any,
+    doc: str,
+    *,
+    unit: str = "",
+    choices: tuple | None = None,
+    aliases: tuple[str, ...] = (),
+) -> Any:
+    """A TrainConfig field with its documentation (``--help`` and validation read it)."""
+    meta = {"group": group, "doc": doc, "unit": unit, "choices": choices, "aliases": aliases}
+    return field(default=default, metadata=meta)
 
 
 @dataclass
 class TrainConfig:
-    """Training recipe. Paths are strings so the config round-trips through YAML."""
+    """Training recipe. Paths are strings so the config round-trips through YAML.
 
-    # Data: an image folder (one sub-folder per class), a GLDv2 CSV or a Landmarks-clean list.
-    data: str = ""
-    data_format: str = "auto"  # auto | folder | csv | list
-    image_root: str | None = None  # root of the relative paths of a CSV/list (default: its folder)
-    check_images: str = "exists"  # none | exists | header: drop bad files before training
+    Each field documents itself (``dataclasses.fields(TrainConfig)[i].metadata``: group, doc,
+    unit, allowed values, extra command-line spellings); ``apretrieval train --help`` lists them.
+    The defaults are the paper's setting (a GPU recipe).
+    """
+
+    # Data.
+    data: str = _opt(
+        "data",
+        "",
+        "training images: an image folder (one sub-folder per class), "
+        "a GLDv2 CSV (id,url/path,landmark_id) or a Landmarks-clean list",
+    )
+    data_format: str = _opt(
+        "data",
+        "auto",
+        "format of --data (auto: guessed from it)",
+        choices=("auto", "folder", "csv", "list"),
+    )
+    image_root: str | None = _opt(
+        "data", None, "root of the relative image paths of a CSV or list (none: the list's folder)"
+    )
+    check_images: str = _opt(
+        "data",
+        "exists",
+        "drop bad image files before training: none, "
+        "missing ones, or ones whose header does not decode",
+        choices=("none", "exists", "header"),
+    )
     # Model.
-    backbone: str = "resnet101"
-    pretrained: str | None = "imagenet"  # "imagenet" or null (random init)
-    weights: str | None = None  # local weights file (torchvision classifier or apretrieval)
-    out_dim: int | None = None  # whitening output dimension (null: backbone width)
-    gem_p: float = 3.0
-    whiten: bool = True
-    whiten_init: str = "identity"  # identity | pca (PCA whitening of training descriptors)
-    pca_images: int = 2000  # training images used for the PCA initialisation
+    backbone: str = _opt(
+        "model",
+        "resnet101",
+        "trunk: " + ", ".join(BACKBONES) + ", or timm/<model> (any timm model, optional extra)",
+    )
+    pretrained: str | None = _opt(
+        "model",
+        "imagenet",
+        "start from ImageNet weights, or none (random init)",
+        choices=("imagenet", None),
+    )
+    weights: str | None = _opt(
+        "model",
+        None,
+        "local weights file (torchvision classifier "
+        "weights or an apretrieval checkpoint); overrides --pretrained",
+    )
+    out_dim: int | None = _opt(
+        "model", None, "descriptor dimension after the whitening FC (none: the backbone width)"
+    )
+    gem_p: float = _opt("model", 3.0, "initial GeM power (learned)")
+    whiten: bool = _opt("model", True, "add the learned whitening FC after GeM")
+    whiten_init: str = _opt(
+        "model",
+        "identity",
+        "initialisation of the whitening FC (pca: PCA whitening of training descriptors)",
+        choices=("identity", "pca"),
+    )
+    pca_images: int = _opt(
+        "model", 2000, "training images for the PCA initialisation", unit="images"
+    )
     # Loss.
-    loss: str = "ap"  # ap | tie_aware_ap | contrastive | triplet
-    num_bins: int = 20
-    margin: float | None = None  # contrastive/triplet margin (null: 0.7 / 0.1)
-    num_hard: int = 5  # contrastive: hardest in-batch negatives per anchor
-    # Memory bank (AP losses): each query also ranks the descriptors of the last K batches.
-    memory_batches: int = 0
+    loss: str = _opt("loss", "ap", "training loss", choices=LOSSES)
+    num_bins: int = _opt("loss", 20, "histogram bins of the AP loss (the paper: 20)", unit="bins")
+    margin: float | None = _opt("loss", None, "contrastive / triplet margin (none: 0.7 / 0.1)")
+    num_hard: int = _opt("loss", 5, "contrastive: hardest in-batch negatives per anchor")
+    memory_batches: int = _opt(
+        "loss",
+        0,
+        "AP losses: each query also ranks the descriptors of the last K batches (0: off)",
+        unit="batches",
+    )
     # Batches (B = classes per batch x images_per_class).
-    batch_size: int = 4096
-    images_per_class: int = 8
-    chunk_size: int = 32  # images per forward/backward pass of multistaged backpropagation
+    batch_size: int = _opt(
+        "optimisation",
+        4096,
+        "images per step (classes per batch x images_per_class)",
+        unit="images",
+    )
+    images_per_class: int = _opt(
+        "optimisation", 8, "images of each class in a batch", unit="images"
+    )
+    chunk_size: int = _opt(
+        "optimisation",
+        32,
+        "images per forward/backward pass of multistaged "
+        "backpropagation (memory, not the result, depends on it)",
+        unit="images",
+    )
     # Augmentation (see data.transforms.AugmentConfig).
-    max_side: int = 800
-    crop_scale: tuple[float, float] = (0.25, 1.0)
-    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    square: bool = False
-    tilt: float = 0.25
-    tilt_prob: float = 0.5
-    brightness: float = 0.2
-    contrast: float = 0.2
-    saturation: float = 0.2
-    hue: float = 0.0
-    hflip: float = 0.0
-    # Optimisation (Adam).
-    lr: float = 1e-5
-    weight_decay: float = 1e-6
-    schedule: str = "exponential"  # constant | cosine | exponential
-    lr_decay: float = 0.99  # exponential schedule: factor per step
-    warmup_steps: int = 0
-    steps: int = 1000
+    max_side: int = _opt("data", 800, "longer side of a training image", unit="pixels")
+    crop_scale: tuple[float, float] = _opt(
+        "data", (0.25, 1.0), "random resized crop: area fraction range MIN,MAX in (0, 1]"
+    )
+    crop_ratio: tuple[float, float] = _opt(
+        "data", (3 / 4, 4 / 3), "random resized crop: aspect ratio (w/h) range MIN,MAX"
+    )
+    square: bool = _opt(
+        "data",
+        False,
+        "resize every crop to max_side x max_side (one tensor per chunk: faster on CPU)",
+    )
+    tilt: float = _opt(
+        "data", 0.25, "perspective tilt: corners move up to tilt x half the side, in [0, 1)"
+    )
+    tilt_prob: float = _opt("data", 0.5, "probability of the tilt", unit="probability")
+    brightness: float = _opt("data", 0.2, "colour jitter: brightness factor in [1-b, 1+b]")
+    contrast: float = _opt("data", 0.2, "colour jitter: contrast factor in [1-c, 1+c]")
+    saturation: float = _opt("data", 0.2, "colour jitter: saturation factor in [1-s, 1+s]")
+    hue: float = _opt("data", 0.0, "colour jitter: hue shift in [-h, h], h <= 0.5")
+    hflip: float = _opt(
+        "data",
+        0.0,
+        "probability of a horizontal flip (landmarks are not mirror-symmetric)",
+        unit="probability",
+    )
+    # Adam and its schedule.
+    lr: float = _opt("optimisation", 1e-5, "Adam learning rate")
+    weight_decay: float = _opt("optimisation", 1e-6, "Adam weight decay")
+    schedule: str = _opt("optimisation", "exponential", "learning-rate schedule", choices=SCHEDULES)
+    lr_decay: float = _opt("optimisation", 0.99, "exponential schedule: factor per step, in (0, 1]")
+    warmup_steps: int = _opt("optimisation", 0, "linear warm-up", unit="steps")
+    steps: int = _opt("optimisation", 1000, "training length", unit="steps")
     # Run.
-    output_dir: str = "runs/train"
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    num_workers: int = 2  # data loading processes (threads when batches are streamed)
-    cpu_threads: int | None = None  # torch intra-op threads while training (null: unchanged)
-    image_cache_mb: int = 2048  # decode a batch once if it fits, else stream it per chunk
-    checkpoint_every: int = 50
-    progress: bool = True
-    # Several processes (torchrun): auto = nccl on GPU, gloo on CPU; collective timeout (s).
-    dist_backend: str = "auto"  # auto | gloo | nccl
-    dist_timeout: float = 600.0
+    output_dir: str = _opt(
+        "run",
+        "runs/train",
+        "run folder (config.yaml, metrics.jsonl, checkpoint.pt, model.pt)",
+        aliases=("--out",),
+    )
+    seed: int = _opt("run", 0, "seed of initialisation, batches and augmentation")
+    device: str = _opt("run", "auto", "auto, cpu, cuda or cuda:N (auto: a GPU when there is one)")
+    num_workers: int = _opt(
+        "run",
+        2,
+        "data loading processes (threads when batches are streamed)",
+        unit="processes",
+        aliases=("--workers",),
+    )
+    cpu_threads: int | None = _opt(
+        "run",
+        None,
+        "torch intra-op CPU threads while training (none: unchanged)",
+        unit="threads",
+        aliases=("--threads",),
+    )
+    image_cache_mb: int = _opt(
+        "run", 2048, "decode a batch once if it fits, else stream it chunk by chunk", unit="MB"
+    )
+    checkpoint_every: int = _opt("run", 50, "write checkpoint.pt every N steps", unit="steps")
+    progress: bool = _opt("run", True, "show a progress bar")
+    dist_backend: str = _opt(
+        "run",
+        "auto",
+        "torchrun process group backend (auto: nccl on GPU, gloo on CPU)",
+        choices=("auto", "gloo", "nccl"),
+    )
+    dist_timeout: float = _opt("run", 600.0, "collective timeout", unit="seconds")
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes kept with the run
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        """From plain values (YAML), rejecting unknown keys and coercing types."""
+    def from_dict(cls, d: dict[str, Any], *, require_data: bool = True) -> TrainConfig:
+        """From plain values (YAML), rejecting unknown keys and coercing types.
+
+        Values may also be typed as on a command line: ``"0.5,1.0"`` for a pair, ``"none"``
+        for null. ``require_data=False`` accepts a recipe without ``data`` (to print it).
+        """
         if not isinstance(d, dict):
             raise ValueError(f"a training config must be a mapping, got {type(d).__name__}")
         known = {f.name: f for f in fields(cls)}
         unknown = sorted(set(d) - set(known))
         if unknown:
-            raise ValueError(f"unknown config keys {unknown}; known keys: {sorted(known)}")
+            hints = [
+                f"{k} (did you mean {m[0]}?)" if (m := get_close_matches(k, known, 1)) else k
+                for k in unknown
+            ]
+            raise ValueError(
+                f"unknown config keys {unknown}: {', '.join(hints)}; known keys: {sorted(known)}"
+            )
         hints = typing.get_type_hints(cls)
         cfg = cls(**{k: _coerce(k, v, hints[k]) for k, v in d.items()})
-        cfg.validate()
+        cfg.validate(require_data=require_data)
         return cfg
 
     @classmethod
     def from_yaml(
-        cls, path: str | os.PathLike, overrides: dict[str, Any] | None = None
+        cls,
+        path: str | os.PathLike,
+        overrides: dict[str, Any] | None = None,
+        *,
+        require_data: bool = True,
     ) -> TrainConfig:
-        p = Path(path)
-        if not p.is_file():
-            raise ValueError(f"config file not found: {p}")
-        with open(p, encoding="utf-8") as f:
-            data = yaml.safe_load(f) or {}
-        if not isinstance(data, dict):
-            raise ValueError(f"{p}: expected a mapping of settings, got {type(data).__name__}")
+        """A recipe file, or the name of a bundled one (``cpu-small``), plus ``overrides``."""
+        p = recipe_path(path)
+        data = read_yaml_mapping(p)
         data.update(overrides or {})
-        return cls.from_dict(data)
+        return cls.from_dict(data, require_data=require_data)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain YAML/JSON-safe values (tuples as lists)."""
@@ -127,19 +265,31 @@ class TrainConfig:
         names = {f.name for f in fields(AugmentConfig)}
         return AugmentConfig(**{k: getattr(self, k) for k in names})
 
-    def validate(self) -> None:
+    def validate(self, *, require_data: bool = True) -> None:
         """ValueError naming the first bad setting."""
-        if not self.data:
+        if require_data and not self.data:
             raise ValueError("data is required: an image folder, a GLDv2 CSV or an image list")
-        _choice("data_format", self.data_format, ("auto", "folder", "csv", "list"))
-        _choice("check_images", self.check_images, ("none", "exists", "header"))
-        _choice("backbone", self.backbone, tuple(BACKBONES))
-        _choice("pretrained", self.pretrained, (None, "imagenet"))
-        _choice("whiten_init", self.whiten_init, ("identity", "pca"))
-        _choice("loss", self.loss, LOSSES)
-        _choice("schedule", self.schedule, SCHEDULES)
-        for name in ("batch_size", "images_per_class", "chunk_size", "steps", "num_bins",
-                     "checkpoint_every", "max_side", "pca_images", "num_hard"):
+        if self.backbone not in BACKBONES and not is_timm_name(self.backbone):
+            raise ValueError(
+                f"backbone must be one of {list(BACKBONES)} or timm/<model>, got {self.backbone!r}"
+            )
+        for f in fields(self):
+            if f.metadata.get("choices") is not None:
+                _choice(f.name, getattr(self, f.name), f.metadata["choices"])
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{f.name} must be a finite number, got {value}")
+        for name in (
+            "batch_size",
+            "images_per_class",
+            "chunk_size",
+            "steps",
+            "num_bins",
+            "checkpoint_every",
+            "max_side",
+            "pca_images",
+            "num_hard",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("warmup_steps", "num_workers", "image_cache_mb", "memory_batches"):
@@ -157,7 +307,6 @@ class TrainConfig:
                 f"need lr > 0, weight_decay >= 0, 0 < lr_decay <= 1; got lr={self.lr}, "
                 f"weight_decay={self.weight_decay}, lr_decay={self.lr_decay}"
             )
-        _choice("dist_backend", self.dist_backend, ("auto", "gloo", "nccl"))
         if not self.dist_timeout > 0:
             raise ValueError(f"dist_timeout must be > 0 seconds, got {self.dist_timeout}")
         if self.memory_batches and self.loss not in ("ap", "tie_aware_ap"):
@@ -173,13 +322,19 @@ class TrainConfig:
 
 def _choice(name: str, value: Any, allowed: tuple) -> None:
     if value not in allowed:
-        raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
+        shown = ["null" if a is None else a for a in allowed]
+        raise ValueError(f"{name} must be one of {shown}, got {value!r}")
+
+
+_NULL_WORDS = ("none", "null", "~")
 
 
 def _coerce(name: str, value: Any, hint: Any) -> Any:
     """Check/convert one YAML value to the field's declared type."""
     args = typing.get_args(hint)
     optional = typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in args
+    if optional and isinstance(value, str) and value.strip().lower() in _NULL_WORDS:
+        value = None  # `--pretrained none`, as a person types it
     if value is None:
         if optional:
             return None
@@ -188,6 +343,8 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
     origin = typing.get_origin(base)
     try:
         if origin is tuple:
+            if isinstance(value, str):  # `--crop-scale 0.5,1.0`
+                value = [v for v in value.strip("[]() ").split(",") if v.strip()]
             items = list(value) if isinstance(value, list | tuple) else None
             if items is None or len(items) != len(typing.get_args(base)):
                 raise TypeError
@@ -212,7 +369,7 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
             if not isinstance(value, str | int | float) or isinstance(value, bool):
                 raise TypeError
             return str(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: int(inf)
         raise ValueError(f"{name}: expected {_type_name(hint)}, got {value!r}") from None
     return value
 
@@ -221,8 +378,35 @@ def _type_name(hint: Any) -> str:
     return hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
 
 
+def read_yaml_mapping(path: str | os.PathLike) -> dict[str, Any]:
+    """A YAML file holding a mapping of settings (safe loader: plain values, no tags).
+
+    ValueError naming the file and the line for a syntax error or a ``!!python`` tag.
+    """
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ValueError(f"config file not found: {p}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{p}: not a text (UTF-8) YAML file") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{p}, line {mark.line + 1}" if mark is not None else str(p)
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        if "python/" in str(err):
+            problem += " (recipes hold plain values; Python tags are never executed)"
+        raise ValueError(f"{where}: invalid YAML: {problem}") from None
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise ValueError(f"{p}: expected a mapping of settings, got {type(data).__name__}")
+    return data
+
+
 def write_yaml_atomic(path: str | os.PathLike, data: dict[str, Any]) -> Path:
-    """Write ``data`` as YAML through a temporary file + os.replace."""
+    """Write ``data`` as YAML through :func:`apretrieval.atomic.atomic_open`."""
     path = Path(path)
     with atomic_open(path, "w", encoding="utf-8") as f:
         yaml.safe_dump(data, f, sort_keys=False)

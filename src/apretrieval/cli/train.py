@@ -1,7 +1,12 @@
 """``apretrieval train``: train a retrieval model from a YAML recipe plus command-line overrides.
 
-Every TrainConfig field is a flag: ``num_bins`` -> ``--num-bins 20``; values are read as YAML
-scalars/lists (``--crop-scale [0.3,1]``, ``--out-dim null``).
+Every TrainConfig field is a flag (``num_bins`` -> ``--num-bins 20``) whose help text, unit,
+default and allowed values come from the field's documentation in :mod:`apretrieval.train_config`,
+grouped as the config is (data, model, loss, optimisation, run). Values are read as YAML scalars
+or as a person types them: ``--crop-scale 0.5,1.0``, ``--pretrained none``, ``--square true``.
+
+Without ``--config`` the recipe is chosen by device: the TrainConfig defaults (the paper's GPU
+setting) when a GPU will be used, else the bundled ``cpu-small`` recipe; the choice is printed.
 """
 
 from __future__ import annotations
@@ -10,49 +15,151 @@ import argparse
 import dataclasses
 import os
 import sys
+import typing
 from typing import Any
 
 import yaml
 
-from apretrieval.train_config import TrainConfig
+from apretrieval.configs import bundled_recipes
+from apretrieval.train_config import GROUPS, TrainConfig
+
+CPU_RECIPE = "cpu-small"
+_GROUP_TITLES = {
+    "data": "data and augmentation",
+    "model": "model",
+    "loss": "loss",
+    "optimisation": "optimisation (batches, Adam, schedule)",
+    "run": "run",
+}
 
 
 def _yaml_value(text: str) -> Any:
     try:
         return yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise argparse.ArgumentTypeError(f"not a YAML value: {text!r} ({err})") from None
+    except yaml.YAMLError:
+        return text  # not a YAML scalar: TrainConfig validates it as typed text
+
+
+def _metavar(f: dataclasses.Field, hint: Any) -> str:
+    choices = f.metadata.get("choices")
+    if choices:
+        return "{" + ",".join("none" if c is None else str(c) for c in choices) + "}"
+    if f.name in ("data", "image_root", "weights", "output_dir"):
+        return "PATH"
+    args = typing.get_args(hint)
+    base = next((a for a in args if a is not type(None)), hint) if args else hint
+    if typing.get_origin(base) is tuple:
+        return "MIN,MAX"
+    names = {bool: "BOOL", int: "N", float: "X", str: "NAME"}
+    return names.get(base, "VALUE") + ("|none" if type(None) in args else "")
+
+
+def _shown(value: Any) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, tuple):
+        return ",".join(f"{v:g}" for v in value)
+    return repr(value) if value == "" else str(value)
+
+
+def option_help(f: dataclasses.Field) -> str:
+    """One field's help: meaning [unit]; default (the TrainConfig default, before a recipe)."""
+    unit = f.metadata.get("unit")
+    text = f.metadata["doc"] + (f" [{unit}]" if unit else "")
+    return f"{text} (default: {_shown(f.default)})".replace("%", "%%")
+
+
+def option_names(f: dataclasses.Field) -> list[str]:
+    """``--num-bins`` for ``num_bins``, then the field's other accepted spellings."""
+    return ["--" + f.name.replace("_", "-"), *f.metadata.get("aliases", ())]
 
 
 def register(subparsers: Any) -> None:
+    recipes = ", ".join(bundled_recipes())
     p = subparsers.add_parser(
         "train",
         help="train a model (multistaged backpropagation, AP loss by default)",
-        description="Train per a YAML recipe; any recipe key can be overridden as --key VALUE.",
+        description=(
+            "Train per a YAML recipe; every recipe key can be overridden as --key VALUE. "
+            f"Bundled recipes (--config NAME): {recipes}. Without --config: the paper's GPU "
+            f"setting when a GPU is used, else {CPU_RECIPE}. Defaults below are TrainConfig's."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--config", "-c", help="YAML recipe (e.g. configs/cpu-small.yaml)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue from <output-dir>/checkpoint.pt when it exists")
-    p.add_argument("--print-config", action="store_true",
-                   help="print the resolved config as YAML and exit")
-    group = p.add_argument_group("recipe overrides (see TrainConfig)")
+    p.add_argument(
+        "--config",
+        "-c",
+        metavar="RECIPE",
+        help=f"YAML recipe: a file, or a bundled name ({recipes})",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from <output-dir>/checkpoint.pt when it exists",
+    )
+    p.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved config as YAML and exit (--data not needed)",
+    )
+    p.add_argument(
+        "--no-progress",
+        dest="progress",
+        action="store_false",
+        default=argparse.SUPPRESS,
+        help="no progress bar (same as --progress false)",
+    )
+    groups = {g: p.add_argument_group(_GROUP_TITLES[g]) for g in GROUPS}
+    hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         if f.name == "extra":
             continue
-        group.add_argument(
-            "--" + f.name.replace("_", "-"), dest=f.name, type=_yaml_value,
-            default=argparse.SUPPRESS, metavar="VALUE",
+        groups[f.metadata["group"]].add_argument(
+            *option_names(f),
+            dest=f.name,
+            type=_yaml_value,
+            default=argparse.SUPPRESS,
+            metavar=_metavar(f, hints[f.name]),
+            help=option_help(f),
         )
     p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
+def _default_recipe(device: str) -> str | None:
+    """The bundled recipe for a run without --config: None (TrainConfig's GPU defaults)."""
+    if device == "cpu":
+        return CPU_RECIPE
+    if device.startswith("cuda"):
+        return None
+    import torch
+
+    return None if torch.cuda.is_available() else CPU_RECIPE
+
+
+def resolve_config(args: argparse.Namespace, *, require_data: bool = True) -> TrainConfig:
+    """The TrainConfig the command line describes (recipe, then --key overrides)."""
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     overrides = {k: v for k, v in vars(args).items() if k in names}
-    if args.config:
-        cfg = TrainConfig.from_yaml(args.config, overrides)
-    else:
-        cfg = TrainConfig.from_dict(overrides)
+    config = args.config
+    if config is None:
+        device = str(overrides.get("device", "auto"))
+        config = _default_recipe(device)
+        where = f"the bundled recipe {config!r}" if config else "the paper's GPU setting"
+        why = "no GPU" if config else "a GPU is available"
+        print(
+            f"apretrieval train: no --config given: using {where} ({why}; "
+            f"choose with --config NAME or a YAML file)",
+            file=sys.stderr,
+        )
+    if config is None:
+        return TrainConfig.from_dict(overrides, require_data=require_data)
+    return TrainConfig.from_yaml(config, overrides, require_data=require_data)
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = resolve_config(args, require_data=not args.print_config)
     if args.print_config:
         yaml.safe_dump(cfg.to_dict(), sys.stdout, sort_keys=False)
         return 0

@@ -1,0 +1,102 @@
+"""Weights files: read without running code, load into a network strictly, write atomically.
+
+``torch.load(weights_only=True)`` refuses pickled objects other than tensors, containers and
+numbers, so an untrusted file can never execute code; :func:`safe_load` turns torch's errors
+into messages a person can act on (and never repeats torch's advice to load unsafely).
+The checkpoint *format* (what the dict holds) is :mod:`apretrieval.models`' business.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from apretrieval.atomic import atomic_open
+
+__all__ = [
+    "CheckpointError",
+    "UnsafeCheckpointError",
+    "atomic_torch_save",
+    "load_weights",
+    "safe_load",
+]
+
+
+class CheckpointError(ValueError):
+    """A weights or checkpoint file cannot be used: unreadable, or made for another network."""
+
+    exit_code = 1
+
+
+class UnsafeCheckpointError(CheckpointError, pickle.UnpicklingError):
+    """The file holds pickled Python objects beyond tensors and containers; none was run."""
+
+
+def safe_load(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
+    """``torch.load(weights_only=True)``: tensors, containers, numbers; never runs code.
+
+    A file that needs more (arbitrary pickled objects) raises UnsafeCheckpointError without
+    torch's advice to load it unsafely: such a file may come from anywhere and is not run.
+    Empty, truncated or corrupt files raise CheckpointError naming the file.
+    """
+    p = Path(path)
+    try:
+        return torch.load(p, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
+        raise UnsafeCheckpointError(
+            f"{p} is not a plain checkpoint (it holds pickled Python objects besides tensors "
+            "and numbers); nothing in it was executed. Load only files written by "
+            "apretrieval or torch.save of a state dict"
+        ) from None
+    except (EOFError, RuntimeError, zipfile.BadZipFile, UnicodeDecodeError, ValueError) as err:
+        size = p.stat().st_size if p.exists() else 0
+        what = "empty" if size == 0 else f"truncated or corrupt ({size} bytes)"
+        first = " ".join(str(err).split())[:160]
+        raise CheckpointError(f"{p} is not a readable checkpoint: {what} ({first})") from None
+
+
+def load_weights(module: nn.Module, state_dict: dict[str, Tensor], source: str) -> None:
+    """``module.load_state_dict(state_dict)`` (strict), failing with a short CheckpointError.
+
+    torch's message lists every key; this one counts missing, unexpected and mis-shaped
+    entries and names the first few, which is what tells an architecture change apart.
+    """
+    own = module.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    shapes = [
+        f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in state_dict and hasattr(state_dict[k], "shape") and state_dict[k].shape != v.shape
+    ]
+    if missing or unexpected or shapes:
+        parts = [
+            f"{len(items)} {label} (e.g. {', '.join(items[:3])})"
+            for label, items in (
+                ("missing", missing),
+                ("unexpected", unexpected),
+                ("of another shape", shapes),
+            )
+            if items
+        ]
+        raise CheckpointError(
+            f"{source} does not fit this model ({type(module).__name__}): "
+            + "; ".join(parts)
+            + ". It was made for another backbone or out_dim: use the same settings, or "
+            "another output folder / weights file"
+        )
+    module.load_state_dict(state_dict, strict=True)
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
+    """torch.save to a temporary file in the same folder, then os.replace: never half-written."""
+    path = Path(path)
+    with atomic_open(path, "wb") as f:
+        torch.save(obj, f)
+    return path
