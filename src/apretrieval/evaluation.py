@@ -17,38 +17,36 @@ strictly higher score and after every item with the *same* score and a smaller d
 Speed: only the ranks of the positives and junk matter, so nothing sorts the database.  Each
 query makes a few vectorised passes over its row (bucket every score by a monotone linear map,
 histogram the buckets) and resolves exactly only the items that share a bucket with a
-positive/junk item; see :func:`stable_ranks`.
+positive/junk item; see :func:`stable_ranks`.  Queries are independent, so a score matrix can
+be evaluated a block of rows at a time and the per-query results concatenated
+(:meth:`ProtocolResult.concatenate`).
+
+This module is ranks and metrics only: typed results and the results file are in
+:mod:`apretrieval.results`, the AP vs AP_Q analysis in :mod:`apretrieval.apq_analysis`.
 """
 
 from __future__ import annotations
 
-import json
+import importlib
 import math
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from apretrieval.atomic import atomic_open
-
 __all__ = [
     "PROTOCOLS",
-    "APComparison",
     "ProtocolResult",
-    "ap_vs_quantized_ap",
+    "as_scores",
     "evaluate_protocol",
     "evaluate_revisited",
     "evaluate_revisited_per_query",
-    "format_results_table",
-    "load_results",
-    "pearson",
+    "gnd_entries",
     "protocol_sets",
+    "query_sets",
     "stable_ranks",
     "stable_topk",
-    "write_results",
 ]
 
 PROTOCOLS: tuple[str, ...] = ("easy", "medium", "hard")
@@ -62,7 +60,7 @@ _MAX_BUCKETS = 1 << 16
 # Input handling
 
 
-def _as_scores(scores: Any) -> np.ndarray:
+def as_scores(scores: Any) -> np.ndarray:
     """(Q, N) numpy view of numpy/torch scores; float16 is widened (exact, keeps ties)."""
     if hasattr(scores, "detach") and hasattr(scores, "cpu"):  # torch tensor, any device
         scores = scores.detach().cpu().numpy()
@@ -76,7 +74,7 @@ def _as_scores(scores: Any) -> np.ndarray:
     return s
 
 
-def _gnd_list(gnd: Any) -> list[Mapping[str, Any]]:
+def gnd_entries(gnd: Any) -> list[Mapping[str, Any]]:
     """The per-query list from either the list itself or the whole pickle dict."""
     if isinstance(gnd, Mapping):
         if "gnd" not in gnd:
@@ -100,7 +98,8 @@ def _index_array(values: Any, what: str, num_db: int) -> np.ndarray:
     return idx
 
 
-def _query_sets(entry: Mapping[str, Any], q: int, num_db: int) -> dict[str, np.ndarray]:
+def query_sets(entry: Mapping[str, Any], q: int, num_db: int) -> dict[str, np.ndarray]:
+    """Validated ``easy`` / ``hard`` / ``junk`` index arrays of query ``q``'s gnd entry."""
     if not isinstance(entry, Mapping):
         raise ValueError(f"gnd[{q}] must be a dict, got {type(entry).__name__}")
     missing = [k for k in ("easy", "hard", "junk") if k not in entry]
@@ -255,6 +254,20 @@ class ProtocolResult:
     precision: np.ndarray
     kappas: tuple[int, ...]
 
+    @classmethod
+    def concatenate(cls, parts: Sequence[ProtocolResult]) -> ProtocolResult:
+        """The results of consecutive query blocks as one (queries in the parts' order)."""
+        if not parts:
+            raise ValueError("no results to concatenate")
+        kappas = parts[0].kappas
+        if any(p.kappas != kappas for p in parts):
+            raise ValueError(f"results with different kappas: {[p.kappas for p in parts]}")
+        return cls(
+            np.concatenate([p.ap for p in parts]),
+            np.concatenate([p.precision for p in parts]),
+            kappas,
+        )
+
     @property
     def valid(self) -> np.ndarray:
         return ~np.isnan(self.ap)
@@ -291,7 +304,7 @@ def evaluate_protocol(
 
     scores (Q, N), higher = more similar; positives/junk: Q index lists each.
     """
-    s = _as_scores(scores)
+    s = as_scores(scores)
     ks = _check_kappas(kappas)
     q, n = s.shape
     if len(positives) != q or len(junk) != q:
@@ -327,8 +340,8 @@ def evaluate_revisited_per_query(
     scores (Q, N) numpy or torch, higher = more similar; gnd: the official per-query list of
     ``{"easy", "hard", "junk"}`` index lists (or the whole pickle dict).
     """
-    s = _as_scores(scores)
-    entries = _gnd_list(gnd)
+    s = as_scores(scores)
+    entries = gnd_entries(gnd)
     ks = _check_kappas(kappas)
     q, n = s.shape
     if len(entries) != q:
@@ -337,7 +350,7 @@ def evaluate_revisited_per_query(
     prec = {p: np.full((q, len(ks)), np.nan) for p in PROTOCOLS}
     ranker = _Ranker(n, s.dtype)
     for i, entry in enumerate(entries):
-        sets = _query_sets(entry, i, n)
+        sets = query_sets(entry, i, n)
         union = np.concatenate([sets["easy"], sets["hard"], sets["junk"]])
         if union.size == 0:
             continue
@@ -376,178 +389,20 @@ def evaluate_revisited(
 
 
 # --------------------------------------------------------------------------------------------
-# AP vs AP_Q (supplementary, Fig. 1)
+# Names that moved to their own modules, still importable from here.
+
+_MOVED: dict[str, str] = {
+    "APComparison": "apretrieval.apq_analysis",
+    "ap_vs_quantized_ap": "apretrieval.apq_analysis",
+    "pearson": "apretrieval.apq_analysis",
+    "format_results_table": "apretrieval.results",
+    "load_results": "apretrieval.results",
+    "write_results": "apretrieval.scoring",
+}
 
 
-def pearson(x: np.ndarray, y: np.ndarray) -> float:
-    """Pearson correlation of two (n,) arrays; NaN if n < 2 or one of them is constant."""
-    x = np.asarray(x, dtype=np.float64)
-    y = np.asarray(y, dtype=np.float64)
-    if x.shape != y.shape or x.ndim != 1:
-        raise ValueError(f"x {x.shape} and y {y.shape} must be equal 1-D shapes")
-    if x.size < 2:
-        return math.nan
-    xc, yc = x - x.mean(), y - y.mean()
-    den = math.sqrt(float(xc @ xc) * float(yc @ yc))
-    return float(xc @ yc) / den if den > 0 else math.nan
-
-
-@dataclass(frozen=True)
-class APComparison:
-    """Exact (official) AP and quantized AP per query, and their Pearson correlation."""
-
-    ap: np.ndarray  # (Q,), NaN for queries without a positive
-    ap_q: np.ndarray  # (Q,), NaN likewise
-    pearson: float
-
-
-def _quantized_ap_rows(
-    s: np.ndarray,
-    entries: list[Mapping[str, Any]],
-    protocol: str,
-    num_bins: int,
-    score_range: tuple[float, float],
-) -> np.ndarray:
-    import torch
-
-    from apretrieval.losses import quantized_ap
-
-    q, n = s.shape
-    out = np.full(q, np.nan)
-    for i, entry in enumerate(entries):
-        pos, junk = protocol_sets(_query_sets(entry, i, n), protocol)
-        if pos.size == 0:
-            continue
-        # Junk leaves the ranking, as in the exact AP, so both see the same list.
-        keep = np.ones(n, dtype=bool)
-        keep[junk] = False
-        rel = np.zeros(n, dtype=bool)
-        rel[pos] = True
-        row = torch.from_numpy(np.ascontiguousarray(s[i][keep], dtype=np.float64))[None]
-        out[i] = float(
-            quantized_ap(row, torch.from_numpy(rel[keep])[None], num_bins, score_range)[0]
-        )
-    return out
-
-
-def ap_vs_quantized_ap(
-    scores: Any,
-    gnd: Any,
-    protocol: str = "medium",
-    num_bins: int = 20,
-    score_range: tuple[float, float] = (-1.0, 1.0),
-) -> APComparison:
-    """Per-query official AP vs AP_Q (``quantized_ap``, junk removed) and their correlation.
-
-    The supplementary reports a correlation of ~0.98 on RParis (Medium) with M = 20 bins.
-    """
-    s = _as_scores(scores)
-    entries = _gnd_list(gnd)
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
-    exact = evaluate_revisited_per_query(s, entries)[protocol].ap
-    ap_q = _quantized_ap_rows(s, entries, protocol, num_bins, score_range)
-    ok = ~np.isnan(exact)
-    return APComparison(exact, ap_q, pearson(exact[ok], ap_q[ok]))
-
-
-# --------------------------------------------------------------------------------------------
-# Results file (read by `apretrieval report`)
-
-
-def _nan_to_none(x: float) -> float | None:
-    return None if x is None or math.isnan(x) else float(x)
-
-
-def write_results(
-    path: str | os.PathLike,
-    *,
-    scores: Any,
-    gnd: Any,
-    dataset: str,
-    root: str | os.PathLike,
-    database: Sequence[str],
-    queries: Sequence[str],
-    model: str,
-    gnd_file: str | None = None,
-    kappas: Sequence[int] = (1, 5, 10),
-    topk: int = 100,
-    num_bins: int = 20,
-    extra: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Evaluate ``scores`` (Q, N) and write the results JSON atomically; returns the dict.
-
-    ``database`` / ``queries``: image paths relative to ``root`` (N and Q of them); the query
-    ``bbx`` comes from ``gnd``. ``extra`` keys are added at the top level (e.g. settings).
-    """
-    s = _as_scores(scores)
-    entries = _gnd_list(gnd)
-    q, n = s.shape
-    if len(database) != n or len(queries) != q:
-        raise ValueError(
-            f"scores {s.shape} vs {len(queries)} query and {len(database)} database names"
-        )
-    per_query = evaluate_revisited_per_query(s, entries, kappas)
-    metrics = {p: r.summary() for p, r in per_query.items() if r.num_queries > 0}
-    ap_q = _quantized_ap_rows(s, entries, "medium", num_bins, (-1.0, 1.0))
-    rows = []
-    for i in range(q):
-        top = stable_topk(s[i], topk)
-        bbx = entries[i].get("bbx")
-        rows.append(
-            {
-                "image": str(queries[i]),
-                "bbx": None if bbx is None else [float(v) for v in np.asarray(bbx).ravel()],
-                "topk": [int(j) for j in top],
-                "topk_scores": [float(v) for v in s[i][top]],
-                "ap": {p: _nan_to_none(per_query[p].ap[i]) for p in PROTOCOLS},
-                "ap_q": _nan_to_none(ap_q[i]),
-            }
-        )
-    result: dict[str, Any] = {
-        "dataset": dataset,
-        "root": str(Path(root).resolve()),
-        "gnd_file": gnd_file if gnd_file is not None else f"gnd_{dataset}.pkl",
-        "metrics": metrics,
-        "database": [str(d) for d in database],
-        "queries": rows,
-        "model": str(model),
-    }
-    if extra:
-        result.update(extra)
-    _atomic_write_json(Path(path), result)
-    return result
-
-
-def _atomic_write_json(path: Path, obj: Any) -> None:
-    with atomic_open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, allow_nan=False)
-
-
-def load_results(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a results JSON; ``metrics[protocol]["mP@k"]`` keys come back as ints."""
-    with open(path, encoding="utf-8") as f:
-        res = json.load(f)
-    if not isinstance(res, dict) or "metrics" not in res:
-        raise ValueError(f"{path} is not an apretrieval results file (no 'metrics')")
-    for m in res["metrics"].values():
-        if isinstance(m, dict) and "mP@k" in m:
-            m["mP@k"] = {int(k): v for k, v in m["mP@k"].items()}
-    return res
-
-
-def format_results_table(metrics: Mapping[str, Mapping[str, Any]], title: str = "") -> str:
-    """The Easy / Medium / Hard table (mAP and mP@k in %), as retrieval papers report it."""
-    kappas = sorted({int(k) for m in metrics.values() for k in m["mP@k"]})
-    head = ["", "mAP"] + [f"mP@{k}" for k in kappas]
-    lines = [title] if title else []
-    lines.append(f"{head[0]:<8}" + "".join(f"{h:>8}" for h in head[1:]))
-    for p in PROTOCOLS:
-        if p not in metrics:
-            lines.append(f"{p.capitalize():<8}" + f"{'n/a':>8}" * (len(head) - 1))
-            continue
-        m = metrics[p]
-        prec = {int(k): v for k, v in m["mP@k"].items()}
-        vals = [m["mAP"]] + [prec[k] for k in kappas]
-        lines.append(f"{p.capitalize():<8}" + "".join(f"{100 * v:>8.2f}" for v in vals))
-    return "\n".join(lines)
+def __getattr__(name: str) -> Any:
+    # Imported on first use: those modules import this one.
+    if name in _MOVED:
+        return getattr(importlib.import_module(_MOVED[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -23,9 +23,12 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 
+from apretrieval.configs import recipe_path
 from apretrieval.demo.dataset import Benchmark, BenchmarkConfig, prepare_benchmark
+from apretrieval.pipeline import ExtractionSettings, evaluate_checkpoint
+from apretrieval.results import metrics_to_dict, model_table, render_table
+from apretrieval.train_config import TrainConfig, read_yaml_mapping
 
 METHODS: tuple[str, ...] = ("pretrained", "ap", "contrastive")
 LABELS = {
@@ -35,30 +38,37 @@ LABELS = {
 }
 
 
-@dataclass(frozen=True)
-class DemoTraining:
-    """Fine-tuning settings, shared by both losses so their budgets are identical."""
+# TrainConfig fields the demo sets itself for each fine-tuning run (see train_config()).
+_SET_BY_DEMO = ("data", "output_dir", "loss", "seed", "backbone", "progress")
 
-    steps: int = 30
-    batch_size: int = 128  # B images per step: classes_per_batch x images_per_class
-    images_per_class: int = 8
-    chunk_size: int = 32  # images per forward/backward of multistaged backpropagation
-    max_side: int = 128  # training image side (square crops)
-    crop_scale: tuple[float, float] = (0.5, 1.0)
-    tilt: float = 0.2
-    brightness: float = 0.2
-    contrast: float = 0.2
-    saturation: float = 0.2
-    lr: float = 3e-4  # Adam, both losses
-    weight_decay: float = 1e-6
-    schedule: str = "cosine"
-    warmup_steps: int = 0
-    num_bins: int = 20  # AP loss
-    # Contrastive loss. The margin suits this network's distances: pretrained hardest
-    # negatives lie at 0.7-0.9, so the usual 0.7 leaves them inactive and training only pulls
-    # everything together (no gain); 1.4 was best of 0.7 / 1.0 / 1.2 / 1.4 (BENCHMARKS.md).
-    margin: float = 1.4
-    num_hard: int = 5  # contrastive loss: hardest in-batch negatives per anchor
+
+def demo_training(**settings: Any) -> TrainConfig:
+    """The demo's fine-tuning settings, shared by both losses so their budgets are identical.
+
+    A TrainConfig without ``data`` (the generated benchmark supplies it); ``settings``
+    override the demo's values below, which differ from TrainConfig's defaults where a CPU,
+    a 128 px benchmark and a 30-step run call for it.
+    """
+    values: dict[str, Any] = dict(
+        data_format="folder", check_images="none", pretrained="imagenet", whiten=True,
+        whiten_init="identity", steps=30,
+        batch_size=128,  # B images per step: 16 landmarks x images_per_class
+        images_per_class=8, chunk_size=32, max_side=128, square=True, crop_scale=(0.5, 1.0),
+        tilt=0.2, brightness=0.2, contrast=0.2, saturation=0.2,
+        lr=3e-4, weight_decay=1e-6, schedule="cosine", warmup_steps=0,  # Adam, both losses
+        num_bins=20,
+        # Contrastive loss. The margin suits this network's distances: pretrained hardest
+        # negatives lie at 0.7-0.9, so the usual 0.7 leaves them inactive and training only
+        # pulls everything together (no gain); 1.4 was best of 0.7 / 1.0 / 1.2 / 1.4
+        # (BENCHMARKS.md).
+        margin=1.4, num_hard=5,
+        device="cpu", num_workers=0,
+    )
+    values.update(settings)
+    return TrainConfig.from_dict(values, require_data=False)
+
+
+DemoTraining = demo_training  # the earlier name of the demo's training settings
 
 
 @dataclass(frozen=True)
@@ -68,7 +78,7 @@ class DemoConfig:
     seed: int = 0
     backbone: str = "mobilenet_v2"
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
-    training: DemoTraining = field(default_factory=DemoTraining)
+    training: TrainConfig = field(default_factory=demo_training)  # without data/output_dir
     scales: tuple[float, ...] = (1.0, 2**-0.5, 0.5)  # multi-scale test descriptors
     eval_max_side: int | None = None  # shrink test images to this side (None: as generated)
     loss_probe_images: int = 256  # training images on which the AP loss is reported per model
@@ -84,8 +94,8 @@ class DemoConfig:
                 train_views_per_landmark=8,
                 photos=("astronaut", "coffee", "rocket", "camera", "chelsea", "brick", "grass"),
             ),
-            training=DemoTraining(steps=4, batch_size=32, images_per_class=4, chunk_size=16,
-                                  max_side=64, lr=1e-4, schedule="constant"),
+            training=demo_training(steps=4, batch_size=32, images_per_class=4, chunk_size=16,
+                                   max_side=64, lr=1e-4, schedule="constant"),
             scales=(1.0,),
             loss_probe_images=64,
         )
@@ -103,19 +113,26 @@ class DemoConfig:
         """From plain values (YAML); unknown keys are a ValueError."""
         d = dict(d)
         bench = _build(BenchmarkConfig, d.pop("benchmark", {}) or {}, "benchmark")
-        training = _build(DemoTraining, d.pop("training", {}) or {}, "training")
+        training = _training(d.pop("training", {}) or {})
         cfg = _build(cls, d, "demo", benchmark=bench, training=training)
         return cfg.with_seed(cfg.seed)
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> DemoConfig:
-        p = Path(path)
-        if not p.is_file():
-            raise ValueError(f"demo config not found: {p}")
-        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        if not isinstance(data, dict):
-            raise ValueError(f"{p}: expected a mapping of settings")
-        return cls.from_dict(data)
+        """A demo recipe file, or the name of a bundled one (``demo``)."""
+        return cls.from_dict(read_yaml_mapping(recipe_path(path)))
+
+
+def _training(section: dict[str, Any]) -> TrainConfig:
+    """The ``training:`` section of a demo recipe, parsed by TrainConfig over the demo's values."""
+    if not isinstance(section, dict):
+        raise ValueError(f"training: expected a mapping of settings, got {section!r}")
+    known = {f.name for f in dataclasses.fields(TrainConfig)} - set(_SET_BY_DEMO)
+    unknown = sorted(set(section) - known)
+    if unknown:
+        raise ValueError(f"unknown training settings {unknown} (set by the demo: "
+                         f"{list(_SET_BY_DEMO)}); known: {sorted(known)}")
+    return demo_training(**section)
 
 
 def _plain(x: Any) -> Any:
@@ -146,21 +163,12 @@ def _build(cls: type, d: dict[str, Any], where: str, **fixed: Any) -> Any:
 
 def train_config(cfg: DemoConfig, bench: Benchmark, loss: str, run_dir: Path, progress: bool):
     """The TrainConfig of one fine-tuning run (only ``loss`` differs between the two)."""
-    from apretrieval.train_config import TrainConfig
-
-    t = cfg.training
-    return TrainConfig(
-        data=str(bench.train_dir), data_format="folder", check_images="none",
-        backbone=cfg.backbone, pretrained="imagenet", whiten=True, whiten_init="identity",
-        loss=loss, num_bins=t.num_bins, margin=t.margin, num_hard=t.num_hard,
-        batch_size=t.batch_size, images_per_class=t.images_per_class, chunk_size=t.chunk_size,
-        max_side=t.max_side, square=True, crop_scale=t.crop_scale, tilt=t.tilt,
-        brightness=t.brightness, contrast=t.contrast, saturation=t.saturation,
-        lr=t.lr, weight_decay=t.weight_decay,
-        schedule=t.schedule, warmup_steps=t.warmup_steps,
-        steps=t.steps, output_dir=str(run_dir), seed=cfg.seed, device="cpu", num_workers=0,
-        checkpoint_every=max(t.steps, 1), progress=progress,
+    tc = cfg.training.replace(
+        data=str(bench.train_dir), backbone=cfg.backbone, loss=loss, output_dir=str(run_dir),
+        seed=cfg.seed, checkpoint_every=max(cfg.training.steps, 1), progress=progress,
     )
+    tc.validate()
+    return tc
 
 
 def load_test_set(bench: Benchmark):
@@ -173,27 +181,19 @@ def load_test_set(bench: Benchmark):
 def evaluate_model(
     model: torch.nn.Module, test: Any, cfg: DemoConfig, name: str, out: Path, progress: bool
 ) -> dict[str, Any]:
-    """Extract, score and evaluate one model; writes ``results_<name>.json``; returns metrics."""
-    from apretrieval.evaluation import write_results
-    from apretrieval.extraction import ImageFiles, extract_descriptors
+    """Extract, score and evaluate one model; writes ``results_<name>.json``; returns metrics.
 
-    kw = {"scales": cfg.scales, "batch_size": 8, "num_workers": 0, "device": "cpu",
-          "max_side": cfg.eval_max_side, "progress": progress}
-    q = extract_descriptors(
-        model, ImageFiles(test.query_paths(), test.query_boxes(), cfg.eval_max_side),
-        desc=f"{name}: queries", **kw,
+    The route of ``apretrieval evaluate`` (:func:`apretrieval.pipeline.evaluate_checkpoint`),
+    with the model in memory.
+    """
+    settings = ExtractionSettings(
+        scales=cfg.scales, max_side=cfg.eval_max_side, num_workers=0, device="cpu",
+        progress=progress,
     )
-    db = extract_descriptors(model, ImageFiles(test.db_paths(), None, cfg.eval_max_side),
-                             desc=f"{name}: database", **kw)
-    scores = q @ db.T
-    res = write_results(
-        out / f"results_{name}.json", scores=scores, gnd=test.gnd, dataset=test.name,
-        root=test.root.resolve(), gnd_file=test.gnd_path.name,
-        database=[test.relative(p) for p in test.db_paths()],
-        queries=[test.relative(p) for p in test.query_paths()],
-        model=name, extra={"settings": {"scales": list(cfg.scales), "method": name}},
+    res = evaluate_checkpoint(
+        model, test, settings, out=out / f"results_{name}.json", model_name=name
     )
-    return res["metrics"]
+    return metrics_to_dict(res.metrics)
 
 
 def probe_training_set(model: torch.nn.Module, bench: Benchmark, cfg: DemoConfig) -> dict:
@@ -348,20 +348,5 @@ def write_reports(out: Path, runs: dict[str, str]) -> dict[str, str]:
 
 def format_table(summary: dict[str, Any]) -> str:
     """Markdown table: Easy/Medium/Hard mAP and mP@10 of the three models."""
-    head = (
-        "| model | Easy mAP | Easy mP@10 | Medium mAP | Medium mP@10 | Hard mAP | Hard mP@10 |\n"
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |\n"
-    )
-    rows = []
-    for m in METHODS:
-        cells = []
-        for p in ("easy", "medium", "hard"):
-            r = summary[m].get(p)
-            if r is None:
-                cells += ["-", "-"]
-                continue
-            mp = r["mP@k"]
-            p10 = mp.get(10, mp.get("10"))
-            cells += [f"{100 * r['mAP']:.1f}", "-" if p10 is None else f"{100 * p10:.1f}"]
-        rows.append(f"| {LABELS[m]} | " + " | ".join(cells) + " |")
-    return head + "\n".join(rows)
+    table = model_table({m: summary[m] for m in METHODS}, labels=LABELS, kappas=(10,))
+    return render_table(table, "markdown")

@@ -1,0 +1,203 @@
+"""``write_report``: the HTML page of a results file, and the choices behind it (which
+queries, which border for which result)."""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from apretrieval.atomic import atomic_open
+from apretrieval.data.revisited import load_gnd
+from apretrieval.evaluation import protocol_sets
+from apretrieval.report.images import Thumbnails, file_src
+from apretrieval.report.markup import SHOWN_PROTOCOLS, QueryView, esc, page, query_section
+from apretrieval.report.plots import plot_ap_scatter, plot_training_curves
+from apretrieval.report.training_log import read_training_log
+from apretrieval.results import RetrievalResults, protocol_table, render_table
+
+__all__ = ["result_labels", "select_queries", "write_report"]
+
+HTML_FILE = "index.html"
+SCATTER_FILE = "ap_vs_apq.png"
+CURVES_FILE = "training.png"
+
+
+def result_labels(entry: Mapping[str, Any], indices: Iterable[int], protocol: str) -> list[str]:
+    """``"positive"`` / ``"negative"`` / ``"junk"`` for database ``indices`` of one query.
+
+    ``entry`` is the query's gnd dict (``easy``, ``hard``, ``junk`` index lists); the protocol
+    decides which lists are positives and which are ignored (junk), as the official evaluation.
+    """
+    pos, junk = protocol_sets(entry, protocol)
+    pos_set, junk_set = set(pos.tolist()), set(junk.tolist())
+    return [
+        "positive" if i in pos_set else "junk" if i in junk_set else "negative"
+        for i in (int(j) for j in indices)
+    ]
+
+
+def _typed(results: RetrievalResults | Mapping[str, Any]) -> RetrievalResults:
+    if isinstance(results, RetrievalResults):
+        return results
+    return RetrievalResults.from_dict(results)
+
+
+def select_queries(
+    results: RetrievalResults | Mapping[str, Any],
+    chosen: Sequence[int | str] = (),
+    num_worst: int = 3,
+) -> tuple[list[int], list[int]]:
+    """Indices of the chosen queries and of the ``num_worst`` worst by Medium AP.
+
+    ``chosen`` items are query indices or image names (the file name without extension, or
+    the relative path as in the results). Worst: lowest Medium AP first (ties by index);
+    queries without a Medium AP (no positive) are never "worst".
+    """
+    queries = _typed(results).queries
+    by_name: dict[str, int] = {}
+    for i, q in enumerate(queries):
+        by_name.setdefault(q.image, i)
+        by_name.setdefault(Path(q.image).stem, i)
+    picked: list[int] = []
+    for c in chosen:
+        if isinstance(c, str) and not c.strip().lstrip("-").isdigit():
+            if c not in by_name:
+                raise ValueError(f"no query named {c!r} in the results")
+            i = by_name[c]
+        else:
+            i = int(c)
+            if not 0 <= i < len(queries):
+                raise ValueError(f"query index {i} outside [0, {len(queries)})")
+        if i not in picked:
+            picked.append(i)
+    if num_worst < 0:
+        raise ValueError(f"num_worst must be >= 0, got {num_worst}")
+    scored = [(q.ap["medium"], i) for i, q in enumerate(queries) if q.ap.get("medium") is not None]
+    worst = [i for _, i in sorted(scored)[:num_worst]]
+    return picked, worst
+
+
+def _resolve(root: Path, rel: str) -> Path:
+    p = Path(rel)
+    return p if p.is_absolute() else root / p
+
+
+def _load_gnd_entries(res: RetrievalResults, root: Path) -> list[dict[str, Any]]:
+    path = _resolve(root, res.gnd_file)
+    if not path.is_file():
+        raise ValueError(f"ground truth not found: {path} (pass the dataset root with --root)")
+    gnd = load_gnd(path)["gnd"]
+    if len(gnd) != len(res.queries):
+        raise ValueError(f"{path} has {len(gnd)} queries but the results have {len(res.queries)}")
+    return list(gnd)
+
+
+def _views(
+    res: RetrievalResults,
+    entries: list[dict[str, Any]],
+    chosen: list[int],
+    worst: list[int],
+    top: int,
+) -> list[QueryView]:
+    views = []
+    for i in chosen + [i for i in worst if i not in chosen]:
+        q = res.queries[i]
+        tags = (["chosen"] if i in chosen else []) + (
+            [f"worst #{worst.index(i) + 1} by Medium AP"] if i in worst else []
+        )
+        idx = list(q.topk[:top])
+        scores = list(q.topk_scores[: len(idx)]) or [math.nan] * len(idx)
+        labels = {p: result_labels(entries[i], idx, p) for p in SHOWN_PROTOCOLS}
+        views.append(QueryView(i, q.image, tags, dict(q.ap), q.ap_q, idx, scores, labels, q.bbx))
+    return views
+
+
+def _scatter(res: RetrievalResults, out: Path, embed: bool) -> str:
+    ap, ap_q = res.apq_pairs()
+    if not ap.size:
+        return "<p>No per-query AP_Q in the results.</p>"
+    apq = res.apq
+    r = plot_ap_scatter(ap, ap_q, out / SCATTER_FILE, apq=apq)
+    r_text = "undefined" if math.isnan(r) else f"{r:.3f}"
+    lo, hi = apq.score_range
+    return (
+        f'<img class="plot" id="ap-scatter" src="{file_src(out / SCATTER_FILE, embed)}" '
+        f'alt="AP vs AP_Q scatter"><p>Pearson correlation r = <b id="pearson">{r_text}</b> '
+        f"over {ap.size} queries ({apq.protocol.capitalize()} protocol, AP_Q with "
+        f"{apq.num_bins} bins over [{lo:g}, {hi:g}]).</p>"
+    )
+
+
+def _curves(train_log: str | os.PathLike[str] | None, out: Path, embed: bool) -> str:
+    if train_log is None:
+        return "<p>No training log given (<code>--train-log metrics.jsonl</code>).</p>"
+    try:
+        keys = plot_training_curves(read_training_log(train_log), out / CURVES_FILE)
+    except ValueError as err:
+        # The retrieval results are the point of the page: a log without curves to draw
+        # (empty, or from an interrupted run) is reported on it rather than failing it.
+        warnings.warn(f"training curves not drawn: {err}", stacklevel=3)
+        return f"<p>Training curves not drawn: {esc(err)}</p>"
+    return (
+        f'<img class="plot" id="training-curves" src="{file_src(out / CURVES_FILE, embed)}" '
+        f'alt="training curves"><p class="meta">From {esc(Path(train_log).name)}: '
+        f"{esc(', '.join(keys))}.</p>"
+    )
+
+
+def write_report(
+    results: str | os.PathLike[str] | Mapping[str, Any] | RetrievalResults,
+    out_dir: str | os.PathLike[str],
+    *,
+    train_log: str | os.PathLike[str] | None = None,
+    queries: Sequence[int | str] = (),
+    num_worst: int = 3,
+    top: int = 10,
+    root: str | os.PathLike[str] | None = None,
+    thumb_size: int = 232,
+    embed: bool = False,
+) -> Path:
+    """Write the HTML report into ``out_dir``; returns the path of ``index.html``.
+
+    ``results``: a results file, its loaded dict or :class:`RetrievalResults`. ``root``
+    overrides the dataset root recorded in it (images and the gnd pickle are read from
+    there). ``queries``: indices or names to show besides the ``num_worst`` worst (Medium
+    AP). ``embed``: inline the images in the page (one file) instead of writing ``thumbs/``.
+    """
+    if isinstance(results, str | os.PathLike):
+        res = RetrievalResults.load(results)
+    else:
+        res = _typed(results)
+    if top < 1:
+        raise ValueError(f"top must be >= 1, got {top}")
+    root_dir = Path(root if root is not None else res.root)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    entries = _load_gnd_entries(res, root_dir)
+    chosen, worst = select_queries(res, queries, num_worst)
+    thumbs = Thumbnails(out, thumb_size, embed)
+
+    def image_src(key: str, rel: str, bbx: Sequence[float] | None) -> str:
+        return thumbs.src(key, _resolve(root_dir, rel), bbx)
+
+    sections = [
+        query_section(v, res.database, image_src) for v in _views(res, entries, chosen, worst, top)
+    ]
+    text = page(
+        title=f"Retrieval report: {res.dataset or 'results'}",
+        meta=f"model: {res.model or '?'} · {len(res.queries)} queries · "
+        f"{len(res.database)} database images",
+        metrics_table=render_table(protocol_table(res.metrics), "html"),
+        top=top,
+        sections=sections,
+        scatter=_scatter(res, out, embed),
+        curves=_curves(train_log, out, embed),
+    )
+    path = out / HTML_FILE
+    with atomic_open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+    return path

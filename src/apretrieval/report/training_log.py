@@ -1,0 +1,48 @@
+"""Training logs for the report: the records of a JSONL log (``metrics.jsonl``) as numbers."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+__all__ = ["flatten_record", "read_training_log"]
+
+
+def flatten_record(record: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+    """Numeric leaves of a (nested) log record, keys joined by ``/``; booleans are skipped."""
+    out: dict[str, float] = {}
+    for key, value in record.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten_record(value, name + "/"))
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            if math.isfinite(float(value)):
+                out[name] = float(value)
+    return out
+
+
+def read_training_log(path: str | os.PathLike[str]) -> list[dict[str, float]]:
+    """The records of a JSONL training log (``metrics.jsonl``), flattened to numbers.
+
+    Blank lines are skipped; a line that is not a JSON object is a ValueError naming it.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"training log not found: {path}")
+    records = []
+    with path.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{n}: not JSON ({err})") from None
+            if not isinstance(obj, dict):
+                raise ValueError(f"{path}:{n}: expected a JSON object, got {type(obj).__name__}")
+            records.append(flatten_record(obj))
+    return records

@@ -1,0 +1,440 @@
+"""Typed evaluation results, their file (JSON) and the metrics table.
+
+A results file holds one model evaluated on one benchmark. ``apretrieval evaluate --out`` and
+the demo (``results_<model>.json``) write it, ``apretrieval report`` reads it::
+
+    {"dataset": "roxford5k", "root": "/abs/dataset/folder", "gnd_file": "gnd_roxford5k.pkl",
+     "model": "model.pt",
+     "metrics": {"easy": {"mAP": 0.85, "mP@k": {"1": 1.0, "5": 0.9, "10": 0.8}}, ...},
+     "database": ["jpg/<name>.jpg", ...],                    # N paths, relative to root
+     "queries": [{"image": "jpg/<name>.jpg", "bbx": [x1, y1, x2, y2] | null,
+                  "topk": [database indices, best first], "topk_scores": [...],
+                  "ap": {"easy": float | null, "medium": ..., "hard": ...},
+                  "ap_q": float | null}, ...],              # Q entries, null: no positive
+     "settings": {"scales": [...], "max_side": ..., ...},     # what produced the scores
+     "apq_analysis": {"protocol": "medium", "num_bins": 20, "score_range": [-1.0, 1.0]}}
+
+Metrics are fractions in [0, 1]. In memory the ``mP@k`` keys are ints (as
+:func:`apretrieval.evaluation.evaluate_revisited` returns them); JSON turns them into strings;
+:meth:`ProtocolMetrics.from_dict` is the one place that reads either. Files written before
+``apq_analysis`` was recorded used the defaults of :class:`~apretrieval.apq_analysis.APQSettings`.
+
+The tables people read (the command line, the report, the demo) all go through
+:func:`render_table`: :func:`protocol_table` is the Easy / Medium / Hard table of one model,
+:func:`model_table` compares several models, one row each.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from apretrieval.apq_analysis import APQSettings, pearson
+from apretrieval.atomic import atomic_open
+from apretrieval.evaluation import PROTOCOLS, ProtocolResult
+
+__all__ = [
+    "EvaluationSettings",
+    "ProtocolMetrics",
+    "QueryResult",
+    "RetrievalResults",
+    "Table",
+    "check_writable",
+    "format_results_table",
+    "load_results",
+    "metrics_from_dict",
+    "metrics_to_dict",
+    "model_table",
+    "protocol_table",
+    "render_table",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# Metrics
+
+
+@dataclass(frozen=True)
+class ProtocolMetrics:
+    """One protocol's means over the queries with a positive: mAP and mP@k (k -> value)."""
+
+    mAP: float
+    mP: dict[int, float]
+
+    @classmethod
+    def from_result(cls, result: ProtocolResult) -> ProtocolMetrics:
+        return cls(result.mAP, result.mP)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], where: str = "metrics") -> ProtocolMetrics:
+        """From ``{"mAP": float, "mP@k": {k: float}}``; ``k`` may be an int or its string."""
+        try:
+            return cls(float(d["mAP"]), {int(k): float(v) for k, v in d["mP@k"].items()})
+        except (KeyError, TypeError, ValueError, AttributeError):
+            raise ValueError(
+                f"{where}: expected {{'mAP': float, 'mP@k': {{k: float}}}}, got {d!r}"
+            ) from None
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{"mAP": float, "mP@k": {k: float}}`` with int ``k``, as ``evaluate_revisited``."""
+        return {"mAP": self.mAP, "mP@k": dict(self.mP)}
+
+
+def metrics_from_dict(metrics: Mapping[str, Any]) -> dict[str, ProtocolMetrics]:
+    """Per-protocol metrics from plain dicts (or ProtocolMetrics), in protocol order."""
+    unknown = sorted(set(metrics) - set(PROTOCOLS))
+    if unknown:
+        raise ValueError(f"metrics: unknown protocol(s) {unknown}, expected {PROTOCOLS}")
+    out = {}
+    for p in PROTOCOLS:
+        if p in metrics:
+            m = metrics[p]
+            out[p] = m if isinstance(m, ProtocolMetrics) else ProtocolMetrics.from_dict(m, p)
+    return out
+
+
+def metrics_to_dict(metrics: Mapping[str, ProtocolMetrics]) -> dict[str, dict[str, Any]]:
+    """The ``evaluate_revisited`` form: ``{protocol: {"mAP": float, "mP@k": {k: float}}}``."""
+    return {p: m.to_dict() for p, m in metrics.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# Per query and per run
+
+
+def _opt_float(x: Any) -> float | None:
+    return None if x is None or math.isnan(float(x)) else float(x)
+
+
+@dataclass(frozen=True)
+class QueryResult:
+    """One query: its image (and crop), top-k database indices and scores, AP and AP_Q.
+
+    ``ap[protocol]`` and ``ap_q`` are None when the query has no positive under the protocol.
+    """
+
+    image: str
+    topk: tuple[int, ...]
+    topk_scores: tuple[float, ...]
+    ap: dict[str, float | None]
+    ap_q: float | None = None
+    bbx: tuple[float, ...] | None = None
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], where: str = "query") -> QueryResult:
+        try:
+            bbx = d.get("bbx")
+            return cls(
+                image=str(d["image"]),
+                topk=tuple(int(j) for j in d["topk"]),
+                topk_scores=tuple(float(v) for v in d.get("topk_scores") or ()),
+                ap={str(p): _opt_float(v) for p, v in (d.get("ap") or {}).items()},
+                ap_q=_opt_float(d.get("ap_q")),
+                bbx=None if bbx is None else tuple(float(v) for v in bbx),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise ValueError(f"{where}: not a results query entry ({err!r})") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "image": self.image,
+            "bbx": None if self.bbx is None else list(self.bbx),
+            "topk": list(self.topk),
+            "topk_scores": list(self.topk_scores),
+            "ap": dict(self.ap),
+            "ap_q": self.ap_q,
+        }
+
+
+@dataclass(frozen=True)
+class EvaluationSettings:
+    """What produced the scores, as recorded in a results file (None: not recorded).
+
+    ``other``: further values a producer recorded, kept as they are (the demo's ``method``).
+    """
+
+    scales: tuple[float, ...] | None = None
+    max_side: int | None = None
+    gem_p: float | None = None
+    whiten: str | None = None
+    whiten_dim: int | None = None
+    whiten_power: float | None = None
+    dba: int = 0
+    dba_alpha: float | None = None
+    qe: int = 0
+    qe_alpha: float | None = None
+    r1m: str | None = None
+    num_db: int | None = None
+    other: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> EvaluationSettings:
+        names = {f.name for f in fields(cls)} - {"other"}
+        known = {k: v for k, v in d.items() if k in names}
+        if known.get("scales") is not None:
+            known["scales"] = tuple(float(s) for s in known["scales"])
+        return cls(**known, other={k: v for k, v in d.items() if k not in names})
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "other"}
+        if self.scales is not None:
+            out["scales"] = list(self.scales)
+        return {**out, **self.other}
+
+
+_FIELDS_IN_FILE = ("dataset", "root", "gnd_file", "metrics", "database", "queries", "model")
+
+
+@dataclass(frozen=True)
+class RetrievalResults:
+    """One model on one benchmark: metrics, per-query results and how they were produced.
+
+    ``database``: N image paths relative to ``root`` (or absolute), the indices of
+    ``QueryResult.topk``; ``apq``: the AP_Q of the per-query ``ap_q``; ``extra``: further
+    top-level values of the file, kept as they are.
+    """
+
+    dataset: str
+    model: str
+    metrics: dict[str, ProtocolMetrics]
+    queries: tuple[QueryResult, ...]
+    database: tuple[str, ...]
+    root: str = "."
+    gnd_file: str = ""
+    settings: EvaluationSettings = field(default_factory=EvaluationSettings)
+    apq: APQSettings = field(default_factory=APQSettings)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.gnd_file:
+            object.__setattr__(self, "gnd_file", f"gnd_{self.dataset}.pkl")
+        n = len(self.database)
+        for i, q in enumerate(self.queries):
+            bad = [j for j in q.topk if not 0 <= j < n]
+            if bad:
+                raise ValueError(f"query {i}: top-k index {bad[0]} outside the database [0, {n})")
+
+    def ap(self, protocol: str) -> np.ndarray:
+        """Per-query AP under ``protocol`` -> (Q,), NaN where the query has no positive."""
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+        values = [q.ap.get(protocol) for q in self.queries]
+        return np.array([np.nan if v is None else v for v in values], dtype=np.float64)
+
+    def apq_pairs(self) -> tuple[np.ndarray, np.ndarray]:
+        """(AP, AP_Q) of the queries that have both, under the analysis' protocol -> (n,), (n,)."""
+        ap = self.ap(self.apq.protocol)
+        ap_q = np.array([np.nan if q.ap_q is None else q.ap_q for q in self.queries])
+        ok = ~(np.isnan(ap) | np.isnan(ap_q))
+        return ap[ok], ap_q[ok]
+
+    def apq_pearson(self) -> float:
+        """Pearson correlation of AP and AP_Q over :meth:`apq_pairs` (NaN when undefined)."""
+        return pearson(*self.apq_pairs())
+
+    # ---------------------------------------------------------------------------- the file
+
+    def to_dict(self) -> dict[str, Any]:
+        """The file's content as plain values (``mP@k`` keys as ints)."""
+        out = {
+            "dataset": self.dataset,
+            "root": self.root,
+            "gnd_file": self.gnd_file,
+            "metrics": metrics_to_dict(self.metrics),
+            "database": list(self.database),
+            "queries": [q.to_dict() for q in self.queries],
+            "model": self.model,
+            "settings": self.settings.to_dict(),
+            "apq_analysis": {
+                "protocol": self.apq.protocol,
+                "num_bins": self.apq.num_bins,
+                "score_range": list(self.apq.score_range),
+            },
+        }
+        return {**out, **self.extra}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], source: str = "results") -> RetrievalResults:
+        if not isinstance(d, Mapping) or "metrics" not in d:
+            raise ValueError(f"{source} is not an apretrieval results file (no 'metrics')")
+        for key in ("queries", "database"):
+            if key not in d:
+                raise ValueError(
+                    f"{source} lacks {key!r} (write results with `apretrieval evaluate --out`)"
+                )
+        apq = d.get("apq_analysis") or {}
+        try:
+            apq_settings = APQSettings(
+                **{**apq, "score_range": tuple(apq.get("score_range", (-1, 1)))}
+            )
+        except TypeError as err:
+            raise ValueError(f"{source}: bad 'apq_analysis' {apq!r} ({err})") from None
+        known = {*_FIELDS_IN_FILE, "settings", "apq_analysis"}
+        return cls(
+            dataset=str(d.get("dataset", "")),
+            model=str(d.get("model", "")),
+            metrics=metrics_from_dict(d["metrics"]),
+            queries=tuple(
+                QueryResult.from_dict(q, f"{source}: query {i}") for i, q in enumerate(d["queries"])
+            ),
+            database=tuple(str(p) for p in d["database"]),
+            root=str(d.get("root", ".")),
+            gnd_file=str(d.get("gnd_file") or ""),
+            settings=EvaluationSettings.from_dict(d.get("settings") or {}),
+            apq=apq_settings,
+            extra={k: v for k, v in d.items() if k not in known},
+        )
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the JSON file atomically (never half-written); returns its path."""
+        path = Path(path)
+        with atomic_open(path, "w", encoding="utf-8") as f:
+            json.dump(self.to_dict(), f, allow_nan=False)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> RetrievalResults:
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"results file not found: {path}")
+        try:
+            with path.open(encoding="utf-8") as f:
+                data = json.load(f)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not JSON ({err})") from None
+        return cls.from_dict(data, str(path))
+
+
+def check_writable(path: str | os.PathLike[str]) -> Path:
+    """ValueError unless a file can be written at ``path`` (its folder is created if needed).
+
+    Called before long work whose output goes there, so that a read-only or mistyped location
+    fails at once rather than after hours of extraction.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"cannot write the results to {path}: it is a folder")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=path.parent)
+    except OSError as err:
+        raise ValueError(f"cannot write the results to {path}: {err.strerror}") from None
+    os.close(fd)
+    os.unlink(probe)
+    return path
+
+
+def load_results(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A results file as plain values, ``metrics[protocol]["mP@k"]`` keys as ints.
+
+    The typed form is :meth:`RetrievalResults.load`.
+    """
+    return RetrievalResults.load(path).to_dict()
+
+
+# --------------------------------------------------------------------------------------------
+# Tables
+
+
+@dataclass(frozen=True)
+class Table:
+    """Metrics as text cells: ``rows`` of (key, label, cells), one per protocol or model.
+
+    ``key_name`` says what a row is; the HTML rows carry it as ``data-<key_name>="<key>"``.
+    """
+
+    corner: str
+    columns: tuple[str, ...]
+    rows: tuple[tuple[str, str, tuple[str, ...]], ...]
+    key_name: str
+    title: str = ""
+
+
+def _pct(x: float | None, decimals: int) -> str:
+    return "n/a" if x is None or math.isnan(x) else f"{100 * x:.{decimals}f}"
+
+
+def _cells(m: ProtocolMetrics | None, kappas: Sequence[int], decimals: int) -> list[str]:
+    values = [None] * (1 + len(kappas)) if m is None else [m.mAP, *(m.mP.get(k) for k in kappas)]
+    return [_pct(v, decimals) for v in values]
+
+
+def protocol_table(metrics: Mapping[str, Any], *, decimals: int = 2, title: str = "") -> Table:
+    """Easy / Medium / Hard rows, mAP and every mP@k in % (n/a: protocol not evaluated)."""
+    ms = metrics_from_dict(metrics)
+    kappas = sorted({k for m in ms.values() for k in m.mP})
+    rows = [(p, p.capitalize(), tuple(_cells(ms.get(p), kappas, decimals))) for p in PROTOCOLS]
+    return Table("", ("mAP", *(f"mP@{k}" for k in kappas)), tuple(rows), "protocol", title)
+
+
+def model_table(
+    models: Mapping[str, Mapping[str, Any]],
+    *,
+    labels: Mapping[str, str] | None = None,
+    kappas: Sequence[int] = (10,),
+    decimals: int = 1,
+    title: str = "",
+) -> Table:
+    """One row per model (``labels`` name them), mAP and mP@k of each protocol in %."""
+    labels = labels or {}
+    columns = [
+        f"{p.capitalize()} {c}" for p in PROTOCOLS for c in ("mAP", *(f"mP@{k}" for k in kappas))
+    ]
+    rows = []
+    for key, metrics in models.items():
+        ms = metrics_from_dict(metrics)
+        cells = [c for p in PROTOCOLS for c in _cells(ms.get(p), kappas, decimals)]
+        rows.append((key, labels.get(key, key), tuple(cells)))
+    return Table("model", tuple(columns), tuple(rows), "model", title)
+
+
+def render_table(table: Table, style: str = "text") -> str:
+    """``table`` as aligned plain ``"text"``, ``"markdown"`` or an ``"html"`` <table>."""
+    if style == "text":
+        w0 = max([8, len(table.corner) + 1, *(len(label) + 1 for _, label, _ in table.rows)])
+        widths = [max(8, len(c) + 2) for c in table.columns]
+        lines = [table.title] if table.title else []
+        lines.append(
+            f"{table.corner:<{w0}}"
+            + "".join(f"{c:>{w}}" for c, w in zip(table.columns, widths, strict=True))
+        )
+        for _, label, cells in table.rows:
+            lines.append(
+                f"{label:<{w0}}" + "".join(f"{c:>{w}}" for c, w in zip(cells, widths, strict=True))
+            )
+        return "\n".join(lines)
+    if style == "markdown":
+        lines = [f"**{table.title}**", ""] if table.title else []
+        lines.append("| " + " | ".join([table.corner, *table.columns]) + " |")
+        lines.append("| --- |" + " ---: |" * len(table.columns))
+        lines += ["| " + " | ".join([label, *cells]) + " |" for _, label, cells in table.rows]
+        return "\n".join(lines)
+    if style == "html":
+        e = html.escape
+        head = "".join(f"<th>{e(c)}</th>" for c in (table.corner or table.key_name, *table.columns))
+        body = "".join(
+            f'<tr data-{e(table.key_name)}="{e(key)}"><td>{e(label)}</td>'
+            + "".join(f"<td>{e(c)}</td>" for c in cells)
+            + "</tr>"
+            for key, label, cells in table.rows
+        )
+        caption = f"<caption>{e(table.title)}</caption>" if table.title else ""
+        return (
+            f'<table class="metrics">{caption}<thead><tr>{head}</tr></thead>'
+            f"<tbody>{body}</tbody></table>"
+        )
+    raise ValueError(f"style must be 'text', 'markdown' or 'html', got {style!r}")
+
+
+def format_results_table(metrics: Mapping[str, Any], title: str = "") -> str:
+    """The Easy / Medium / Hard table of one model as text (mAP and mP@k in %)."""
+    return render_table(protocol_table(metrics, title=title), "text")
