@@ -2,7 +2,7 @@
 
 The manifest is a JSON object: ``ids`` (N image ids, in row order), ``dim``, the extraction
 settings (``scales``, ``max_side``, ``checkpoint``, ``gem_p``, ...) and ``data``, the content
-key of its ``.npy`` partner (size, mtime, SHA-256; see :mod:`apretrieval.filekey`).
+key of its ``.npy`` partner (size, mtime, inode, SHA-256; see :mod:`apretrieval.filekey`).
 
 The two files are one unit. Each is replaced atomically, the array first; a writer that dies
 between the two leaves a new array beside the old manifest, and the manifest's ``data`` key no
@@ -146,7 +146,12 @@ def write_features(
         **(meta or {}),
         "ids": ids,
         "dim": dim,
-        "data": {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest.hexdigest()},
+        "data": {
+            "size": st.st_size,
+            "mtime_ns": st.st_mtime_ns,
+            "ino": st.st_ino,
+            "sha256": digest.hexdigest(),
+        },
     }
     with atomic_open(manifest_path, "w", encoding="utf-8") as f:
         json.dump(manifest, f)

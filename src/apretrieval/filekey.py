@@ -1,10 +1,12 @@
-"""Content identity of a file: size + modification time as the fast path, SHA-256 as the truth.
+"""Content identity of a file: size + mtime + inode as the fast path, SHA-256 as the truth.
 
-A file's key ``{"size", "mtime_ns", "sha256"}`` is recorded beside what was derived from it (the
-descriptors of a checkpoint, the manifest of an index). Later, :func:`matches` answers "is this
-still the same content?": a different size is a different file; the same size and mtime is
-taken as the same file without reading it; anything else (a copy, a ``touch``, a rewrite) is
-decided by hashing, so a rewritten file with the old path is never mistaken for the old one.
+A file's key ``{"size", "mtime_ns", "ino", "sha256"}`` is recorded beside what was derived from
+it (the descriptors of a checkpoint, the manifest of an index). Later, :func:`matches` answers
+"is this still the same content?": a different size is a different file; the same size, mtime
+and inode is taken as the same file without reading it; anything else (a copy, a ``touch``, a
+replacement) is decided by hashing. The inode is part of the fast path because files here are
+replaced by renaming a new file over the old one (:mod:`apretrieval.atomic`): the new file has
+another inode even when written within the same clock tick as the old one.
 """
 
 from __future__ import annotations
@@ -29,9 +31,14 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
 
 
 def file_key(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """``{"size", "mtime_ns", "sha256"}`` of ``path`` (JSON-ready)."""
+    """``{"size", "mtime_ns", "ino", "sha256"}`` of ``path`` (JSON-ready)."""
     st = os.stat(path)
-    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha256_file(path)}
+    return {
+        "size": st.st_size,
+        "mtime_ns": st.st_mtime_ns,
+        "ino": st.st_ino,
+        "sha256": sha256_file(path),
+    }
 
 
 def matches(key: Any, path: str | os.PathLike[str], *, verify: bool = False) -> bool:
@@ -47,6 +54,6 @@ def matches(key: Any, path: str | os.PathLike[str], *, verify: bool = False) -> 
         return False
     if st.st_size != key["size"]:
         return False
-    if not verify and st.st_mtime_ns == key.get("mtime_ns"):
+    if not verify and (st.st_mtime_ns, st.st_ino) == (key.get("mtime_ns"), key.get("ino")):
         return True
     return sha256_file(path) == key["sha256"]
