@@ -139,7 +139,7 @@ def _check_finite(x: np.ndarray, ids: Sequence[str] | None) -> None:
         bad = ~np.isfinite(x[start : start + chunk]).all(axis=1)
         if bad.any():
             row = start + int(np.flatnonzero(bad)[0])
-            name = f"image {ids[row]!r}" if ids is not None else f"row {row}"
+            name = f"row {row}" + (f" (image {ids[row]!r})" if ids is not None else "")
             raise ValueError(
                 f"descriptors are not finite (NaN/inf) at {name}: refusing to index them"
             )
