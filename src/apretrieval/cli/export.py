@@ -1,0 +1,47 @@
+"""`apretrieval export`: a checkpoint's multi-scale descriptor network as TorchScript or ONNX."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from apretrieval.extraction import DEFAULT_SCALES
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "export",
+        help="export a checkpoint's descriptor network to TorchScript or ONNX",
+        description=(
+            "Write the descriptor network of a checkpoint, multi-scale combination included, "
+            "as TorchScript (torch.jit.load) or ONNX (needs apretrieval[export]). Input: "
+            "images (B, 3, H, W) RGB float32 in [0, 1], any B, H, W; output: (B, D) "
+            "L2-normalised descriptors, equal to `apretrieval extract`'s."
+        ),
+    )
+    p.add_argument("--checkpoint", required=True, type=Path, help="model checkpoint (.pt)")
+    p.add_argument("--format", choices=("torchscript", "onnx"), default="torchscript")
+    p.add_argument("--out", required=True, type=Path, help="file to write (.pt / .onnx)")
+    p.add_argument(
+        "--scales",
+        type=float,
+        nargs="+",
+        default=list(DEFAULT_SCALES),
+        metavar="S",
+        help="image scales, combined by GeM (default 1 0.7071 0.5)",
+    )
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from apretrieval.export import export_onnx, export_torchscript
+    from apretrieval.models import load_model
+
+    if not args.scales or any(not s > 0 for s in args.scales):
+        raise ValueError(f"--scales must be positive numbers, got {args.scales}")
+    model = load_model(args.checkpoint).eval()
+    export = export_onnx if args.format == "onnx" else export_torchscript
+    path = export(model, args.out, scales=args.scales)
+    print(f"{args.format}: {path} (scales {args.scales}, p={model.gem_p:.4f}, dim {model.out_dim})")
+    return 0
