@@ -21,7 +21,7 @@ from apretrieval.data.download import (
     extract_archive,
 )
 
-GND_DIR = Path(__file__).parents[2] / "shared/data/revisited"
+SAMPLES = Path(__file__).parent / "data" / "revisited"
 
 
 class FakeHost:
@@ -128,8 +128,13 @@ PAYLOAD = bytes(range(256)) * 400  # 100 KiB
 
 def test_download_is_complete_validated_and_atomic(host, tmp_path):
     host.files["a.bin"] = PAYLOAD
-    out = download_file(f"{host.url}/a.bin", tmp_path / "a.bin", size=len(PAYLOAD),
-                        sha256=sha(PAYLOAD), progress=False)
+    out = download_file(
+        f"{host.url}/a.bin",
+        tmp_path / "a.bin",
+        size=len(PAYLOAD),
+        sha256=sha(PAYLOAD),
+        progress=False,
+    )
     assert out.read_bytes() == PAYLOAD
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.bin"]  # no .part left
     # A second call keeps the valid file without any request.
@@ -155,8 +160,9 @@ def test_interrupted_transfer_resumes_with_range(host, tmp_path):
 def test_cut_transfer_is_resumed_within_one_call(host, tmp_path):
     host.files["f"] = PAYLOAD
     host.cut["f"] = 12_345
-    dest = download_file(f"{host.url}/f", tmp_path / "f", size=len(PAYLOAD), retries=2,
-                         progress=False)
+    dest = download_file(
+        f"{host.url}/f", tmp_path / "f", size=len(PAYLOAD), retries=2, progress=False
+    )
     assert dest.read_bytes() == PAYLOAD
     assert [r for _, r in host.requests] == [None, "bytes=12345-"]
 
@@ -241,24 +247,35 @@ def test_official_urls():
         dataset_files("oxford105k")
 
 
-def _serve_roxford(host: FakeHost) -> bytes:
-    gnd = GND_DIR / "gnd_roxford5k.pkl"
-    if not gnd.exists():
-        pytest.skip(f"real ground truth (for its published SHA-256) not found at {gnd}")
+def _serve_roxford(host: FakeHost, monkeypatch) -> bytes:
+    """The roxford5k file set on the fake host, its ground truth a real-format sample whose
+    size and SHA-256 replace the published ones in the dataset table for the test."""
+    import dataclasses
+
+    import apretrieval.data.download as download
+
+    gnd = (SAMPLES / "roxford5k_sample.pkl").read_bytes()
+    files = download.DATASETS["roxford5k"]
+    assert [f.filename for f in files] == ["oxbuild_images-v1.tgz", "gnd_roxford5k.pkl"]
+    assert files[1].size == 149871  # the published file's
+    sample = dataclasses.replace(files[1], size=len(gnd), sha256=sha(gnd))
+    monkeypatch.setitem(download.DATASETS, "roxford5k", (files[0], sample))
     host.files["oxbuildings/oxbuild_images-v1.tgz"] = tgz(
         {"oxbuild_images/all_souls_000013.jpg": b"q", "oxbuild_images/ashmolean_000283.jpg": b"d"}
     )
-    host.files["roxford5k/gnd_roxford5k.pkl"] = gnd.read_bytes()
-    return gnd.read_bytes()
+    host.files["roxford5k/gnd_roxford5k.pkl"] = gnd
+    return gnd
 
 
-def test_download_dataset_from_mirror_is_idempotent(host, tmp_path):
-    gnd = _serve_roxford(host)
-    root = download_dataset("roxford5k", tmp_path / "rox", mirror=host.url, progress=False,
-                            log=None)
+def test_download_dataset_from_mirror_is_idempotent(host, tmp_path, monkeypatch):
+    gnd = _serve_roxford(host, monkeypatch)
+    root = download_dataset(
+        "roxford5k", tmp_path / "rox", mirror=host.url, progress=False, log=None
+    )
     assert (root / "gnd_roxford5k.pkl").read_bytes() == gnd
     assert sorted(p.name for p in (root / "jpg").iterdir()) == [
-        "all_souls_000013.jpg", "ashmolean_000283.jpg",
+        "all_souls_000013.jpg",
+        "ashmolean_000283.jpg",
     ]
     assert not (root / "oxbuild_images-v1.tgz").exists()  # archive removed after extraction
     n = len(host.requests)
@@ -266,9 +283,9 @@ def test_download_dataset_from_mirror_is_idempotent(host, tmp_path):
     assert len(host.requests) == n
 
 
-def test_wrong_gnd_bytes_are_rejected(host, tmp_path):
-    _serve_roxford(host)
-    host.files["roxford5k/gnd_roxford5k.pkl"] = b"x" * 149871  # right size, wrong content
+def test_wrong_gnd_bytes_are_rejected(host, tmp_path, monkeypatch):
+    gnd = _serve_roxford(host, monkeypatch)
+    host.files["roxford5k/gnd_roxford5k.pkl"] = b"x" * len(gnd)  # right size, wrong content
     with pytest.raises(DownloadError, match="SHA-256"):
         download_dataset("roxford5k", tmp_path, mirror=host.url, progress=False, log=None)
 
@@ -282,17 +299,29 @@ def test_r1m_layout_keeps_archive_paths(host, tmp_path):
     assert (root / "revisitop1m.txt").read_text() == "001/img1.jpg\n"
 
 
-def test_cli_download(host, tmp_path, capsys):
-    _serve_roxford(host)
-    rc = main(["download", "roxford5k", "--root", str(tmp_path), "--mirror", host.url,
-               "--no-progress"])
+def test_cli_download(host, tmp_path, capsys, monkeypatch):
+    _serve_roxford(host, monkeypatch)
+    rc = main(
+        ["download", "roxford5k", "--root", str(tmp_path), "--mirror", host.url, "--no-progress"]
+    )
     assert rc == 0 and (tmp_path / "jpg" / "all_souls_000013.jpg").exists()
     assert "ready" in capsys.readouterr().out
 
 
 def test_cli_download_offline_is_one_clear_line(tmp_path, capsys):
-    rc = main(["download", "rparis6k", "--root", str(tmp_path), "--mirror", closed_port_url(),
-               "--retries", "0", "--no-progress"])
+    rc = main(
+        [
+            "download",
+            "rparis6k",
+            "--root",
+            str(tmp_path),
+            "--mirror",
+            closed_port_url(),
+            "--retries",
+            "0",
+            "--no-progress",
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert rc == 1 and len(err.splitlines()) == 1
     assert err.startswith("apretrieval download: error: cannot download") and "offline" in err

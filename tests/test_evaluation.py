@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import math
 import pickle
 from pathlib import Path
 
@@ -13,34 +11,38 @@ import torch
 
 from apretrieval.evaluation import (
     PROTOCOLS,
-    ap_vs_quantized_ap,
+    ProtocolResult,
     evaluate_protocol,
     evaluate_revisited,
     evaluate_revisited_per_query,
-    format_results_table,
-    load_results,
-    pearson,
-    protocol_sets,
     stable_ranks,
     stable_topk,
-    write_results,
 )
+from apretrieval.results import load_results
 
-GND_DIR = Path(__file__).parents[2] / "shared/data/revisited"
+SAMPLES = Path(__file__).parent / "data" / "revisited"
 
 
-def _load_real(name: str) -> dict:
-    path = GND_DIR / f"gnd_{name}.pkl"
-    if not path.exists():
-        pytest.skip(f"real ground truth not found at {path}")
-    # These two files are known to hold only dicts/lists/str/int/float (checked in their
-    # README); the project's restricted loader has its own tests.
-    with open(path, "rb") as f:
+def load_sample(name: str) -> dict:
+    """A few real queries of a benchmark's ground truth (see data/revisited/README.md)."""
+    # Plain containers only (checked when the samples were made); the project's restricted
+    # loader has its own tests.
+    with open(SAMPLES / f"{name}_sample.pkl", "rb") as f:
         return pickle.load(f)
 
 
 # --------------------------------------------------------------------------------------------
 # Reference: sort the whole database (stable, descending), drop junk, walk the positives.
+
+
+def reference_sets(entry, protocol):
+    """(positives, junk) of one gnd entry, written from the protocol definitions."""
+    easy, hard, junk = list(entry["easy"]), list(entry["hard"]), list(entry["junk"])
+    return {
+        "easy": (easy, junk + hard),
+        "medium": (easy + hard, junk),
+        "hard": (hard, junk + easy),
+    }[protocol]
 
 
 def reference_query(row, pos, junk, kappas):
@@ -66,7 +68,7 @@ def reference_revisited(scores, gnd, kappas=(1, 5, 10)):
     for p in PROTOCOLS:
         aps, precs = [], []
         for i, entry in enumerate(gnd):
-            pos, junk = protocol_sets(entry, p)
+            pos, junk = reference_sets(entry, p)
             if len(pos) == 0:
                 aps.append(np.nan)
                 precs.append(np.full(len(kappas), np.nan))
@@ -75,6 +77,17 @@ def reference_revisited(scores, gnd, kappas=(1, 5, 10)):
             aps.append(ap)
             precs.append(prec)
         out[p] = (np.array(aps), np.array(precs))
+    return out
+
+
+def reference_metrics(scores, gnd, kappas=(1, 5, 10)):
+    """``evaluate_revisited``'s dict from the reference (protocols with a positive only)."""
+    out = {}
+    for p, (ap, prec) in reference_revisited(np.asarray(scores), gnd, kappas).items():
+        ok = ~np.isnan(ap)
+        if ok.any():
+            mp = prec[ok].mean(axis=0)
+            out[p] = {"mAP": float(ap[ok].mean()), "mP@k": dict(zip(kappas, mp, strict=True))}
     return out
 
 
@@ -163,30 +176,32 @@ def test_tied_scores_follow_the_stable_sort():
 
 
 def test_real_roxford_gnd_random_scores():
-    data = _load_real("roxford5k")
+    data = load_sample("roxford5k")
     gnd = data["gnd"]
-    assert len(gnd) == 70 and len(data["imlist"]) == 4993
+    q, n = len(gnd), len(data["imlist"]) + 700  # plus distractor columns
+    assert q == 12
     rng = np.random.default_rng(5)
-    scores = rng.standard_normal((70, 4993)).astype(np.float32)
+    scores = rng.standard_normal((q, n)).astype(np.float32)
     # Make positives rank high-ish so the metrics are far from trivial.
     for i, e in enumerate(gnd):
         scores[i, e["easy"]] += 1.5
         scores[i, e["hard"]] += 0.8
     got = assert_matches_reference(scores, gnd)
-    # The two queries without easy positives (11 and 66) leave the Easy means.
-    assert got["easy"].num_queries == 68
-    assert np.flatnonzero(np.isnan(got["easy"].ap)).tolist() == [11, 66]
-    assert got["medium"].num_queries == got["hard"].num_queries == 70
+    # The two queries without easy positives (real queries 11 and 66) leave the Easy means.
+    assert got["easy"].num_queries == q - 2
+    assert np.flatnonzero(np.isnan(got["easy"].ap)).tolist() == [5, 11]
+    assert got["medium"].num_queries == got["hard"].num_queries == q
     res = evaluate_revisited(scores, data)  # the whole pickle dict works too
     assert res["easy"]["mAP"] == pytest.approx(np.nanmean(got["easy"].ap), abs=1e-15)
     assert set(res["medium"]["mP@k"]) == {1, 5, 10}
 
 
 def test_real_rparis_gnd_random_scores():
-    data = _load_real("rparis6k")
+    data = load_sample("rparis6k")
     rng = np.random.default_rng(6)
-    scores = rng.random((70, 6322))
-    assert_matches_reference(scores, data["gnd"], kappas=(1, 3, 100))
+    scores = rng.random((len(data["gnd"]), len(data["imlist"]) + 1000))
+    got = assert_matches_reference(scores, data["gnd"], kappas=(1, 3, 100))
+    assert not data["gnd"][2]["junk"] and got["hard"].num_queries == 7  # no junk: still fine
 
 
 def test_perfect_ranking_gives_one():
@@ -225,10 +240,22 @@ def test_torch_and_numpy_inputs_agree():
     gnd = random_gnd(rng, 5, 100)
     a = evaluate_revisited_per_query(scores, gnd)
     b = evaluate_revisited_per_query(torch.from_numpy(scores), gnd)
-    c = evaluate_revisited_per_query(torch.from_numpy(scores).half().float(), gnd)
     for p in PROTOCOLS:
         np.testing.assert_array_equal(a[p].ap, b[p].ap)
-        assert np.isfinite(c[p].ap).sum() == np.isfinite(a[p].ap).sum()
+
+
+def test_half_precision_scores_keep_their_ties():
+    # float16 rounding makes many scores equal; they must rank by database index exactly as
+    # the reference does on the same rounded values (widening float16 is exact).
+    rng = np.random.default_rng(7)
+    scores = torch.from_numpy(rng.standard_normal((6, 400)) * 0.05).half()
+    gnd = random_gnd(rng, 6, 400)
+    rounded = scores.double().numpy()
+    assert np.unique(rounded).size < rounded.size  # the test needs ties
+    got = evaluate_revisited_per_query(scores, gnd)
+    ref = reference_revisited(rounded, gnd)
+    for p in PROTOCOLS:
+        np.testing.assert_allclose(got[p].ap, ref[p][0], rtol=0, atol=1e-12, equal_nan=True)
 
 
 def test_evaluate_protocol_equals_medium():
@@ -236,10 +263,25 @@ def test_evaluate_protocol_equals_medium():
     scores = rng.standard_normal((6, 150))
     gnd = random_gnd(rng, 6, 150)
     med = evaluate_revisited_per_query(scores, gnd)["medium"]
-    pos = [protocol_sets(e, "medium")[0] for e in gnd]
-    junk = [protocol_sets(e, "medium")[1] for e in gnd]
+    pos = [e["easy"] + e["hard"] for e in gnd]
+    junk = [e["junk"] for e in gnd]
     res = evaluate_protocol(scores, pos, junk)
     np.testing.assert_array_equal(res.ap, med.ap)
+
+
+def test_blocks_of_queries_concatenate_to_the_whole():
+    rng = np.random.default_rng(14)
+    scores = rng.standard_normal((7, 90))
+    gnd = random_gnd(rng, 7, 90)
+    whole = evaluate_revisited_per_query(scores, gnd)
+    parts = [evaluate_revisited_per_query(scores[s : s + 3], gnd[s : s + 3]) for s in (0, 3, 6)]
+    for p in PROTOCOLS:
+        joined = ProtocolResult.concatenate([part[p] for part in parts])
+        np.testing.assert_array_equal(joined.ap, whole[p].ap)
+        np.testing.assert_array_equal(joined.precision, whole[p].precision)
+    other = ProtocolResult(np.zeros(1), np.zeros((1, 1)), (1,))
+    with pytest.raises(ValueError, match="kappas"):
+        ProtocolResult.concatenate([whole["easy"], other])
 
 
 def test_protocol_without_positive_is_a_clear_error():
@@ -278,174 +320,310 @@ def test_bad_scores_are_rejected():
 
 
 # --------------------------------------------------------------------------------------------
-# AP vs AP_Q
+# Library route and CLI: extraction -> whitening / DBA / QE -> metrics -> results JSON
 
 
-def test_pearson_equals_numpy():
-    rng = np.random.default_rng(9)
-    x, y = rng.random(50), rng.random(50)
-    assert pearson(x, y) == pytest.approx(np.corrcoef(x, y)[0, 1])
-    assert math.isnan(pearson(np.ones(5), y[:5]))
+def _reference_postprocess(q, db, separate, dim, dba_k, qe_k, alpha=3.0):
+    """Whitening, DBA and alpha-QE written from their definitions (float64, full sort).
 
+    PCA whitening: project on the top ``dim`` eigenvectors of the learning set's covariance,
+    scale by eigenvalue^-1/2, L2-normalise (covariance scale and eigenvector signs cancel in
+    the inner products compared). DBA: each item + its ``k`` most similar other items, weighted
+    by max(similarity, 0)^alpha. alpha-QE: each query + its ``k`` nearest (augmented) items.
+    """
 
-def test_ap_vs_ap_q_on_real_gnd():
-    data = _load_real("rparis6k")
-    gnd = data["gnd"]
-    rng = np.random.default_rng(10)
-    q, n = 70, 6322
-    strength = rng.uniform(0.0, 1.5, size=q)[:, None]
-    scores = rng.normal(0.0, 0.25, (q, n))
-    for i, e in enumerate(gnd):
-        scores[i, e["easy"] + e["hard"]] += strength[i, 0]
-    scores = np.clip(scores, -1, 1)
-    cmp = ap_vs_quantized_ap(scores, gnd, protocol="medium", num_bins=20)
-    assert cmp.ap.shape == cmp.ap_q.shape == (q,)
-    np.testing.assert_allclose(cmp.ap, evaluate_revisited_per_query(scores, gnd)["medium"].ap)
-    assert cmp.pearson > 0.95  # the supplementary reports ~0.98 on RParis
-    # Many bins: the quantized AP approaches the exact non-interpolated AP.
-    fine = ap_vs_quantized_ap(scores[:5], gnd[:5], num_bins=20000)
-    assert np.max(np.abs(fine.ap_q - fine.ap)) < 0.01
+    def norm(x):
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
 
+    x = separate.astype(np.float64)
+    mean = x.mean(axis=0)
+    lam, u = np.linalg.eigh(np.cov(x - mean, rowvar=False))
+    top = np.argsort(lam)[::-1][:dim]
+    proj = u[:, top] / np.sqrt(lam[top])
+    q = norm((q.astype(np.float64) - mean) @ proj)
+    db = norm((db.astype(np.float64) - mean) @ proj)
 
-# --------------------------------------------------------------------------------------------
-# Results file
+    def expand(rows, base, k, skip_self):
+        sims = rows @ base.T
+        out = rows.copy()
+        for i in range(rows.shape[0]):
+            order = [j for j in np.argsort(-sims[i], kind="stable") if not (skip_self and j == i)]
+            for j in order[:k]:
+                out[i] += max(sims[i, j], 0.0) ** alpha * base[j]
+        return norm(out)
 
-
-def test_write_and_load_results_roundtrip(tmp_path):
-    rng = np.random.default_rng(11)
-    q, n = 3, 40
-    scores = rng.uniform(-1, 1, (q, n)).astype(np.float32)
-    gnd = random_gnd(rng, q, n, max_items=5)
-    gnd[0] = {"easy": [], "hard": [1], "junk": [2], "bbx": [1, 2.5, 30, 40]}
-    out = tmp_path / "sub" / "results.json"
-    written = write_results(
-        out,
-        scores=scores,
-        gnd=gnd,
-        dataset="roxford5k",
-        root=tmp_path,
-        database=[f"jpg/db{i}.jpg" for i in range(n)],
-        queries=[f"jpg/q{i}.jpg" for i in range(q)],
-        model="ckpt.pt",
-        topk=10,
-    )
-    assert sorted(p.name for p in out.parent.iterdir()) == ["results.json"]  # no temp left
-    raw = json.loads(out.read_text())
-    assert raw["root"] == str(tmp_path.resolve()) and raw["gnd_file"] == "gnd_roxford5k.pkl"
-    res = load_results(out)
-    assert res["metrics"] == written["metrics"]  # floats and int mP@k keys survive
-    for p in res["metrics"]:
-        assert set(res["metrics"][p]["mP@k"]) == {1, 5, 10}
-    q0 = res["queries"][0]
-    assert q0["ap"]["easy"] is None and q0["bbx"] == [1.0, 2.5, 30.0, 40.0]
-    assert q0["topk"] == np.argsort(-scores[0], kind="stable")[:10].tolist()
-    np.testing.assert_allclose(q0["topk_scores"], np.sort(scores[0])[::-1][:10])
-    per = evaluate_revisited_per_query(scores, gnd)
-    for i, row in enumerate(res["queries"]):
-        for p in PROTOCOLS:
-            want = per[p].ap[i]
-            assert (row["ap"][p] is None) == bool(np.isnan(want))
-            if row["ap"][p] is not None:
-                assert row["ap"][p] == pytest.approx(want)
-
-
-def test_load_results_rejects_other_json(tmp_path):
-    path = tmp_path / "x.json"
-    path.write_text("[1, 2]")
-    with pytest.raises(ValueError, match="results"):
-        load_results(path)
-
-
-def test_format_results_table_in_percent():
-    metrics = {
-        p: {"mAP": v, "mP@k": {1: 1.0, 5: 0.9, 10: 0.8}}
-        for p, v in zip(PROTOCOLS, (0.8481, 0.6467, 0.3847), strict=True)
-    }
-    table = format_results_table(metrics, title="roxford5k")
-    lines = table.splitlines()
-    assert lines[0] == "roxford5k"
-    assert lines[1].split() == ["mAP", "mP@1", "mP@5", "mP@10"]
-    assert lines[2].split() == ["Easy", "84.81", "100.00", "90.00", "80.00"]
-    assert lines[4].split()[:2] == ["Hard", "38.47"]
-
-
-# --------------------------------------------------------------------------------------------
-# CLI: extraction -> whitening / DBA / QE -> metrics -> results JSON
+    db = expand(db, db, dba_k, skip_self=True)
+    q = expand(q, db, qe_k, skip_self=False)
+    return q, db
 
 
 def test_cli_evaluate_end_to_end(tmp_path, monkeypatch, capsys):
-    import apretrieval.cli.extract as cli_extract
+    import apretrieval.pipeline as pipeline
     from apretrieval.cli import main
     from apretrieval.data.revisited import RevisitedDataset
     from apretrieval.extraction import ImageFiles, extract_descriptors
-    from apretrieval.postprocess import (
-        alpha_query_expansion,
-        apply_whitening,
-        database_augmentation,
-        learn_whitening,
-    )
     from test_extraction import TinyNet, fake_benchmark
 
     model = TinyNet()
-    monkeypatch.setattr(cli_extract, "load_checkpoint_model", lambda path, device: model)
+    monkeypatch.setattr(pipeline, "load_checkpoint_model", lambda path, device=None: model)
     rng = np.random.default_rng(12)
     root = tmp_path / "rox"
     fake_benchmark(root, rng, n_db=8)
+    # Descriptors from the extraction (tested on its own); everything after it is checked
+    # against an independent reference: post-processing, ranking, metrics.
+    ds = RevisitedDataset("roxford5k", root)
+    q = extract_descriptors(
+        model, ImageFiles(ds.query_paths(), ds.query_boxes()), num_workers=0, progress=False
+    )
+    db = extract_descriptors(model, ImageFiles(ds.db_paths()), num_workers=0, progress=False)
+    # The whitening set: other "images" around these descriptors, so that whitening spreads
+    # the (similar) descriptors of this tiny network and the ranking is far from ties.
+    both = np.concatenate([q, db])
+    noise = 0.3 * both.std(axis=0) * rng.standard_normal((40, both.shape[1]))
+    separate = (both[rng.integers(0, len(both), 40)] + noise).astype(np.float32)
     white = tmp_path / "white.npy"
-    separate = rng.standard_normal((40, 6)).astype(np.float32)  # a disjoint image set
     np.save(white, separate)
     out = tmp_path / "res.json"
-    rc = main(["evaluate", "--checkpoint", "m.pt", "--dataset", "roxford5k", "--root", str(root),
-               "--out", str(out), "--whiten", str(white), "--whiten-dim", "4", "--dba", "2",
-               "--qe", "1", "--workers", "0", "--no-progress"])
-    assert rc == 0
+    argv = [
+        "evaluate",
+        "--checkpoint",
+        "m.pt",
+        "--dataset",
+        "roxford5k",
+        "--root",
+        str(root),
+        "--out",
+        str(out),
+        "--whiten",
+        str(white),
+        "--whiten-dim",
+        "4",
+        "--dba",
+        "2",
+        "--qe",
+        "1",
+        "--workers",
+        "0",
+        "--no-progress",
+        "--num-bins",
+        "10",
+    ]
+    assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "Medium" in printed and "mP@10" in printed and "roxford5k: mAP E:" in printed
-    # The same pipeline by hand.
-    ds = RevisitedDataset("roxford5k", root)
-    q = extract_descriptors(model, ImageFiles(ds.query_paths(), ds.query_boxes()),
-                            num_workers=0, progress=False)
-    db = extract_descriptors(model, ImageFiles(ds.db_paths()), num_workers=0, progress=False)
-    w = learn_whitening(separate, dim=4)
-    q, db = apply_whitening(q, w), apply_whitening(db, w)
-    db = database_augmentation(db, 2)
-    q = alpha_query_expansion(q, db, 1)
-    want = evaluate_revisited(q @ db.T, ds.gnd)
     res = load_results(out)
-    for p in PROTOCOLS:
+    q, db = _reference_postprocess(q, db, separate, dim=4, dba_k=2, qe_k=1)
+    scores = q @ db.T
+    assert np.diff(np.sort(scores, axis=1)).min() > 1e-4  # no near-tie decides a rank
+    want = reference_metrics(scores, ds.gnd)
+    assert set(res["metrics"]) == set(want)
+    for p in want:
         assert res["metrics"][p]["mAP"] == pytest.approx(want[p]["mAP"], abs=1e-6)
+        for k in (1, 5, 10):
+            assert res["metrics"][p]["mP@k"][k] == pytest.approx(want[p]["mP@k"][k], abs=1e-6)
+    for i, row in enumerate(res["queries"]):
+        assert row["topk"] == np.argsort(-scores[i], kind="stable").tolist()
+        np.testing.assert_allclose(row["topk_scores"], np.sort(scores[i])[::-1], atol=1e-5)
     assert res["settings"]["dba"] == 2 and res["settings"]["whiten_dim"] == 4
+    assert res["settings"]["qe"] == 1 and res["settings"]["scales"] == [1.0, 2**-0.5, 0.5]
+    assert res["apq_analysis"] == {"protocol": "medium", "num_bins": 10, "score_range": [-1, 1]}
     assert res["database"][0] == "jpg/db_0.jpg" and res["queries"][0]["image"] == "jpg/q_0.jpg"
     assert len(res["queries"][0]["topk"]) == 8
 
 
-def test_cli_evaluate_reports_missing_images(tmp_path, capsys):
+def test_library_route_equals_the_command(tmp_path, monkeypatch):
+    """evaluate_checkpoint with typed settings: what the command runs, block by block."""
+    import apretrieval.pipeline as pipeline
     from apretrieval.cli import main
+    from apretrieval.data.revisited import RevisitedDataset
+    from apretrieval.pipeline import ExtractionSettings, PostProcessing, evaluate_checkpoint
+    from test_extraction import TinyNet, fake_benchmark
 
-    (tmp_path / "gnd_rparis6k.pkl").write_bytes(
-        pickle.dumps({"imlist": ["a"], "qimlist": ["q"],
-                      "gnd": [{"bbx": [0, 0, 1, 1], "easy": [0], "hard": [], "junk": []}]})
-    )
-    rc = main(["evaluate", "--checkpoint", str(tmp_path / "none.pt"), "--dataset", "rparis6k",
-               "--root", str(tmp_path), "--out", str(tmp_path / "r.json"), "--no-progress"])
-    err = capsys.readouterr().err
-    assert rc == 2 and err.startswith("apretrieval evaluate: error:")
+    model = TinyNet()
+    monkeypatch.setattr(pipeline, "load_checkpoint_model", lambda path, device=None: model)
+    fake_benchmark(tmp_path / "rox", np.random.default_rng(15), n_db=9)
+    ds = RevisitedDataset("roxford5k", tmp_path / "rox")
+    settings = ExtractionSettings(scales=(1.0, 0.5), num_workers=0, progress=False)
+    post = PostProcessing(dba=1, qe=1, qe_alpha=1.0)
+    whole = evaluate_checkpoint(model, ds, settings, post=post, out=tmp_path / "a.json")
+    by_one = evaluate_checkpoint(model, ds, settings, post=post, block_size=1)
+    assert by_one.metrics == whole.metrics and by_one.queries == whole.queries
+    argv = [
+        "evaluate",
+        "--checkpoint",
+        "m.pt",
+        "--dataset",
+        "roxford5k",
+        "--root",
+        str(tmp_path / "rox"),
+        "--out",
+        str(tmp_path / "b.json"),
+        "--scales",
+        "1",
+        "0.5",
+        "--dba",
+        "1",
+        "--qe",
+        "1",
+        "--qe-alpha",
+        "1",
+        "--workers",
+        "0",
+        "--no-progress",
+    ]
+    assert main(argv) == 0
+    from apretrieval.results import RetrievalResults
+
+    cli = RetrievalResults.load(tmp_path / "b.json")
+    assert cli.metrics == whole.metrics and cli.queries == whole.queries
+    assert RetrievalResults.load(tmp_path / "a.json").metrics == whole.metrics
+    assert whole.settings.scales == (1.0, 0.5) and whole.settings.dba == 1
 
 
-def test_cli_evaluate_with_a_real_checkpoint(tmp_path, capsys):
-    """Integration with models.save_checkpoint / load_model (small random ResNet-18)."""
-    from apretrieval.cli import main
+@pytest.fixture(scope="module")
+def real_checkpoint(tmp_path_factory):
+    """A small random ResNet-18 saved with models.save_checkpoint."""
     from apretrieval.models import build_model, save_checkpoint
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "m.pt"
+    return save_checkpoint(path, build_model("resnet18", out_dim=32))
+
+
+def _benchmark_without_images(root: Path) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "gnd_rparis6k.pkl").write_bytes(
+        pickle.dumps(
+            {
+                "imlist": ["a"],
+                "qimlist": ["q"],
+                "gnd": [{"bbx": [0, 0, 1, 1], "easy": [0], "hard": [], "junk": []}],
+            }
+        )
+    )
+
+
+@pytest.mark.parametrize("command", ["evaluate", "extract"])
+def test_cli_reports_missing_images(tmp_path, capsys, real_checkpoint, command):
+    from apretrieval.cli import main
+
+    root = tmp_path / "paris"
+    _benchmark_without_images(root)
+    rc = main(
+        [
+            command,
+            "--checkpoint",
+            str(real_checkpoint),
+            "--dataset",
+            "rparis6k",
+            "--root",
+            str(root),
+            "--out",
+            str(tmp_path / "r.json"),
+            "--no-progress",
+            "--workers",
+            "0",
+            "--device",
+            "cpu",
+        ]
+    )
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert err.startswith(f"apretrieval {command}: error: 2 image(s) missing, e.g. ")
+    assert str(root / "jpg" / "q.jpg") in err
+    assert f"run `apretrieval download rparis6k --root {root}`" in err
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_cli_evaluate_unwritable_out_fails_before_extraction(tmp_path, capsys, monkeypatch):
+    import apretrieval.pipeline as pipeline
+    from apretrieval.cli import main
+    from test_extraction import fake_benchmark
+
+    def no_extraction(*args, **kwargs):
+        raise AssertionError("extraction started")
+
+    monkeypatch.setattr(pipeline, "extract_benchmark", no_extraction)
+    monkeypatch.setattr(pipeline, "load_checkpoint_model", no_extraction)
+    fake_benchmark(tmp_path / "rox", np.random.default_rng(16))
+    blocker = tmp_path / "file"
+    blocker.write_text("a file, not a folder")
+    for out in (blocker / "res.json", tmp_path):  # parent is a file; a folder
+        rc = main(
+            [
+                "evaluate",
+                "--checkpoint",
+                "m.pt",
+                "--dataset",
+                "roxford5k",
+                "--root",
+                str(tmp_path / "rox"),
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        err = capsys.readouterr().err
+        assert rc == 2 and "cannot write the results to" in err and str(out) in err, err
+
+
+def test_cli_evaluate_with_a_real_checkpoint(tmp_path, capsys, real_checkpoint, monkeypatch):
+    """Integration with models.save_checkpoint / load_model, descriptors kept in files."""
+    import apretrieval.pipeline as pipeline
+    from apretrieval.cli import main
     from test_extraction import fake_benchmark
 
     fake_benchmark(tmp_path / "rox", np.random.default_rng(13))
-    ckpt = save_checkpoint(tmp_path / "m.pt", build_model("resnet18", out_dim=32))
     out = tmp_path / "res.json"
-    rc = main(["evaluate", "--checkpoint", str(ckpt), "--dataset", "roxford5k", "--root",
-               str(tmp_path / "rox"), "--out", str(out), "--scales", "1", "0.5",
-               "--workers", "0", "--device", "cpu", "--no-progress",
-               "--features", str(tmp_path / "feats" / "rox")])
-    assert rc == 0, capsys.readouterr().err
+    feats = tmp_path / "feats" / "rox"
+    argv = [
+        "evaluate",
+        "--checkpoint",
+        str(real_checkpoint),
+        "--dataset",
+        "roxford5k",
+        "--root",
+        str(tmp_path / "rox"),
+        "--out",
+        str(out),
+        "--scales",
+        "1",
+        "0.5",
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--features",
+        str(feats),
+    ]
+    assert main(argv) == 0, capsys.readouterr().err
     res = load_results(out)
-    assert res["model"] == str(ckpt) and set(res["metrics"]) == set(PROTOCOLS)
-    assert np.load(tmp_path / "feats" / "rox.db.npy").shape == (5, 32)
+    assert res["model"] == str(real_checkpoint) and set(res["metrics"]) == set(PROTOCOLS)
+    q = np.load(f"{feats}.queries.npy")
+    db = np.load(f"{feats}.db.npy")
+    assert q.shape == (2, 32) and db.shape == (5, 32)
+    np.testing.assert_allclose(np.linalg.norm(db, axis=1), 1.0, atol=1e-5)
+    # The metrics are those of the kept descriptors, by the independent reference.
+    scores = q.astype(np.float64) @ db.T.astype(np.float64)
+    want = reference_metrics(scores, _gnd_of(tmp_path / "rox"))
+    for p in PROTOCOLS:
+        assert res["metrics"][p]["mAP"] == pytest.approx(want[p]["mAP"], abs=1e-6)
+    assert [r["topk"] for r in res["queries"]] == np.argsort(-scores, axis=1).tolist()
+    # A second run reuses the kept descriptors: no image goes through the model again.
+    calls = []
+    real_extract = pipeline.extract_to_file
+
+    def counting(model, images, *args, **kwargs):
+        model.register_forward_hook(lambda *a: calls.append(1))
+        return real_extract(model, images, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "extract_to_file", counting)
+    assert main(argv) == 0
+    assert calls == [] and load_results(out)["metrics"] == res["metrics"]
+
+
+def _gnd_of(root: Path) -> list:
+    from apretrieval.data.revisited import load_gnd
+
+    return load_gnd(root / "gnd_roxford5k.pkl")["gnd"]

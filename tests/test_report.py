@@ -225,6 +225,26 @@ def test_metrics_table_and_pearson(mini):
     assert float(page.pearson) == pytest.approx(r, abs=5e-4)
 
 
+def test_scatter_states_the_recorded_analysis(mini, tmp_path):
+    import dataclasses
+
+    from apretrieval.apq_analysis import APQSettings
+    from apretrieval.results import RetrievalResults
+
+    res = RetrievalResults.load(mini["results"])
+    assert res.apq == APQSettings()  # written with the defaults
+    other = dataclasses.replace(res, apq=APQSettings("hard", 12, (-0.5, 1.0)))
+    page = write_report(other, tmp_path / "o", num_worst=1)  # typed results work too
+    text = page.read_text()
+    assert "Hard protocol, AP_Q with 12 bins over [-0.5, 1]" in text
+    assert "20 bins" not in text
+    # The correlation is over the Hard AP of the queries now.
+    qs = mini["res"]["queries"]
+    pairs = [(q["ap"]["hard"], q["ap_q"]) for q in qs if q["ap"]["hard"] is not None]
+    r = np.corrcoef(*zip(*pairs, strict=True))[0, 1]
+    assert float(_parse(page).pearson) == pytest.approx(r, abs=5e-4)
+
+
 def test_thumbnails_are_the_crop_and_the_images(mini):
     thumbs = mini["out"] / "thumbs"
     with Image.open(thumbs / "q1.jpg") as im:

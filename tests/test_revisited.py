@@ -12,33 +12,36 @@ from PIL import Image
 
 from apretrieval.data.revisited import RevisitedDataset, crop_box, load_gnd, read_r1m_list
 
-GND_DIR = Path(__file__).parents[2] / "shared/data/revisited"
+SAMPLES = Path(__file__).parent / "data" / "revisited"
 
 
 def real(name: str) -> Path:
-    path = GND_DIR / f"gnd_{name}.pkl"
-    if not path.exists():
-        pytest.skip(f"real ground truth not found at {path}")
-    return path
+    """A sample of the real ground truth of ``name`` (see data/revisited/README.md)."""
+    return SAMPLES / f"{name}_sample.pkl"
 
 
 # --------------------------------------------------------------------------------------------
-# load_gnd on the real files
+# load_gnd on real entries
 
 
 def test_real_roxford_and_rparis_load():
     ox = load_gnd(real("roxford5k"))
-    assert len(ox["qimlist"]) == len(ox["gnd"]) == 70 and len(ox["imlist"]) == 4993
+    assert len(ox["qimlist"]) == len(ox["gnd"]) == 12 and len(ox["imlist"]) == 292
     assert ox["qimlist"][:3] == ["all_souls_000013", "all_souls_000026", "oxford_002985"]
     assert ox["gnd"][0]["bbx"] == [136.5, 34.1, 648.5, 955.7]
-    assert [i for i, g in enumerate(ox["gnd"]) if not g["easy"]] == [11, 66]
+    assert [i for i, g in enumerate(ox["gnd"]) if not g["easy"]] == [5, 11]  # real 11 and 66
+    assert all(g["easy"] == sorted(g["easy"]) for g in ox["gnd"])
     pa = load_gnd(real("rparis6k"))
-    assert len(pa["imlist"]) == 6322 and pa["imlist"][0] == "paris_general_001840"
+    assert len(pa["imlist"]) == 636 and pa["qimlist"][0] == "paris_defense_000605"
+    assert pa["gnd"][0]["bbx"] == [130, 17, 843, 732]
+    assert [i for i, g in enumerate(pa["gnd"]) if not g["junk"]] == [2, 3]
 
 
 def test_old_protocol_file_loads():
     old = load_gnd(real("oxford5k"))
-    assert len(old["qidx"]) == 55 and set(old["gnd"][0]) == {"bbx", "ok", "junk"}
+    assert len(old["qidx"]) == 5 and set(old["gnd"][0]) == {"bbx", "ok", "junk"}
+    # The old protocol lists the queries inside the database.
+    assert [old["imlist"][i] for i in old["qidx"]] == old["qimlist"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -83,8 +86,14 @@ def test_other_globals_are_refused(tmp_path):
 @pytest.mark.parametrize("protocol", [3, 4, 5])
 def test_numpy_arrays_and_scalars_are_accepted(tmp_path, protocol):
     path = tmp_path / "g.pkl"
-    gnd = [{"bbx": np.array([1.0, 2.0, 30.5, 40.0]), "easy": np.array([0, 2]),
-            "hard": np.arange(3, 5, dtype=np.int32), "junk": [np.int64(1)]}]
+    gnd = [
+        {
+            "bbx": np.array([1.0, 2.0, 30.5, 40.0]),
+            "easy": np.array([0, 2]),
+            "hard": np.arange(3, 5, dtype=np.int32),
+            "junk": [np.int64(1)],
+        }
+    ]
     path.write_bytes(pickle.dumps({"imlist": ["a"] * 5, "qimlist": ["q"], "gnd": gnd}, protocol))
     out = load_gnd(path)
     np.testing.assert_array_equal(out["gnd"][0]["easy"], [0, 2])
@@ -167,5 +176,8 @@ def test_revisited_dataset_errors(tmp_path):
 def test_real_roxford_as_dataset(tmp_path):
     (tmp_path / "gnd_roxford5k.pkl").write_bytes(real("roxford5k").read_bytes())
     ds = RevisitedDataset("roxford5k", tmp_path)
-    assert ds.num_db == 4993 and ds.num_queries == 70
+    assert ds.num_db == 292 and ds.num_queries == 12
     assert sum(1 for g in ds.gnd if not g["easy"]) == 2
+    assert ds.query_path(0) == tmp_path / "jpg" / "all_souls_000013.jpg"
+    assert ds.query_bbx(0) == (136.5, 34.1, 648.5, 955.7)
+    assert len(ds.missing_images()) == 292 + 12  # no image shipped
