@@ -22,16 +22,34 @@ def register(subparsers: Any) -> None:
             "identical budget, and compare all three with the Revisited protocol."
         ),
     )
-    p.add_argument("--out", default="demo-output",
-                   help="output folder (benchmark cache, runs, results.json, report)")
-    p.add_argument("--seed", type=int, default=None,
-                   help="seed of the benchmark and of training (default: the config's, 0)")
-    p.add_argument("--quick", action="store_true",
-                   help="a shortened demo: tiny images, few steps (about a minute)")
-    p.add_argument("--config", "-c", default=None,
-                   help="YAML demo config (configs/demo.yaml holds the defaults)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's choice, one per core)")
+    p.add_argument(
+        "--out",
+        default="demo-output",
+        help="output folder (benchmark cache, runs, results.json, report)",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="seed of the benchmark and of training (default: the config's, 0)",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="a shortened demo: tiny images, few steps (about a minute)",
+    )
+    p.add_argument(
+        "--config",
+        "-c",
+        default=None,
+        help="YAML demo recipe, or the bundled one by name: demo (the defaults)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: torch's choice, one per core)",
+    )
     p.add_argument("--no-report", action="store_true", help="skip the HTML reports")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
@@ -61,11 +79,16 @@ def run(args: argparse.Namespace) -> int:
     print(format_table(summary))
     print()
     probe = summary["training_set_probe"]
-    print(f"on {summary['config']['loss_probe_images']} training images: "
-          + ", ".join(f"{k} mAP {100 * v['mAP']:.1f} (AP loss {v['ap_loss']:.3f})"
-                      for k, v in probe.items()))
-    print(f"wall time: {summary['wall_time_s']:.0f} s on {summary['machine']['cpu_count']} "
-          f"CPU core(s), {summary['machine']['torch_threads']} torch thread(s)")
+    print(
+        f"on {summary['config']['loss_probe_images']} training images: "
+        + ", ".join(
+            f"{k} mAP {100 * v['mAP']:.1f} (AP loss {v['ap_loss']:.3f})" for k, v in probe.items()
+        )
+    )
+    print(
+        f"wall time: {summary['wall_time_s']:.0f} s on {summary['machine']['cpu_count']} "
+        f"CPU core(s), {summary['machine']['torch_threads']} torch thread(s)"
+    )
     print(f"results: {args.out}/results.json")
     if summary["reports"]:
         print(f"report: {summary['reports']['ap']}")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 
@@ -35,21 +34,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from apretrieval.data.download import DownloadError, download_dataset
+    from apretrieval.data.download import download_dataset
 
     if args.retries < 0:
         raise ValueError(f"--retries must be >= 0, got {args.retries}")
-    try:
-        root = download_dataset(
-            args.dataset,
-            args.root,
-            mirror=args.mirror,
-            keep_archives=args.keep_archives,
-            progress=not args.no_progress,
-            retries=args.retries,
-        )
-    except DownloadError as err:
-        print(f"apretrieval download: error: {err}", file=sys.stderr)
-        return 1
+    # A DownloadError is an OSError: the CLI's error layer prints it as one line, exit 1.
+    root = download_dataset(
+        args.dataset,
+        args.root,
+        mirror=args.mirror,
+        keep_archives=args.keep_archives,
+        progress=not args.no_progress,
+        retries=args.retries,
+    )
     print(f"{args.dataset}: ready in {root}")
     return 0
