@@ -86,7 +86,7 @@ def load_weights(module: nn.Module, state_dict: dict[str, Tensor], source: str) 
             if items
         ]
         raise CheckpointError(
-            f"{source} does not fit this model ({type(module).__name__}): "
+            f"{source}: the weights do not fit this model ({type(module).__name__}): "
             + "; ".join(parts)
             + ". It was made for another backbone or out_dim: use the same settings, or "
             "another output folder / weights file"
