@@ -103,7 +103,7 @@ def test_locks_exclude_each_other_across_processes(tmp_path):
     first = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, text=True)
     try:
         assert first.stdout.readline().strip() == "held"
-        second = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+        second = subprocess.run(args, env=env, capture_output=True, text=True, timeout=1800)
         assert second.stdout.startswith("refused") and f"process {first.pid}" in second.stdout
     finally:
         (tmp_path / "release").touch()
