@@ -103,7 +103,7 @@ def test_locks_exclude_each_other_across_processes(tmp_path):
     first = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, text=True)
     try:
         assert first.stdout.readline().strip() == "held"
-        second = subprocess.run(args, env=env, capture_output=True, text=True, timeout=1800)
+        second = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
         assert second.stdout.startswith("refused") and f"process {first.pid}" in second.stdout
     finally:
         (tmp_path / "release").touch()
@@ -321,7 +321,7 @@ def test_full_disk_at_final_assembly_is_one_clear_error(tmp_path):
             env=env,
             capture_output=True,
             text=True,
-            timeout=300,
+            timeout=1800,
         )
         assert proc.returncode == 1, (proc.returncode, proc.stderr[-2000:])  # not SIGBUS (-7)
         assert "errno=28" in proc.stdout and "x.npy" in proc.stdout
