@@ -20,7 +20,6 @@ import os
 import posixpath
 import shutil
 import tarfile
-import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -30,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
+
+from apretrieval.atomic import atomic_open, atomic_write_text
 
 __all__ = [
     "DATASETS",
@@ -297,14 +298,9 @@ def extract_archive(
             src = tar.extractfile(member)
             if src is None:
                 continue
-            fd, tmp = tempfile.mkstemp(prefix=".extract.", dir=target.parent)
-            try:
-                with src, os.fdopen(fd, "wb") as out:
-                    shutil.copyfileobj(src, out, 1 << 20)
-                os.replace(tmp, target)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            # No fsync per image (a million files): the .done marker is written after all.
+            with src, atomic_open(target, "wb", fsync=False) as out:
+                shutil.copyfileobj(src, out, 1 << 20)
             count += 1
             bar.update(1)
     return count
@@ -353,7 +349,7 @@ def download_dataset(
                             progress=progress)
         if n == 0:
             raise DownloadError(f"{archive}: no files inside")
-        marker.write_text(f"{n}\n")
+        atomic_write_text(marker, f"{n}\n")
         if not keep_archives:
             archive.unlink()
     return root

@@ -73,7 +73,7 @@ DemoTraining = demo_training  # the earlier name of the demo's training settings
 
 @dataclass(frozen=True)
 class DemoConfig:
-    """Everything the demo does; ``configs/demo.yaml`` holds the same defaults."""
+    """Everything the demo does; the bundled ``demo`` recipe holds the same defaults."""
 
     seed: int = 0
     backbone: str = "mobilenet_v2"
@@ -106,7 +106,10 @@ class DemoConfig:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return _plain(dataclasses.asdict(self))
+        d = _plain(dataclasses.asdict(self))
+        for key in _SET_BY_DEMO:  # set per run by the demo, not settings of the recipe
+            d["training"].pop(key)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DemoConfig:
