@@ -15,10 +15,12 @@ pytest.importorskip("skimage", reason="the demo photographs ship with scikit-ima
 from apretrieval.data.revisited import crop_box, load_gnd
 from apretrieval.demo import render as rd
 from apretrieval.demo.dataset import (
+    BENCHMARK_SIZES,
     BenchmarkConfig,
     grid_cells,
     label_view,
     plan_landmarks,
+    planned_counts,
     prepare_benchmark,
 )
 from apretrieval.demo.sources import CATALOGUE, LANDMARK, available_photos
@@ -57,8 +59,12 @@ def gnd(bench):
     return load_gnd(bench.gnd_file)
 
 
-def test_every_catalogue_photo_loads_offline():
-    photos = available_photos()
+@pytest.fixture(scope="module")
+def photos():
+    return available_photos()
+
+
+def test_every_catalogue_photo_loads_offline(photos):
     for source in CATALOGUE:
         assert source.key in photos, f"{source.key} did not load"
         image = photos[source.key]
@@ -69,8 +75,9 @@ def test_every_catalogue_photo_loads_offline():
 def test_same_seed_same_files_other_seed_other_files(bench, tmp_path):
     again = prepare_benchmark(tmp_path / "a", SMALL, progress=False)
     assert _digest(again.root) == _digest(bench.root)
-    other = prepare_benchmark(tmp_path / "b", BenchmarkConfig(**{**vars(SMALL), "seed": 4}),
-                              progress=False)
+    other = prepare_benchmark(
+        tmp_path / "b", BenchmarkConfig(**{**vars(SMALL), "seed": 4}), progress=False
+    )
     assert _digest(other.test_dir / "jpg") != _digest(bench.test_dir / "jpg")
 
 
@@ -80,8 +87,9 @@ def test_cached_unless_config_changes(tmp_path):
     stamp = (first.root / "manifest.json").stat().st_mtime_ns
     assert prepare_benchmark(tmp_path, cfg, progress=False).info == first.info
     assert (first.root / "manifest.json").stat().st_mtime_ns == stamp
-    changed = prepare_benchmark(tmp_path, BenchmarkConfig(**{**vars(cfg), "seed": 9}),
-                                progress=False)
+    changed = prepare_benchmark(
+        tmp_path, BenchmarkConfig(**{**vars(cfg), "seed": 9}), progress=False
+    )
     assert changed.info["key"] != first.info["key"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".data-")]  # no leftovers
 
@@ -104,8 +112,11 @@ def test_ground_truth_is_valid(bench, gnd):
         lists = [entry[k] for k in ("easy", "hard", "junk")]
         for lst in lists:
             assert lst == sorted(set(lst)) and all(0 <= j < n for j in lst)
-        assert not (set(lists[0]) & set(lists[1]) or set(lists[0]) & set(lists[2])
-                    or set(lists[1]) & set(lists[2]))
+        assert not (
+            set(lists[0]) & set(lists[1])
+            or set(lists[0]) & set(lists[2])
+            or set(lists[1]) & set(lists[2])
+        )
         assert entry["easy"], "every query has an easy positive"
         with Image.open(bench.test_dir / "jpg" / f"{qname}.jpg") as im:
             x1, y1, x2, y2 = crop_box(entry["bbx"], im.size)
@@ -155,8 +166,7 @@ def test_train_and_test_landmarks_are_disjoint(bench):
     assert set(per_class) == {SMALL.train_views_per_landmark}
 
 
-def test_split_holds_out_part_of_every_photo():
-    photos = available_photos()
+def test_split_holds_out_part_of_every_photo(photos):
     lms = plan_landmarks(photos, BenchmarkConfig())
     by_photo: dict[str, set[str]] = {}
     for lm in lms:
@@ -177,11 +187,69 @@ def test_readme_credits_every_photo(bench):
     assert json.loads((bench.root / "manifest.json").read_text())["key"] == SMALL.key()
 
 
+def test_default_size_is_the_demo_benchmark(photos):
+    # README and BENCHMARKS numbers come from this benchmark: its config (and so its cache
+    # key and files) must not change under the default name.
+    assert BenchmarkConfig.preset("default", seed=3) == BenchmarkConfig(seed=3)
+    assert BenchmarkConfig.preset().key() == BenchmarkConfig().key() == "1621acddddea7474"
+    default = BenchmarkConfig()
+    counts = planned_counts(plan_landmarks(photos, default), default)
+    assert counts == {"train_images": 1296, "queries": 54, "database": 345}
+
+
+def test_large_size_has_200_queries_and_2000_database_images(photos):
+    for seed in (0, 1):
+        large = BenchmarkConfig.preset("large", seed=seed)
+        landmarks = plan_landmarks(photos, large)
+        counts = planned_counts(landmarks, large)
+        assert counts["queries"] >= 200 and counts["database"] >= 2000, counts
+        default = plan_landmarks(photos, BenchmarkConfig(seed=seed))
+        # More landmarks per source photo, not more photos.
+        assert {lm.photo for lm in landmarks} == {lm.photo for lm in default}
+        assert len(landmarks) >= 2.5 * len(default)
+
+
+def test_planned_counts_match_the_generated_files(bench):
+    counts = planned_counts(plan_landmarks(available_photos(SMALL.photos), SMALL), SMALL)
+    made = bench.info["counts"]
+    assert counts["train_images"] == made["train_images"]
+    assert counts["queries"] == made["queries"]
+    # Clear views are only ever added (at most 8 per query) so that every query has an easy one.
+    assert counts["database"] <= made["database"] <= counts["database"] + 8 * made["queries"]
+
+
+def test_large_settings_generate_a_valid_benchmark(tmp_path):
+    # The large size's geometry and query counts, on tiny images of two photos.
+    cfg = BenchmarkConfig(
+        **{
+            **BENCHMARK_SIZES["large"],
+            "seed": 5,
+            "image_size": 40,
+            "train_image_size": 32,
+            "db_views_per_landmark": 4,
+            "clutter_images": 3,
+            "train_views_per_landmark": 2,
+            "photos": ("coffee", "brick"),
+        }
+    )
+    bench = prepare_benchmark(tmp_path, cfg, progress=False)
+    gnd = load_gnd(bench.gnd_file)
+    by_landmark: dict[str, int] = {}
+    for q in bench.info["queries"]:
+        by_landmark[q["landmark"]] = by_landmark.get(q["landmark"], 0) + 1
+    assert set(by_landmark.values()) == {BENCHMARK_SIZES["large"]["queries_per_landmark"]}
+    assert len(gnd["qimlist"]) == bench.info["counts"]["queries"] >= 6
+    for entry in gnd["gnd"]:
+        assert entry["easy"]
+
+
 def test_bad_config_is_a_value_error():
     with pytest.raises(ValueError, match="image_size"):
         BenchmarkConfig(image_size=4)
     with pytest.raises(ValueError, match="test_fraction"):
         BenchmarkConfig(test_fraction=0.0)
+    with pytest.raises(ValueError, match="huge"):
+        BenchmarkConfig.preset("huge")
 
 
 # Geometry helpers.

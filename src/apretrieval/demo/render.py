@@ -128,7 +128,9 @@ def sample_camera(
 
 
 def warp(
-    photo: Image.Image, quad: np.ndarray, size: tuple[int, int],
+    photo: Image.Image,
+    quad: np.ndarray,
+    size: tuple[int, int],
     resample: Image.Resampling = Image.Resampling.BILINEAR,
 ) -> Image.Image:
     """Resample the area of ``photo`` under ``quad`` (4, 2) into an image of ``size``.
@@ -138,9 +140,7 @@ def warp(
     w, h = size
     inv = homography(rect_corners(0, 0, w, h), quad)  # output -> photo, as PIL expects
     inv = inv / inv[2, 2]
-    return photo.transform(
-        (w, h), Image.Transform.PERSPECTIVE, tuple(inv.ravel()[:8]), resample
-    )
+    return photo.transform((w, h), Image.Transform.PERSPECTIVE, tuple(inv.ravel()[:8]), resample)
 
 
 def _clutter_patch(
