@@ -22,7 +22,7 @@ from apretrieval.models import load_checkpoint, load_model
 from apretrieval.train_config import TrainConfig
 from apretrieval.training import TrainingInterrupted, lr_factor, make_loss, train
 
-CONFIGS = Path(__file__).parents[1] / "configs"
+CONFIGS = Path(__file__).parents[1] / "src" / "apretrieval" / "configs"
 
 
 @pytest.fixture(scope="module")
@@ -41,10 +41,26 @@ def folder(tmp_path_factory) -> Path:
 
 
 def tiny_config(folder: Path, out: Path, **kw) -> TrainConfig:
-    base = dict(data=str(folder), backbone="resnet18", pretrained=None, out_dim=16,
-                batch_size=8, images_per_class=2, chunk_size=4, max_side=32, steps=4,
-                lr=1e-3, schedule="cosine", warmup_steps=1, output_dir=str(out), num_workers=0,
-                checkpoint_every=2, progress=False, whiten_init="pca", pca_images=6)
+    base = dict(
+        data=str(folder),
+        backbone="resnet18",
+        pretrained=None,
+        out_dim=16,
+        batch_size=8,
+        images_per_class=2,
+        chunk_size=4,
+        max_side=32,
+        steps=4,
+        lr=1e-3,
+        schedule="cosine",
+        warmup_steps=1,
+        output_dir=str(out),
+        num_workers=0,
+        checkpoint_every=2,
+        progress=False,
+        whiten_init="pca",
+        pca_images=6,
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -74,7 +90,10 @@ def reference_run(folder, tmp_path_factory) -> Path:
 def test_run_directory_contents(reference_run):
     run = reference_run.parent
     assert sorted(p.name for p in run.iterdir()) == [
-        "checkpoint.pt", "config.yaml", "metrics.jsonl", "model.pt"
+        "checkpoint.pt",
+        "config.yaml",
+        "metrics.jsonl",
+        "model.pt",
     ]
     records = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4]
@@ -136,33 +155,155 @@ def test_callback_metrics_are_logged(folder, tmp_path):
     assert records[0]["mAP"] == 0.5 and records[-1] == {"step": 2, "mAP": 0.5}
 
 
+# The CLI in a child process whose first training step ends by sending SIGTERM to its own
+# process: a real signal, at a known step, with no race against the steps.
+_SIGTERM_AFTER_FIRST_STEP = """
+import os, signal, sys
+import apretrieval.training as t
+from apretrieval.cli import main
+original = t.train_step
+def step_then_sigterm(*args, **kwargs):
+    out = original(*args, **kwargs)
+    if not step_then_sigterm.sent:
+        step_then_sigterm.sent = True
+        os.kill(os.getpid(), signal.SIGTERM)
+    return out
+step_then_sigterm.sent = False
+t.train_step = step_then_sigterm
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 @pytest.mark.slow
 def test_sigterm_to_a_training_process_then_resume(folder, tmp_path, reference_run):
     cfg = tiny_config(folder, tmp_path / "run", steps=4)
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg.to_dict()))
-    cmd = [sys.executable, "-c", "import sys; from apretrieval.cli import main; "
-           "sys.exit(main(sys.argv[1:]))", "train", "--config", str(path)]
+    cmd = [sys.executable, "-c", _SIGTERM_AFTER_FIRST_STEP, "train", "--config", str(path)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # bit-exact needs the reference's threads
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
-    log = tmp_path / "run" / "metrics.jsonl"
-    deadline = time.time() + 120
-    while not (log.exists() and log.read_text().strip()) and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
-    assert 1 <= load_checkpoint(tmp_path / "run" / "checkpoint.pt")["step"] < 4
+    start = time.monotonic()
+    proc = subprocess.run(cmd, stderr=subprocess.PIPE, text=True, env=env, timeout=300)
+    assert proc.returncode == 130, proc.stderr
+    assert time.monotonic() - start < 300
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["step"] == 1  # that step's end
+    assert losses(tmp_path / "run") == losses(reference_run.parent)[:1]
+    assert not (tmp_path / "run" / "model.pt").exists()
     assert main(["train", "--config", str(path), "--resume"]) == 0
     assert_same_weights(tmp_path / "run" / "model.pt", reference_run)
+
+
+def test_a_second_sigint_stops_at_once(folder, tmp_path):
+    cfg = tiny_config(folder, tmp_path / "run", whiten_init="identity")
+    steps_done = []
+
+    def two_ctrl_c(step, model):
+        steps_done.append(step)
+        os.kill(os.getpid(), signal.SIGINT)  # the first asks for a checkpoint after the step
+        os.kill(os.getpid(), signal.SIGINT)  # the second stops now, inside this callback
+        raise AssertionError("not reached: the second SIGINT interrupts")
+
+    handler = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt) as info:
+        train(cfg, callback=two_ctrl_c, callback_every=1)
+    assert not isinstance(info.value, TrainingInterrupted)  # no orderly stop
+    assert steps_done == [1]
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()  # nothing written after step 1
+    assert signal.getsignal(signal.SIGINT) is handler  # the caller's handler is back
+
+
+def test_logged_lr_is_the_lr_of_that_step(folder, tmp_path):
+    cfg = tiny_config(
+        folder,
+        tmp_path / "run",
+        steps=5,
+        warmup_steps=2,
+        lr=1e-2,
+        whiten_init="identity",
+        checkpoint_every=10,
+    )
+    seen = []  # the lr each optimizer step actually uses
+    hook = torch.optim.optimizer.register_optimizer_step_pre_hook(
+        lambda opt, args, kwargs: seen.append(opt.param_groups[0]["lr"])
+    )
+    try:
+        train(cfg)
+    finally:
+        hook.remove()
+    records = [
+        json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    ]
+    f = lr_factor(cfg)
+    assert [r["lr"] for r in records] == pytest.approx([1e-2 * f(t) for t in range(5)])
+    assert [r["lr"] for r in records] == pytest.approx(seen)  # what the optimizer used
+    assert records[0]["lr"] == pytest.approx(5e-3)  # warm-up: half the lr at step 1
+
+
+def test_resume_without_checkpoint_starts_afresh_and_after_the_end_changes_nothing(
+    folder, tmp_path, reference_run
+):
+    cfg = tiny_config(folder, tmp_path / "run")
+    final = train(cfg, resume=True)  # nothing to resume: a full run from step 0
+    assert_same_weights(final, reference_run)
+    assert losses(final.parent) == losses(reference_run.parent)
+    log_before = (final.parent / "metrics.jsonl").read_text()
+    calls = []  # the run is finished: no step runs, only the end-of-run callback
+    again = train(cfg, resume=True, callback=lambda step, m: calls.append(step), callback_every=1)
+    assert calls == [4]
+    assert_same_weights(again, reference_run)
+    assert (final.parent / "metrics.jsonl").read_text() == log_before
+    assert load_checkpoint(final.parent / "checkpoint.pt")["step"] == 4
+
+
+def test_dataloader_worker_processes_give_the_same_training(folder, tmp_path, reference_run):
+    final = train(tiny_config(folder, tmp_path / "run", num_workers=2))
+    assert_same_weights(final, reference_run)
+
+
+def test_a_dying_data_worker_stops_training_and_the_run_resumes(
+    folder, tmp_path, reference_run, monkeypatch
+):
+    from apretrieval import batches
+    from apretrieval.data.transforms import batch_seeds
+
+    cfg = tiny_config(folder, tmp_path / "run", num_workers=2)
+    doomed = set(batch_seeds(cfg.seed, 2, cfg.batch_size))  # the batch of step 3
+    original = batches.AugmentedImages.__getitem__
+
+    def die_in_step_3(self, item):
+        if item[1] in doomed and torch.utils.data.get_worker_info() is not None:
+            os._exit(3)  # the worker process dies (as if killed or out of memory)
+        return original(self, item)
+
+    monkeypatch.setattr(batches.AugmentedImages, "__getitem__", die_in_step_3)
+    with pytest.raises(RuntimeError, match=r"(?i)worker"):
+        train(cfg)
+    assert not (tmp_path / "run" / "model.pt").exists()
+    monkeypatch.setattr(batches.AugmentedImages, "__getitem__", original)
+    final = train(cfg, resume=True)
+    assert_same_weights(final, reference_run)
 
 
 def test_cli_train_with_overrides(folder, tmp_path, capsys):
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(tiny_config(folder, tmp_path / "x").to_dict()))
     out = tmp_path / "cli-run"
-    code = main(["train", "-c", str(path), "--steps", "1", "--output-dir", str(out),
-                 "--loss", "triplet", "--margin", "0.2", "--crop-scale", "[0.5, 1]"])
+    code = main(
+        [
+            "train",
+            "-c",
+            str(path),
+            "--steps",
+            "1",
+            "--output-dir",
+            str(out),
+            "--loss",
+            "triplet",
+            "--margin",
+            "0.2",
+            "--crop-scale",
+            "[0.5, 1]",
+        ]
+    )
     assert code == 0 and (out / "model.pt").exists()
     saved = TrainConfig.from_yaml(out / "config.yaml")
     assert (saved.steps, saved.loss, saved.margin) == (1, "triplet", 0.2)
@@ -212,3 +353,16 @@ def test_loss_selection_and_schedules():
     g = lr_factor(cfg.replace(schedule="exponential", lr_decay=0.5))
     assert [g(0), g(3)] == [1.0, 0.125]
     assert lr_factor(cfg.replace(schedule="constant"))(99) == 1.0
+
+
+def test_cli_without_a_command_prints_the_commands_and_fails(capsys):
+    assert main([]) == 2
+    out = capsys.readouterr().out
+    assert out.startswith("usage: apretrieval") and "train" in out and "evaluate" in out
+
+
+def test_cli_version_is_the_installed_package_version(capsys):
+    from importlib.metadata import version
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"apretrieval {version('apretrieval')}"

@@ -29,16 +29,14 @@ that fails in stage 1 or 3 reports it through the next collective so the others 
 and a rank that hangs or dies makes the others fail after ``timeout_s`` (gloo/NCCL timeouts)
 with a :class:`DistributedError` instead of waiting forever.
 
-Memory bank (``MemoryBank``): the detached, gathered descriptors of the last K batches are kept
-on every rank and each query of the batch ranks the other B - 1 batch items plus the bank
-(``ap_loss_with_memory``), so the AP loss sees (K + 1) times more negatives per query.
+With a memory bank (``losses.memory_bank``), every rank pushes the same gathered batch, so
+all ranks hold the same bank. One process (world size 1) is the plain ``multistage_step``.
 """
 
 from __future__ import annotations
 
 import datetime
 import os
-from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,13 +45,16 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from apretrieval.losses import APLoss
+# MemoryBank and ap_loss_with_memory live with the losses; re-exported for existing imports.
+from apretrieval.losses.memory_bank import MemoryBank, ap_loss_with_memory
 from apretrieval.multistage import (
     Inputs,
+    StepResult,
     backward_descriptor_grads,
     check_replayable,
     compute_descriptors,
     descriptor_loss_grads,
+    multistage_step,
 )
 
 __all__ = [
@@ -227,15 +228,19 @@ def _all_gather(ctx: DistContext, x: Tensor, what: str) -> list[Tensor]:
     return out
 
 
-def _raise_if_any_failed(ctx: DistContext, failed: Sequence[int], error: BaseException | None,
-                         stage: str) -> None:
+def _raise_if_any_failed(
+    ctx: DistContext, failed: Sequence[int], error: BaseException | None, stage: str
+) -> None:
     """Every rank learns which ranks failed; the failed ones re-raise, the others explain."""
     if not any(failed):
         return
     messages: list[Any] = [None] * ctx.world_size
     mine = f"{type(error).__name__}: {error}" if error is not None else None
-    _collective(ctx, f"{stage} error exchange",
-                lambda: dist.all_gather_object(messages, mine, group=ctx.group))
+    _collective(
+        ctx,
+        f"{stage} error exchange",
+        lambda: dist.all_gather_object(messages, mine, group=ctx.group),
+    )
     if error is not None:
         raise error
     bad = [r for r, f in enumerate(failed) if f]
@@ -244,7 +249,11 @@ def _raise_if_any_failed(ctx: DistContext, failed: Sequence[int], error: BaseExc
 
 
 def gather_rows(
-    ctx: DistContext, rows: Tensor, labels: Tensor, *, error: BaseException | None = None,
+    ctx: DistContext,
+    rows: Tensor,
+    labels: Tensor,
+    *,
+    error: BaseException | None = None,
     stage: str = "stage 1",
 ) -> tuple[Tensor, Tensor, list[int]]:
     """All-gather (n_r, D) rows and (n_r,) int64 labels of every rank, in rank order.
@@ -258,8 +267,11 @@ def gather_rows(
             raise error
         return rows, labels, [rows.shape[0]]
     dev = ctx.comm_device
-    meta = torch.tensor([rows.shape[0], rows.shape[1] if rows.dim() == 2 else 0,
-                         int(error is not None)], dtype=torch.int64, device=dev)
+    meta = torch.tensor(
+        [rows.shape[0], rows.shape[1] if rows.dim() == 2 else 0, int(error is not None)],
+        dtype=torch.int64,
+        device=dev,
+    )
     metas = torch.stack(_all_gather(ctx, meta, f"{stage}: size exchange")).cpu()
     _raise_if_any_failed(ctx, metas[:, 2].tolist(), error, stage)
     sizes, dim = metas[:, 0].tolist(), int(metas[:, 1].max())
@@ -283,8 +295,9 @@ def _trainable(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def all_reduce_gradients(ctx: DistContext, model: nn.Module, *,
-                         error: BaseException | None = None) -> None:
+def all_reduce_gradients(
+    ctx: DistContext, model: nn.Module, *, error: BaseException | None = None
+) -> None:
     """Sum every trainable parameter's ``.grad`` over the ranks (None counts as zeros).
 
     ``error``: this rank failed in stage 3; a one-integer all-reduce first tells every rank,
@@ -298,8 +311,11 @@ def all_reduce_gradients(ctx: DistContext, model: nn.Module, *,
     params = _trainable(model)
     # Status: [failed, has .grad for each parameter]. A parameter without a gradient on every
     # rank keeps .grad None (as in one process: the optimizer skips it); else None -> zeros.
-    status = torch.tensor([int(error is not None)] + [int(p.grad is not None) for p in params],
-                          dtype=torch.int64, device=dev)
+    status = torch.tensor(
+        [int(error is not None)] + [int(p.grad is not None) for p in params],
+        dtype=torch.int64,
+        device=dev,
+    )
     statuses = torch.stack(_all_gather(ctx, status, "stage 3: status exchange")).cpu()
     _raise_if_any_failed(ctx, statuses[:, 0].tolist(), error, "stage 3")
     used = statuses[:, 1:].amax(0).tolist()
@@ -316,8 +332,11 @@ def all_reduce_gradients(ctx: DistContext, model: nn.Module, *,
         last = i + 1 == len(params)
         if last or size >= _BUCKET_BYTES or params[i + 1].dtype != p.dtype:
             flat = torch.cat([q.grad.reshape(-1) for q in bucket]).to(dev)
-            _collective(ctx, "stage 3: gradient all-reduce",
-                        lambda flat=flat: dist.all_reduce(flat, dist.ReduceOp.SUM, group=ctx.group))
+            _collective(
+                ctx,
+                "stage 3: gradient all-reduce",
+                lambda flat=flat: dist.all_reduce(flat, dist.ReduceOp.SUM, group=ctx.group),
+            )
             offset = 0
             for q in bucket:
                 n = q.numel()
@@ -334,8 +353,9 @@ def broadcast_model(ctx: DistContext, model: nn.Module) -> None:
     with torch.no_grad():
         for t in [*model.parameters(), *model.buffers()]:
             x = t.detach().to(dev)
-            _collective(ctx, "model broadcast",
-                        lambda x=x: dist.broadcast(x, src=0, group=ctx.group))
+            _collective(
+                ctx, "model broadcast", lambda x=x: dist.broadcast(x, src=0, group=ctx.group)
+            )
             if x is not t:
                 t.copy_(x)
 
@@ -345,125 +365,14 @@ def sync_stop(ctx: DistContext, signum: int | None) -> int | None:
     if ctx.world_size == 1:
         return signum
     x = torch.tensor([signum or 0], dtype=torch.int64, device=ctx.comm_device)
-    _collective(ctx, "stop-signal exchange",
-                lambda: dist.all_reduce(x, dist.ReduceOp.MAX, group=ctx.group))
+    _collective(
+        ctx, "stop-signal exchange", lambda: dist.all_reduce(x, dist.ReduceOp.MAX, group=ctx.group)
+    )
     return int(x) or None
 
 
 # --------------------------------------------------------------------------------------------
-# Memory bank.
-
-
-class MemoryBank:
-    """Descriptors (detached) and labels of the last ``num_batches`` global batches, FIFO.
-
-    Every rank holds the same bank: it is filled with the all-gathered batch descriptors.
-    """
-
-    def __init__(self, num_batches: int) -> None:
-        if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 0:
-            raise ValueError(f"memory_batches must be an integer >= 0, got {num_batches!r}")
-        self.num_batches = num_batches
-        self._items: deque[tuple[Tensor, Tensor]] = deque(maxlen=max(num_batches, 1))
-
-    def __len__(self) -> int:
-        """Number of descriptors held."""
-        return sum(d.shape[0] for d, _ in self._items) if self.num_batches else 0
-
-    def push(self, descriptors: Tensor, labels: Tensor) -> None:
-        """Add one batch (N, D), (N,); the oldest batch leaves when K are held."""
-        if self.num_batches:
-            self._items.append((descriptors.detach().clone(), labels.detach().clone()))
-
-    def tensors(self) -> tuple[Tensor, Tensor] | None:
-        """(M, D) descriptors and (M,) labels, oldest batch first; None when empty."""
-        if not self.num_batches or not self._items:
-            return None
-        return torch.cat([d for d, _ in self._items]), torch.cat([lb for _, lb in self._items])
-
-    def state_dict(self) -> dict[str, Any]:
-        """CPU tensors (checkpoint-safe): resuming restores the negatives the bank held."""
-        return {
-            "num_batches": self.num_batches,
-            "descriptors": [d.cpu() for d, _ in self._items] if self.num_batches else [],
-            "labels": [lb.cpu() for _, lb in self._items] if self.num_batches else [],
-        }
-
-    def load_state_dict(self, state: dict[str, Any], device: torch.device | None = None) -> None:
-        """Restore; a smaller ``num_batches`` than saved keeps the newest batches."""
-        self._items.clear()
-        pairs = list(zip(state.get("descriptors", []), state.get("labels", []), strict=True))
-        for d, lb in pairs[-self.num_batches:] if self.num_batches else []:
-            self._items.append((d.to(device) if device else d, lb.to(device) if device else lb))
-
-
-def ap_loss_with_memory(
-    loss_fn: APLoss, descriptors: Tensor, labels: Tensor, memory: Tensor, memory_labels: Tensor
-) -> tuple[float, Tensor]:
-    """Stage 2 with a bank: loss and dL/dD (B, D); each query ranks the batch (minus itself)
-    and the (M, D) ``memory`` (no gradient: it is detached).
-
-    The database is [batch; memory] and ``query_index`` tells APLoss each query's own column,
-    which it does not rank; autograd sums a batch item's two roles (query and database item).
-    """
-    if not isinstance(loss_fn, APLoss):
-        raise ValueError(f"a memory bank needs an AP loss, got {type(loss_fn).__name__}")
-    if memory.shape[0] == 0:
-        return descriptor_loss_grads(loss_fn, descriptors, labels)
-    d = descriptors.detach().requires_grad_(True)
-    labels = labels.to(d.device)
-    with torch.enable_grad():
-        db = torch.cat([d, memory.detach().to(device=d.device, dtype=d.dtype)])
-        db_labels = torch.cat([labels, memory_labels.to(d.device)])
-        query_index = torch.arange(d.shape[0], device=d.device)
-        loss = loss_fn(d, labels, db, db_labels, query_index=query_index)
-        (grad,) = torch.autograd.grad(loss, d)
-    return float(loss.detach()), grad
-
-
-# --------------------------------------------------------------------------------------------
 # The step.
-
-
-@dataclass
-class StepResult:
-    """One distributed multistaged step: global loss, images used (all ranks), and the
-    gathered stage-1 descriptors (N, D) and labels (N,) of the global batch."""
-
-    loss: float
-    images: int
-    descriptors: Tensor
-    labels: Tensor
-
-
-class _Tracked:
-    """A loader that remembers whether it produced an image (to tell 'all unreadable' apart)."""
-
-    def __init__(self, item: Any) -> None:
-        self.item, self.loaded = item, False
-
-    def __call__(self) -> Tensor | None:
-        x = self.item() if callable(self.item) and not isinstance(self.item, Tensor) else self.item
-        self.loaded = self.loaded or x is not None
-        return x
-
-
-def _stage1(model: nn.Module, inputs: Inputs, chunk_size: int, num_workers: int,
-            like: Tensor) -> tuple[Tensor, Tensor]:
-    """Local descriptors (n, D) and kept positions; an empty (0, 0) result for a shard that
-    is empty or entirely unreadable (the other ranks may still have images)."""
-    empty = like.new_zeros(0, 0), torch.zeros(0, dtype=torch.int64)
-    if len(inputs) == 0:
-        return empty
-    if isinstance(inputs, Tensor):
-        return compute_descriptors(model, inputs, chunk_size, num_workers=num_workers)
-    tracked = [_Tracked(item) for item in inputs]
-    try:
-        return compute_descriptors(model, tracked, chunk_size, num_workers=num_workers)
-    except ValueError:
-        if any(t.loaded for t in tracked):
-            raise
-        return empty
 
 
 def distributed_multistage_backward(
@@ -483,9 +392,13 @@ def distributed_multistage_backward(
     of the global batch (``shard_bounds``), rank 0 holding the first images. After the call
     every rank holds the same summed gradient, equal to ``multistage_backward`` on the whole
     batch in one process. ``memory``: rank each query against the batch and the bank, then
-    push this batch into the bank. ``ctx=None``: a single process.
+    push this batch into the bank. ``ctx=None`` or one rank: ``multistage_step``.
     """
     ctx = ctx or DistContext()
+    if ctx.world_size == 1:
+        return multistage_step(
+            model, inputs, labels, loss_fn, chunk_size, memory=memory, num_workers=num_workers
+        )
     check_replayable(model)
     n = len(inputs)
     if labels.dim() != 1 or labels.shape[0] != n:
@@ -496,30 +409,35 @@ def distributed_multistage_backward(
         raise ValueError("the model has no parameters") from None
     error: BaseException | None = None
     local, kept = like.new_zeros(0, 0), torch.zeros(0, dtype=torch.int64)
-    try:
-        local, kept = _stage1(model, inputs, chunk_size, num_workers, like)
+    try:  # a shard may be empty or unreadable while the other ranks have images
+        local, kept = compute_descriptors(
+            model, inputs, chunk_size, num_workers=num_workers, allow_empty=True
+        )
     except Exception as err:  # told to every rank in the gather below, then raised
         error = err
     local_labels = labels[kept.to(labels.device)] if len(kept) != n else labels
-    batch, batch_labels, sizes = gather_rows(ctx, local, local_labels.to(torch.int64),
-                                             error=error)
+    batch, batch_labels, sizes = gather_rows(ctx, local, local_labels.to(torch.int64), error=error)
     total = sum(sizes)
     if total == 0:
-        where = f" on any of the {ctx.world_size} ranks" if ctx.world_size > 1 else ""
-        raise ValueError(f"none of the inputs of the batch could be loaded{where} "
-                         f"({n} on this rank)")
-    bank = memory.tensors() if memory is not None else None
-    if bank is not None:
-        loss, grads = ap_loss_with_memory(loss_fn, batch, batch_labels, *bank)  # type: ignore[arg-type]
-    else:
-        loss, grads = descriptor_loss_grads(loss_fn, batch, batch_labels)
+        raise ValueError(
+            f"none of the inputs of the batch could be loaded on any of the {ctx.world_size} "
+            f"ranks ({n} on this rank)"
+        )
+    loss, grads = descriptor_loss_grads(loss_fn, batch, batch_labels, memory=memory)
     offset = sum(sizes[: ctx.rank])
     mine = grads[offset : offset + local.shape[0]]
     error = None
     if local.shape[0]:
         try:
-            backward_descriptor_grads(model, inputs, mine, chunk_size, indices=kept,
-                                      reference=local, num_workers=num_workers)
+            backward_descriptor_grads(
+                model,
+                inputs,
+                mine,
+                chunk_size,
+                indices=kept,
+                reference=local,
+                num_workers=num_workers,
+            )
         except Exception as err:
             error = err
     all_reduce_gradients(ctx, model, error=error)

@@ -12,7 +12,9 @@ independent of B:
 Stages 1 and 3 must compute identical descriptors: the network must not depend on which images
 share a chunk (BatchNorm frozen, i.e. in eval mode; no active Dropout) and inputs must be
 replayed exactly (per-sample seeded augmentation, see ``data.transforms``). A distributed
-version all-gathers the descriptors after stage 1 and all-reduces the gradients after stage 3.
+version (``distributed``) all-gathers the descriptors after stage 1 and all-reduces the
+gradients after stage 3. With a memory bank (``losses.memory_bank``), stage 2 ranks each query
+against the batch and the bank, and the batch joins the bank once the step is done.
 
 Inputs are a tensor (B, 3, H, W), or a sequence whose items are (3, H, W) tensors or loaders
 (callables returning one, or None for an unreadable image). Images of different sizes are
@@ -24,17 +26,22 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from apretrieval.losses.memory_bank import MemoryBank, ap_loss_with_memory
+
 __all__ = [
     "Inputs",
+    "StepResult",
     "backward_descriptor_grads",
     "check_replayable",
     "compute_descriptors",
     "descriptor_loss_grads",
     "multistage_backward",
+    "multistage_step",
 ]
 
 Loader = Callable[[], Tensor | None]
@@ -122,12 +129,19 @@ def _forward(model: nn.Module, images: Tensor | list[Tensor], like: Tensor) -> T
 
 
 def compute_descriptors(
-    model: nn.Module, inputs: Inputs, chunk_size: int, *, num_workers: int = 0
+    model: nn.Module,
+    inputs: Inputs,
+    chunk_size: int,
+    *,
+    num_workers: int = 0,
+    allow_empty: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Stage 1: descriptors (B', D) without autograd, and ``kept`` (B',) int64.
 
     ``kept`` lists the inputs that loaded (a loader returning None is skipped), in order.
-    ``num_workers`` threads run loaders ahead of the network.
+    ``num_workers`` threads run loaders ahead of the network. No input at all, or none
+    readable: ValueError, or with ``allow_empty`` a (0, 0) result (one rank's shard may be
+    empty while the others have images).
     """
     _check_chunk(chunk_size)
     like = _param(model)
@@ -144,14 +158,27 @@ def compute_descriptors(
             descs.append(_forward(model, images, like))
             kept += idx
     if not descs:
+        if allow_empty:
+            return like.new_zeros(0, 0), torch.zeros(0, dtype=torch.int64)
         raise ValueError(f"none of the {n} inputs could be loaded")
     return torch.cat(descs), torch.as_tensor(kept, dtype=torch.int64)
 
 
 def descriptor_loss_grads(
-    loss_fn: Callable[[Tensor, Tensor], Tensor], descriptors: Tensor, labels: Tensor
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    descriptors: Tensor,
+    labels: Tensor,
+    *,
+    memory: MemoryBank | None = None,
 ) -> tuple[float, Tensor]:
-    """Stage 2: the loss value and dL/dD (B, D) of ``loss_fn(descriptors, labels)``."""
+    """Stage 2: the loss value and dL/dD (B, D) of ``loss_fn(descriptors, labels)``.
+
+    ``memory``: each query also ranks the bank's descriptors (an AP loss is required once the
+    bank holds any); the bank is only read here.
+    """
+    bank = memory.tensors() if memory is not None else None
+    if bank is not None:
+        return ap_loss_with_memory(loss_fn, descriptors, labels, *bank)  # type: ignore[arg-type]
     d = descriptors.detach().requires_grad_(True)
     with torch.enable_grad():
         loss = loss_fn(d, labels.to(d.device))
@@ -199,6 +226,55 @@ def backward_descriptor_grads(
         row += len(chunk)
 
 
+@dataclass
+class StepResult:
+    """One multistaged step: the batch loss, the number of images used, and the stage-1
+    descriptors (N, D) and labels (N,) of those images (in a distributed step, of the whole
+    global batch)."""
+
+    loss: float
+    images: int
+    descriptors: Tensor
+    labels: Tensor
+
+
+def multistage_step(
+    model: nn.Module,
+    inputs: Inputs,
+    labels: Tensor,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    chunk_size: int,
+    *,
+    memory: MemoryBank | None = None,
+    num_workers: int = 0,
+) -> StepResult:
+    """Fill ``.grad`` as ``loss_fn(model(inputs), labels).backward()`` would.
+
+    Peak memory: one chunk of activations with autograd plus the (B, D) descriptors, whatever
+    B. Inputs whose loader returns None are left out of the batch (with their labels).
+    ``memory``: rank each query against the batch and the bank, then push this batch into it.
+    """
+    check_replayable(model)
+    n = _num_inputs(inputs)
+    if labels.dim() != 1 or labels.shape[0] != n:
+        raise ValueError(f"labels must be ({n},), got shape {tuple(labels.shape)}")
+    descriptors, kept = compute_descriptors(model, inputs, chunk_size, num_workers=num_workers)
+    kept_labels = labels if len(kept) == n else labels[kept.to(labels.device)]
+    loss, grads = descriptor_loss_grads(loss_fn, descriptors, kept_labels, memory=memory)
+    backward_descriptor_grads(
+        model,
+        inputs,
+        grads,
+        chunk_size,
+        indices=kept,
+        reference=descriptors,
+        num_workers=num_workers,
+    )
+    if memory is not None:
+        memory.push(descriptors, kept_labels)
+    return StepResult(loss, len(kept), descriptors, kept_labels)
+
+
 def multistage_backward(
     model: nn.Module,
     inputs: Inputs,
@@ -213,18 +289,8 @@ def multistage_backward(
     Peak memory: one chunk of activations with autograd plus the (B, D) descriptors, whatever
     B. Inputs whose loader returns None are left out of the batch (with their labels).
     """
-    check_replayable(model)
-    n = _num_inputs(inputs)
-    if labels.dim() != 1 or labels.shape[0] != n:
-        raise ValueError(f"labels must be ({n},), got shape {tuple(labels.shape)}")
-    descriptors, kept = compute_descriptors(model, inputs, chunk_size, num_workers=num_workers)
-    kept_labels = labels if len(kept) == n else labels[kept.to(labels.device)]
-    loss, grads = descriptor_loss_grads(loss_fn, descriptors, kept_labels)
-    backward_descriptor_grads(
-        model, inputs, grads, chunk_size, indices=kept, reference=descriptors,
-        num_workers=num_workers,
-    )
-    return loss
+    step = multistage_step(model, inputs, labels, loss_fn, chunk_size, num_workers=num_workers)
+    return step.loss
 
 
 def _check_chunk(chunk_size: int) -> None:

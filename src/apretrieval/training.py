@@ -18,7 +18,7 @@ import math
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,13 +27,13 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from apretrieval.atomic import atomic_open
+from apretrieval.atomic import atomic_open, remove_stale_temporaries
+from apretrieval.batches import fits_in_memory, step_batches
 from apretrieval.data.lists import ImageList, open_image_list
 from apretrieval.data.sampler import ClassBalancedBatchSampler, has_positive
-from apretrieval.data.transforms import TrainTransform, batch_seeds, resize_max_side
+from apretrieval.data.transforms import resize_max_side
 from apretrieval.distributed import (
     DistContext,
-    MemoryBank,
     barrier,
     broadcast_model,
     distributed_multistage_backward,
@@ -41,9 +41,16 @@ from apretrieval.distributed import (
     shard_bounds,
     sync_stop,
 )
-from apretrieval.losses import APLoss, ContrastiveLoss, TieAwareAPLoss, TripletLoss
-from apretrieval.models import RetrievalNet, build_model, load_checkpoint, save_checkpoint
-from apretrieval.multistage import multistage_backward
+from apretrieval.losses import APLoss, ContrastiveLoss, MemoryBank, TieAwareAPLoss, TripletLoss
+from apretrieval.losses.batch_ap import batch_ap_metrics
+from apretrieval.models import (
+    RetrievalNet,
+    build_model,
+    load_checkpoint,
+    load_weights,
+    save_checkpoint,
+)
+from apretrieval.multistage import StepResult, multistage_backward, multistage_step
 from apretrieval.train_config import TrainConfig, write_yaml_atomic
 
 __all__ = [
@@ -110,105 +117,32 @@ def train_step(
     *,
     ctx: DistContext | None = None,
     memory: MemoryBank | None = None,
-) -> tuple[float, int]:
-    """One multistage step + optimizer update; returns (loss, number of images used).
+) -> StepResult:
+    """One multistage step + optimizer update; returns the step: loss, number of images used,
+    and the batch's stage-1 descriptors and labels.
 
     With a ``ctx`` of several ranks, ``inputs``/``labels`` are this rank's shard and the step
     is that of the whole batch (see ``distributed``); ``memory``: rank against a memory bank.
     """
     model.train()
     optimizer.zero_grad(set_to_none=True)
-    step = distributed_multistage_backward(
-        model, inputs, labels, loss_fn, chunk_size, ctx=ctx, memory=memory,
-        num_workers=num_workers,
-    )
+    if ctx is None or ctx.world_size == 1:
+        step = multistage_step(
+            model, inputs, labels, loss_fn, chunk_size, memory=memory, num_workers=num_workers
+        )
+    else:
+        step = distributed_multistage_backward(
+            model,
+            inputs,
+            labels,
+            loss_fn,
+            chunk_size,
+            ctx=ctx,
+            memory=memory,
+            num_workers=num_workers,
+        )
     optimizer.step()
-    return step.loss, step.images
-
-
-# --------------------------------------------------------------------------------------------
-# Batch loading.
-
-
-class _Augmented(torch.utils.data.Dataset):
-    """Item (index, seed) -> augmented (3, H, W) tensor, or None if the file is unreadable."""
-
-    def __init__(self, images: ImageList, transform: TrainTransform) -> None:
-        self.images, self.transform = images, transform
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, item: tuple[int, int]) -> Tensor | None:
-        index, seed = item
-        return self.images.load(index, lambda img: self.transform(img, seed))
-
-
-class _Loader:
-    """A deferred ``_Augmented`` item: multistage calls it in stage 1 and again in stage 3."""
-
-    def __init__(self, data: _Augmented, index: int, seed: int) -> None:
-        self.data, self.index, self.seed = data, index, seed
-
-    def __call__(self) -> Tensor | None:
-        return self.data[(self.index, self.seed)]
-
-
-class _StepItems:
-    """Lazy batch sampler for the DataLoader: the (index, seed) items of each step."""
-
-    def __init__(self, sampler: ClassBalancedBatchSampler, seed: int, steps: range,
-                 shard: slice = slice(None)) -> None:
-        self.sampler, self.seed, self.steps, self.shard = sampler, seed, steps, shard
-
-    def __len__(self) -> int:
-        return len(self.steps)
-
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        for step in self.steps:
-            idx = self.sampler.batch(step)
-            seeds = batch_seeds(self.seed, step, len(idx))
-            yield [(int(i), s) for i, s in zip(idx, seeds, strict=True)][self.shard]
-
-
-def _keep_list(batch: list) -> list:
-    return batch  # variable-size images: no stacking (the collate default would fail)
-
-
-def _batches(
-    cfg: TrainConfig, images: ImageList, sampler: ClassBalancedBatchSampler, start: int,
-    in_memory: bool, shard: slice = slice(None),
-) -> Iterator[tuple[list, Tensor]]:
-    """(inputs, labels) for steps start..steps-1: decoded tensors (prefetched by DataLoader
-    workers, each image decoded once per step) or, for batches too large for memory, loaders.
-    ``shard``: this rank's positions in the batch (augmentation seeds stay those of the batch)."""
-    data = _Augmented(images, TrainTransform(cfg.augment_config()))
-
-    steps = range(start, cfg.steps)
-    if not in_memory:
-        for step in steps:
-            idx = sampler.batch(step)
-            seeds = batch_seeds(cfg.seed, step, len(idx))
-            loaders = [_Loader(data, int(i), s) for i, s in zip(idx, seeds, strict=True)]
-            yield loaders[shard], torch.as_tensor(images.labels[idx])[shard]
-        return
-    loader = torch.utils.data.DataLoader(
-        data,
-        batch_sampler=_StepItems(sampler, cfg.seed, steps, shard),
-        num_workers=cfg.num_workers,
-        collate_fn=_keep_list,
-        prefetch_factor=1 if cfg.num_workers > 0 else None,
-    )
-    for step, tensors in zip(steps, loader, strict=True):
-        ok = [j for j, t in enumerate(tensors) if t is not None]
-        labels = torch.as_tensor(images.labels[sampler.batch(step)[shard][ok]])
-        yield [tensors[j] for j in ok], labels
-
-
-def _fits_in_memory(cfg: TrainConfig) -> bool:
-    per_image = 3 * cfg.max_side**2 * 4  # float32 upper bound
-    batches = 1 + max(cfg.num_workers, 0)  # current batch + those prefetched
-    return cfg.batch_size * per_image * batches <= cfg.image_cache_mb * 2**20
+    return step
 
 
 # --------------------------------------------------------------------------------------------
@@ -298,17 +232,20 @@ def train(
         torch.set_num_threads(threads)
 
 
-def _train(
-    cfg: TrainConfig, resume: bool, callback: Callback | None, callback_every: int
-) -> Path:
+def _train(cfg: TrainConfig, resume: bool, callback: Callback | None, callback_every: int) -> Path:
     run_dir = Path(cfg.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path, final_path, log_path = (
-        run_dir / "checkpoint.pt", run_dir / "model.pt", run_dir / "metrics.jsonl"
+        run_dir / "checkpoint.pt",
+        run_dir / "model.pt",
+        run_dir / "metrics.jsonl",
     )
     # Under torchrun: join the process group; every rank takes its shard of each batch.
     ctx = init_distributed(cfg.dist_backend, cfg.dist_timeout, cfg.device)
     device = ctx.device
+    if ctx.is_main:  # temporary files of writes killed mid-way (SIGKILL) in an earlier run
+        for path in (ckpt_path, final_path, log_path, run_dir / "config.yaml"):
+            remove_stale_temporaries(path)
     shard = slice(*shard_bounds(cfg.batch_size, ctx.rank, ctx.world_size))
     images = open_image_list(cfg.data, cfg.data_format, cfg.image_root, cfg.check_images)
     sampler = ClassBalancedBatchSampler(
@@ -329,7 +266,7 @@ def _train(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg))
     start = 0
     if state is not None:
-        model.load_state_dict(state["state_dict"])
+        load_weights(model, state["state_dict"], f"{ckpt_path} (--resume)")
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         sampler.load_state_dict(state["sampler"])
@@ -349,26 +286,39 @@ def _train(
     if ctx.is_main:
         write_yaml_atomic(run_dir / "config.yaml", cfg.to_dict())
     loss_fn = make_loss(cfg)
-    in_memory = _fits_in_memory(cfg)
-    log.info("%d images, %d classes; batches %s", len(images), sampler.num_classes,
-             "decoded once per step" if in_memory else "streamed per chunk (large batch)")
+    in_memory = fits_in_memory(cfg)
+    log.info(
+        "%d images, %d classes; batches %s",
+        len(images),
+        sampler.num_classes,
+        "decoded once per step" if in_memory else "streamed per chunk (large batch)",
+    )
 
     def checkpoint(step: int) -> Path:
         sampler.step = step
         if not ctx.is_main:  # rank 0 writes; the state is the same on every rank
             return ckpt_path
         return save_checkpoint(
-            ckpt_path, model, step=step, optimizer=optimizer.state_dict(),
-            scheduler=scheduler.state_dict(), sampler=sampler.state_dict(),
+            ckpt_path,
+            model,
+            step=step,
+            optimizer=optimizer.state_dict(),
+            scheduler=scheduler.state_dict(),
+            sampler=sampler.state_dict(),
             train_config=cfg.to_dict(),
             **({"memory": memory.state_dict()} if memory is not None else {}),
         )
 
     done = start
-    bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step",
-               disable=not cfg.progress or not ctx.is_main)
+    bar = tqdm(
+        total=cfg.steps,
+        initial=start,
+        desc="train",
+        unit="step",
+        disable=not cfg.progress or not ctx.is_main,
+    )
     with _SignalStop() as stop:
-        batches = _batches(cfg, images, sampler, start, in_memory, shard)
+        batches = step_batches(cfg, images, sampler, start, in_memory, shard)
         tic = time.perf_counter()
         while done < cfg.steps and stop.signum is None:
             try:
@@ -378,24 +328,48 @@ def _train(
                     break
                 raise
             if ctx.world_size == 1 and not has_positive(labels.tolist()):
-                log.warning("step %d: no image of the batch has a positive (%d images, all of "
-                            "different classes)", done + 1, len(labels))
-            loss, used = train_step(
-                model, optimizer, inputs, labels, loss_fn, cfg.chunk_size,
-                num_workers=0 if in_memory else cfg.num_workers, ctx=ctx, memory=memory,
+                log.warning(
+                    "step %d: no image of the batch has a positive (%d images, all of "
+                    "different classes)",
+                    done + 1,
+                    len(labels),
+                )
+            step = train_step(
+                model,
+                optimizer,
+                inputs,
+                labels,
+                loss_fn,
+                cfg.chunk_size,
+                num_workers=0 if in_memory else cfg.num_workers,
+                ctx=ctx,
+                memory=memory,
             )
+            loss, used = step.loss, step.images
             lr = optimizer.param_groups[0]["lr"]  # the lr this step used (before the schedule)
             scheduler.step()
             done += 1
             toc = time.perf_counter()
-            record = {"step": done, "loss": loss, "lr": lr,
-                      "images": used, "skipped": cfg.batch_size - used,
-                      "images_per_s": used / (toc - tic), "gem_p": model.gem_p}
+            record = {
+                "step": done,
+                "loss": loss,
+                "lr": lr,
+                "images": used,
+                "skipped": cfg.batch_size - used,
+                "images_per_s": used / (toc - tic),
+                "gem_p": model.gem_p,
+                # exact AP of the batch and the loss's AP_Q of it (same rankings)
+                **batch_ap_metrics(step.descriptors, step.labels, loss_fn),
+            }
             tic = toc
             bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{record['images_per_s']:.1f}")
             bar.update(1)
-            if callback is not None and callback_every > 0 and done % callback_every == 0 \
-                    and done < cfg.steps:
+            if (
+                callback is not None
+                and callback_every > 0
+                and done % callback_every == 0
+                and done < cfg.steps
+            ):
                 record.update(_run_callback(callback, done, model))
             if ctx.is_main:
                 _append_jsonl(log_path, record)
@@ -429,5 +403,7 @@ def _warn_config_changes(old: dict[str, Any], cfg: TrainConfig) -> None:
     new = cfg.to_dict()
     changed = sorted(k for k in new if k in old and old[k] != new[k] and k != "steps")
     if changed:
-        log.warning("resuming with a changed config (%s): the run is no longer reproducible",
-                    ", ".join(changed))
+        log.warning(
+            "resuming with a changed config (%s): the run is no longer reproducible",
+            ", ".join(changed),
+        )
