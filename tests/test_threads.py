@@ -47,3 +47,20 @@ def test_apply_and_pin_set_torchs_thread_count():
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_every_command_accepts_threads_and_says_the_choice(capsys):
+    from apretrieval.cli import COMMANDS, build_parser, main
+
+    parser = build_parser()
+    for name in COMMANDS:
+        sub = parser._subparsers._group_actions[0].choices[name]
+        assert "--threads" in sub._option_string_actions, name
+    before = torch.get_num_threads()
+    try:
+        assert main(["index", "info", "/nonexistent-index-folder", "--threads", "1"]) != 0
+        assert torch.get_num_threads() == 1
+        assert "threads: 1 (from --threads)" in capsys.readouterr().err
+        assert main(["index", "info", "/nonexistent-index-folder", "--threads", "0"]) == 2
+    finally:
+        torch.set_num_threads(before)

@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from apretrieval.data.decode import decode_rgb, oriented_size
 from apretrieval.descriptors import features_paths
+from apretrieval.threads import pin_worker
 
 __all__ = [
     "DEFAULT_MAX_SIDE",
@@ -290,6 +291,7 @@ def _extract_into(
         pin_memory=device.type == "cuda",
         prefetch_factor=4 if num_workers > 0 else None,
         persistent_workers=False,
+        worker_init_fn=pin_worker,  # decoding workers: one intra-op thread each
     )
     p = float(getattr(model, "gem_p", 3.0))
     dtype = _model_dtype(model)  # images arrive as float32; follow the model's precision

@@ -34,6 +34,9 @@ COMMANDS: dict[str, str] = {
     "train": "train a model (multistaged backpropagation, AP loss by default)",
 }
 _DEBUG_HELP = "on an error, print the full traceback (also: APRETRIEVAL_DEBUG=1)"
+_THREADS_HELP = (
+    "torch CPU threads (default: OMP_NUM_THREADS if set, else cores minus loader workers)"
+)
 
 
 def build_parser(commands: Iterable[str] | None = None) -> argparse.ArgumentParser:
@@ -61,7 +64,21 @@ def build_parser(commands: Iterable[str] | None = None) -> argparse.ArgumentPars
             p.add_argument(
                 "--debug", action="store_true", default=argparse.SUPPRESS, help=_DEBUG_HELP
             )
+        if "--threads" not in p._option_string_actions:
+            p.add_argument("--threads", type=int, metavar="N", default=None, help=_THREADS_HELP)
     return parser
+
+
+def _apply_threads(args: argparse.Namespace) -> None:
+    """One thread budget for commands without their own (see :mod:`apretrieval.threads`)."""
+    if args.command in ("train", "demo") or not hasattr(args, "threads"):
+        return  # these two size threads from their run configuration
+    from apretrieval.threads import apply_threads, plan_threads
+
+    workers = getattr(args, "workers", 0) or 0
+    plan = plan_threads(args.threads, workers=workers)
+    apply_threads(plan)
+    print(f"apretrieval {args.command}: {plan.describe()}", file=sys.stderr)
 
 
 def _subparsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
@@ -131,6 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        _apply_threads(args)
         return int(args.func(args) or 0)
     except KeyboardInterrupt as err:
         detail = str(err)
