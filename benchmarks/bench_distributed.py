@@ -62,8 +62,11 @@ class _Counter:
             if isinstance(t, torch.Tensor):
                 kind = name
                 if name == "all_gather":
-                    kind = "all_gather (descriptors)" if t.dim() == 2 else \
-                        "all_gather (sizes, labels, status)"
+                    kind = (
+                        "all_gather (descriptors)"
+                        if t.dim() == 2
+                        else "all_gather (sizes, labels, status)"
+                    )
                 elif name == "all_reduce" and t.numel() > 1:
                     kind = "all_reduce (gradients)"
                 self.bytes[kind] = self.bytes.get(kind, 0) + t.numel() * t.element_size()
@@ -72,6 +75,7 @@ class _Counter:
                 return fn(*args, **kw)
             finally:
                 self.seconds += time.perf_counter() - tic
+
         return wrapped
 
     def reset(self) -> None:
@@ -97,8 +101,9 @@ def _worker(args: argparse.Namespace, out: Path) -> None:
         counter.reset()
         tic, cpu_tic = time.perf_counter(), time.process_time()
         opt.zero_grad(set_to_none=True)
-        distributed_multistage_backward(model, images[lo:hi], labels[lo:hi], loss_fn,
-                                        args.chunk, ctx=ctx)
+        distributed_multistage_backward(
+            model, images[lo:hi], labels[lo:hi], loss_fn, args.chunk, ctx=ctx
+        )
         opt.step()
         if step:
             times.append(time.perf_counter() - tic)
@@ -107,11 +112,20 @@ def _worker(args: argparse.Namespace, out: Path) -> None:
             nbytes = dict(counter.bytes)
     if ctx.rank == 0:
         params = sum(p.numel() for p in model.parameters())
-        (out / "result.json").write_text(json.dumps({
-            "world": ctx.world_size, "threads": args.threads, "step_s": statistics.median(times),
-            "cpu_s": statistics.median(cpu),
-            "comm_s": statistics.median(comm), "bytes": nbytes, "params": params,
-            "dim": args.out_dim or 512}))
+        (out / "result.json").write_text(
+            json.dumps(
+                {
+                    "world": ctx.world_size,
+                    "threads": args.threads,
+                    "step_s": statistics.median(times),
+                    "cpu_s": statistics.median(cpu),
+                    "comm_s": statistics.median(comm),
+                    "bytes": nbytes,
+                    "params": params,
+                    "dim": args.out_dim or 512,
+                }
+            )
+        )
     if ctx.world_size > 1:
         dist.destroy_process_group()
 
@@ -121,14 +135,41 @@ def _run(args: argparse.Namespace, world: int, threads: int) -> dict:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
         s.close()
-        argv = [sys.executable, __file__, "--worker", tmp, "--threads", str(threads),
-                "--backbone", args.backbone, "--batch", str(args.batch), "--size",
-                str(args.size), "--chunk", str(args.chunk), "--steps", str(args.steps),
-                "--out-dim", str(args.out_dim)]
-        procs = [subprocess.Popen(argv, env=dict(
-            os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world),
-            RANK=str(r), LOCAL_RANK=str(r), OMP_NUM_THREADS=str(threads)))
-            for r in range(world)]
+        argv = [
+            sys.executable,
+            __file__,
+            "--worker",
+            tmp,
+            "--threads",
+            str(threads),
+            "--backbone",
+            args.backbone,
+            "--batch",
+            str(args.batch),
+            "--size",
+            str(args.size),
+            "--chunk",
+            str(args.chunk),
+            "--steps",
+            str(args.steps),
+            "--out-dim",
+            str(args.out_dim),
+        ]
+        procs = [
+            subprocess.Popen(
+                argv,
+                env=dict(
+                    os.environ,
+                    MASTER_ADDR="127.0.0.1",
+                    MASTER_PORT=str(port),
+                    WORLD_SIZE=str(world),
+                    RANK=str(r),
+                    LOCAL_RANK=str(r),
+                    OMP_NUM_THREADS=str(threads),
+                ),
+            )
+            for r in range(world)
+        ]
         for p in procs:
             if p.wait() != 0:
                 raise SystemExit(f"worker failed (world={world})")
@@ -172,27 +213,32 @@ def projection(world: int = 8, batch: int = 4096, side: int = 800, dim: int = 20
     rows = [
         ("images per GPU per step", f"{per_rank}"),
         ("descriptor all-gather, whole batch (B x D x 4 B)", f"{gather / 2**20:.1f} MB"),
-        ("  received by each GPU ((W-1)/W of it)",
-         f"{gather * (world - 1) / world / 2**20:.1f} MB"),
+        (
+            "  received by each GPU ((W-1)/W of it)",
+            f"{gather * (world - 1) / world / 2**20:.1f} MB",
+        ),
         ("labels all-gather (B x 8 B)", f"{batch * 8 / 2**10:.0f} KB"),
         (f"parameters (trunk {trunk / 1e6:.1f}M + whitening + GeM)", f"{params / 1e6:.1f}M"),
         ("gradient all-reduce payload (float32)", f"{reduce / 2**20:.0f} MB"),
-        ("  sent (= received) per GPU, ring: 2 (W-1)/W x payload",
-         f"{2 * (world - 1) / world * reduce / 2**20:.0f} MB"),
+        (
+            "  sent (= received) per GPU, ring: 2 (W-1)/W x payload",
+            f"{2 * (world - 1) / world * reduce / 2**20:.0f} MB",
+        ),
     ]
     stage2 = 3 * 2 * batch * batch * dim  # S = D D^T, G D, G^T D
     for (h, w), f in flops.items():
         step = per_rank * 4 * f  # stage 1 forward + stage 3 forward + backward (~2 forwards)
         rows += [
             (f"forward FLOPs per image, {w}x{h}", f"{f / 1e9:.0f} GFLOP"),
-            (f"stages 1+3 per GPU per step, {w}x{h} (4 x forward x {per_rank})",
-             f"{step / 1e12:.0f} TFLOP"),
+            (
+                f"stages 1+3 per GPU per step, {w}x{h} (4 x forward x {per_rank})",
+                f"{step / 1e12:.0f} TFLOP",
+            ),
         ]
     rows += [
         ("stage 2 per GPU (whole batch, 3 B x B x D products)", f"{stage2 / 1e12:.2f} TFLOP"),
     ]
-    out = ["| quantity (8 GPUs, B = 4096, 800 px, ResNet-101, D = 2048) | value |",
-           "|---|---|"]
+    out = ["| quantity (8 GPUs, B = 4096, 800 px, ResNet-101, D = 2048) | value |", "|---|---|"]
     out += [f"| {a} | {b} |" for a, b in rows]
     return "\n".join(out)
 
@@ -220,17 +266,23 @@ def main() -> None:
             key = (world, threads)
             if key not in best or r["step_s"] < best[key]["step_s"]:
                 best[key] = r
-    print(f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}; "
-          f"{args.backbone} (D = {args.out_dim}), B = {args.batch} at {args.size}x{args.size}, "
-          f"chunk {args.chunk}, median of {args.steps} steps, best of {args.rounds} rounds\n")
+    print(
+        f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}; "
+        f"{args.backbone} (D = {args.out_dim}), B = {args.batch} at {args.size}x{args.size}, "
+        f"chunk {args.chunk}, median of {args.steps} steps, best of {args.rounds} rounds\n"
+    )
     base = best[(1, 1)]["step_s"]
-    print("| processes x threads | step (s) | images/s | vs 1x1 | rank 0 CPU time per step (s) "
-          "| time in collectives (s) |")
+    print(
+        "| processes x threads | step (s) | images/s | vs 1x1 | rank 0 CPU time per step (s) "
+        "| time in collectives (s) |"
+    )
     print("|---|---|---|---|---|---|")
     for world, threads in configs:
         r = best[(world, threads)]
-        print(f"| {world} x {threads} | {r['step_s']:.2f} | {args.batch / r['step_s']:.1f} | "
-              f"{base / r['step_s']:.2f}x | {r['cpu_s']:.2f} | {r['comm_s']:.3f} |")
+        print(
+            f"| {world} x {threads} | {r['step_s']:.2f} | {args.batch / r['step_s']:.1f} | "
+            f"{base / r['step_s']:.2f}x | {r['cpu_s']:.2f} | {r['comm_s']:.3f} |"
+        )
     r = best[(2, 1)]
     print(f"\nBytes exchanged per step, 2 processes ({r['params'] / 1e6:.2f}M parameters):\n")
     print("| collective | payload per rank | sent per rank, ring |")

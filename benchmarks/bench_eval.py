@@ -101,18 +101,25 @@ def main() -> None:
     torch.set_num_threads(2)
     rng = np.random.default_rng(0)
     gnd, source = benchmark_gnd(args.queries, rng)
-    print(f"machine: {platform.processor() or platform.machine()}, numpy {np.__version__}; "
-          f"gnd: {source}; {args.queries} queries; best of {args.repeats}\n")
-    print("| database | full argsort + per-query (s) | evaluate_revisited (s) | speed-up "
-          "| max abs diff | Medium mAP |")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, numpy {np.__version__}; "
+        f"gnd: {source}; {args.queries} queries; best of {args.repeats}\n"
+    )
+    print(
+        "| database | full argsort + per-query (s) | evaluate_revisited (s) | speed-up "
+        "| max abs diff | Medium mAP |"
+    )
     print("|---:|---:|---:|---:|---:|---:|")
     for n in args.sizes:
         scores = make_scores(gnd, n, rng)
         t_ref, ref = timed(lambda s=scores: textbook(s, gnd), args.repeats)
         t_new, new = timed(lambda s=scores: evaluate_revisited(s, gnd), args.repeats)
         diff = max_diff(ref, new)
-        print(f"| {args.queries} x {n:,} | {t_ref:.3f} | {t_new:.3f} | {t_ref / t_new:.1f}x "
-              f"| {diff:.1e} | {100 * new['medium']['mAP']:.2f} |", flush=True)
+        print(
+            f"| {args.queries} x {n:,} | {t_ref:.3f} | {t_new:.3f} | {t_ref / t_new:.1f}x "
+            f"| {diff:.1e} | {100 * new['medium']['mAP']:.2f} |",
+            flush=True,
+        )
         del scores
 
 

@@ -84,12 +84,14 @@ def main() -> None:
 
         def bare() -> np.ndarray:
             with torch.no_grad():
-                return torch.cat([multiscale_descriptors(model, b, DEFAULT_SCALES, p)
-                                  for b in batches]).numpy()
+                return torch.cat(
+                    [multiscale_descriptors(model, b, DEFAULT_SCALES, p) for b in batches]
+                ).numpy()
 
         def pipeline() -> np.ndarray:
-            return extract_descriptors(model, ds, batch_size=args.batch_size,
-                                       num_workers=args.workers, progress=False)
+            return extract_descriptors(
+                model, ds, batch_size=args.batch_size, num_workers=args.workers, progress=False
+            )
 
         bare()  # warm-up (allocator, kernels)
         t_bare, t_pipe = [], []
@@ -103,16 +105,22 @@ def main() -> None:
     # Same descriptors (the bare rows follow the size-sorted order).
     same = np.allclose(check[order], ref, atol=1e-5)
     tb, tp = min(t_bare), min(t_pipe)
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-          f"torch {torch.__version__} (2 threads); model {args.model} (random init), "
-          f"{args.images} JPEGs 1024x768 -> max side {args.max_side}, scales 1, 0.707, 0.5, "
-          f"batch {args.batch_size}, {args.workers} workers; best of {args.repeats}\n")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        f"torch {torch.__version__} (2 threads); model {args.model} (random init), "
+        f"{args.images} JPEGs 1024x768 -> max side {args.max_side}, scales 1, 0.707, 0.5, "
+        f"batch {args.batch_size}, {args.workers} workers; best of {args.repeats}\n"
+    )
     print("| method | time (s) | images/s | vs bare |")
     print("|---|---:|---:|---:|")
-    print(f"| bare multi-scale forward (decoded in memory) | {tb:.2f} | {args.images / tb:.2f} "
-          f"| 1.00 |")
-    print(f"| extract_descriptors (files, workers) | {tp:.2f} | {args.images / tp:.2f} "
-          f"| {tp / tb:.2f} |")
+    print(
+        f"| bare multi-scale forward (decoded in memory) | {tb:.2f} | {args.images / tb:.2f} "
+        f"| 1.00 |"
+    )
+    print(
+        f"| extract_descriptors (files, workers) | {tp:.2f} | {args.images / tp:.2f} "
+        f"| {tp / tb:.2f} |"
+    )
     print(f"\nsame descriptors: {same}; overhead {100 * (tp / tb - 1):+.1f}%")
 
 

@@ -89,14 +89,35 @@ def child(args: argparse.Namespace) -> None:
         x = torch.stack([f() for f in inputs])
         loss_fn(model(x), labels).backward()
     peak = _status_kb("VmHWM") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"before_mb": before / 1024, "peak_mb": peak / 1024,
-                      "step_mb": (peak - before) / 1024, "exact": exact}))
+    print(
+        json.dumps(
+            {
+                "before_mb": before / 1024,
+                "peak_mb": peak / 1024,
+                "step_mb": (peak - before) / 1024,
+                "exact": exact,
+            }
+        )
+    )
 
 
 def measure_memory(args: argparse.Namespace, mode: str, batch: int, pinned: bool) -> dict:
-    cmd = [sys.executable, __file__, "--child-batch", str(batch), "--child-mode", mode,
-           "--backbone", args.backbone, "--size", str(args.size), "--chunk", str(args.chunk),
-           "--threads", str(args.threads)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child-batch",
+        str(batch),
+        "--child-mode",
+        mode,
+        "--backbone",
+        args.backbone,
+        "--size",
+        str(args.size),
+        "--chunk",
+        str(args.chunk),
+        "--threads",
+        str(args.threads),
+    ]
     env = dict(os.environ)
     if pinned:
         # glibc raises its mmap threshold after large frees, after which freed activation
@@ -152,9 +173,11 @@ def main() -> None:
         return
 
     width = build_model(args.backbone).out_dim
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-          f"torch {torch.__version__}, {args.threads} threads; {args.backbone} at "
-          f"{args.size}x{args.size}, chunk {args.chunk}, AP loss (20 bins)\n")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        f"torch {torch.__version__}, {args.threads} threads; {args.backbone} at "
+        f"{args.size}x{args.size}, chunk {args.chunk}, AP loss (20 bins)\n"
+    )
     allocators = {"pinned": [True], "default": [False], "both": [True, False]}[args.allocator]
     print("| malloc | mode | B | RSS before step (MB) | step peak above it (MB) | D (MB) |")
     print("|---|---|---|---|---|---|")
@@ -167,8 +190,10 @@ def main() -> None:
                 r = measure_memory(args, mode, b, pinned)
                 rows[(mode, b)] = r
                 desc = b * width * 4 / 2**20
-                print(f"| {alloc} | {mode} | {b} | {r['before_mb']:.0f} | {r['step_mb']:.1f} "
-                      f"| {desc:.2f} |")
+                print(
+                    f"| {alloc} | {mode} | {b} | {r['before_mb']:.0f} | {r['step_mb']:.1f} "
+                    f"| {desc:.2f} |"
+                )
         bs = sorted(b for m, b in rows if m == "multistage")
         if len(bs) > 1:
             lo, hi = rows[("multistage", bs[0])], rows[("multistage", bs[-1])]
@@ -176,16 +201,20 @@ def main() -> None:
             raw = hi["step_mb"] / lo["step_mb"] - 1
             growth = (hi["step_mb"] - extra_desc) / lo["step_mb"] - 1
             ok = "PASS" if growth <= 0.15 else "FAIL"
-            verdicts.append(f"{alloc}: multistage step memory B={bs[0]} -> B={bs[-1]}: "
-                            f"{100 * raw:+.1f}% raw, {100 * growth:+.1f}% beyond D and dL/dD "
-                            f"(target <= +15%: {ok})")
+            verdicts.append(
+                f"{alloc}: multistage step memory B={bs[0]} -> B={bs[-1]}: "
+                f"{100 * raw:+.1f}% raw, {100 * growth:+.1f}% beyond D and dL/dD "
+                f"(target <= +15%: {ok})"
+            )
     print("\n" + "\n".join(verdicts))
 
     tp, tm = time_steps(args)
     print("\n| B | plain step (s) | multistage step (s) | ratio |\n|---|---|---|---|")
     print(f"| {args.time_batch} | {tp:.3f} | {tm:.3f} | {tm / tp:.2f} |")
-    print(f"\nmultistage / plain step time: {tm / tp:.2f} "
-          f"(target <= 1.5: {'PASS' if tm / tp <= 1.5 else 'FAIL'})")
+    print(
+        f"\nmultistage / plain step time: {tm / tp:.2f} "
+        f"(target <= 1.5: {'PASS' if tm / tp <= 1.5 else 'FAIL'})"
+    )
 
 
 if __name__ == "__main__":

@@ -51,8 +51,12 @@ def tiny_model(seed: int = 0) -> RetrievalNet:
     """Conv + frozen BatchNorm trunk -> GeM -> whitening, float64 (exact comparisons)."""
     torch.manual_seed(seed)
     trunk = nn.Sequential(
-        nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
-        nn.Conv2d(6, 8, 3, stride=2), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(3, 6, 3, padding=1),
+        nn.BatchNorm2d(6),
+        nn.ReLU(),
+        nn.Conv2d(6, 8, 3, stride=2),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
     )
     with torch.no_grad():
         for m in trunk:
@@ -66,8 +70,9 @@ def tiny_model(seed: int = 0) -> RetrievalNet:
 def images(step: int, n: int = 10) -> list[torch.Tensor]:
     """n float64 images of different sizes, a function of ``step`` only."""
     g = torch.Generator().manual_seed(1000 + step)
-    return [torch.rand(3, 12 + i % 4, 14 + i % 3, generator=g, dtype=torch.float64)
-            for i in range(n)]
+    return [
+        torch.rand(3, 12 + i % 4, 14 + i % 3, generator=g, dtype=torch.float64) for i in range(n)
+    ]
 
 
 def loaders(imgs: list[torch.Tensor], unreadable: set[int] = frozenset()) -> list:
@@ -76,17 +81,36 @@ def loaders(imgs: list[torch.Tensor], unreadable: set[int] = frozenset()) -> lis
 
 
 def grads(model: nn.Module) -> dict[str, torch.Tensor | None]:
-    return {k: None if p.grad is None else p.grad.detach().clone()
-            for k, p in model.named_parameters()}
+    return {
+        k: None if p.grad is None else p.grad.detach().clone() for k, p in model.named_parameters()
+    }
 
 
 def tiny_train_config(folder: Path, out: Path, **kw) -> TrainConfig:
-    base = dict(data=str(folder), backbone="resnet18", pretrained=None, out_dim=16,
-                batch_size=8, images_per_class=2, chunk_size=2, max_side=32, steps=4,
-                lr=1e-3, schedule="exponential", lr_decay=0.9, output_dir=str(out),
-                num_workers=0, checkpoint_every=2, progress=False, whiten_init="pca",
-                pca_images=6, memory_batches=2, dist_backend="gloo", dist_timeout=60.0,
-                device="cpu")
+    base = dict(
+        data=str(folder),
+        backbone="resnet18",
+        pretrained=None,
+        out_dim=16,
+        batch_size=8,
+        images_per_class=2,
+        chunk_size=2,
+        max_side=32,
+        steps=4,
+        lr=1e-3,
+        schedule="exponential",
+        lr_decay=0.9,
+        output_dir=str(out),
+        num_workers=0,
+        checkpoint_every=2,
+        progress=False,
+        whiten_init="pca",
+        pca_images=6,
+        memory_batches=2,
+        dist_backend="gloo",
+        dist_timeout=60.0,
+        device="cpu",
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -120,8 +144,13 @@ def memory_run(ctx: DistContext | None, steps: int = 3) -> dict:
         lo, hi = shard_bounds(10, rank, world)
         opt.zero_grad(set_to_none=True)
         res = distributed_multistage_backward(
-            model, loaders(images(step))[lo:hi], LABELS[lo:hi], APLoss(num_bins=10), CHUNK,
-            ctx=ctx, memory=bank,
+            model,
+            loaders(images(step))[lo:hi],
+            LABELS[lo:hi],
+            APLoss(num_bins=10),
+            CHUNK,
+            ctx=ctx,
+            memory=bank,
         )
         out["loss"].append(res.loss)
         out["grads"].append(grads(model))
@@ -157,21 +186,34 @@ def _worker(out: Path, folder: Path) -> None:
     for name, bad in (("unequal", UNEQUAL), ("empty_rank", RANK1_EMPTY)):
         model = tiny_model(0)
         step = distributed_multistage_backward(
-            model, loaders(images(0), bad)[lo:hi], LABELS[lo:hi], APLoss(num_bins=10), CHUNK,
+            model,
+            loaders(images(0), bad)[lo:hi],
+            LABELS[lo:hi],
+            APLoss(num_bins=10),
+            CHUNK,
             ctx=ctx,
         )
-        res[name] = {"loss": step.loss, "images": step.images, "grads": grads(model),
-                     "labels": step.labels}
+        res[name] = {
+            "loss": step.loss,
+            "images": step.images,
+            "grads": grads(model),
+            "labels": step.labels,
+        }
     save()
 
     # A rank that raises in stage 1 / stage 3: every rank raises at once.
     bad1 = loaders(images(0))
     if r == 1:
+
         def broken():
             raise OSError("cannot decode img-6.jpg")
+
         bad1[6] = broken
-    res["stage1_error"] = _error(lambda: distributed_multistage_backward(
-        tiny_model(0), bad1[lo:hi], LABELS[lo:hi], APLoss(num_bins=10), CHUNK, ctx=ctx))
+    res["stage1_error"] = _error(
+        lambda: distributed_multistage_backward(
+            tiny_model(0), bad1[lo:hi], LABELS[lo:hi], APLoss(num_bins=10), CHUNK, ctx=ctx
+        )
+    )
     bad3 = loaders(images(0))
     if r == 1:
         calls = []
@@ -179,9 +221,13 @@ def _worker(out: Path, folder: Path) -> None:
         def changes():  # a different image on the replay: stage 3 detects it
             calls.append(1)
             return images(0)[7] * (1.0 if len(calls) == 1 else 0.5)
+
         bad3[7] = changes
-    res["stage3_error"] = _error(lambda: distributed_multistage_backward(
-        tiny_model(0), bad3[lo:hi], LABELS[lo:hi], APLoss(num_bins=10), CHUNK, ctx=ctx))
+    res["stage3_error"] = _error(
+        lambda: distributed_multistage_backward(
+            tiny_model(0), bad3[lo:hi], LABELS[lo:hi], APLoss(num_bins=10), CHUNK, ctx=ctx
+        )
+    )
     save()
 
     res["memory"] = memory_run(ctx)  # the group still works after the errors
@@ -206,9 +252,14 @@ def _worker(out: Path, folder: Path) -> None:
     if r == 1:
         hang[5] = lambda: (time.sleep(7), images(0)[5])[1]
     t0 = time.perf_counter()
-    res["hang"] = (_error(lambda: distributed_multistage_backward(
-        tiny_model(0), hang[lo:hi], LABELS[lo:hi], APLoss(num_bins=10), CHUNK, ctx=short)),
-        time.perf_counter() - t0)
+    res["hang"] = (
+        _error(
+            lambda: distributed_multistage_backward(
+                tiny_model(0), hang[lo:hi], LABELS[lo:hi], APLoss(num_bins=10), CHUNK, ctx=short
+            )
+        ),
+        time.perf_counter() - t0,
+    )
     save()
     os._exit(0)  # the group is broken on purpose: skip its teardown
 
@@ -224,12 +275,27 @@ def launch(out: Path, folder: Path, timeout: float = 300.0) -> list[dict]:
     port = _free_port()
     procs = []
     for r in range(WORLD):
-        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                   WORLD_SIZE=str(WORLD), RANK=str(r), LOCAL_RANK=str(r), OMP_NUM_THREADS="1")
+        env = dict(
+            os.environ,
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            WORLD_SIZE=str(WORLD),
+            RANK=str(r),
+            LOCAL_RANK=str(r),
+            OMP_NUM_THREADS="1",
+        )
         log = open(out / f"rank{r}.log", "w")  # closed below
-        procs.append((subprocess.Popen(
-            [sys.executable, __file__, "--worker", str(out), str(folder)],
-            env=env, stdout=log, stderr=subprocess.STDOUT), log))
+        procs.append(
+            (
+                subprocess.Popen(
+                    [sys.executable, __file__, "--worker", str(out), str(folder)],
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                ),
+                log,
+            )
+        )
     deadline = time.monotonic() + timeout
     try:
         for p, _ in procs:
@@ -242,8 +308,9 @@ def launch(out: Path, folder: Path, timeout: float = 300.0) -> list[dict]:
                 p.kill()
                 p.wait()
             log.close()
-    logs = "\n".join(f"--- rank {r} ---\n" + (out / f"rank{r}.log").read_text()[-3000:]
-                     for r in range(WORLD))
+    logs = "\n".join(
+        f"--- rank {r} ---\n" + (out / f"rank{r}.log").read_text()[-3000:] for r in range(WORLD)
+    )
     results = []
     for r, (p, _) in enumerate(procs):
         assert p.returncode == 0 and (out / f"rank{r}.pt").exists(), logs
@@ -291,8 +358,9 @@ def test_shard_bounds_partition_the_batch():
 def test_two_ranks_gradients_equal_single_process(cluster, name, bad):
     _, results = cluster
     model = tiny_model(0)
-    ref_loss = multistage_backward(model, loaders(images(0), bad), LABELS, APLoss(num_bins=10),
-                                   CHUNK)
+    ref_loss = multistage_backward(
+        model, loaders(images(0), bad), LABELS, APLoss(num_bins=10), CHUNK
+    )
     ref = grads(model)
     kept = [i for i in range(10) if i not in bad]
     for res in results:
@@ -371,7 +439,10 @@ def test_two_rank_resume_continues_identically(cluster):
     for k in sa:
         assert torch.equal(sa[k], sb[k]), k
     assert sorted(p.name for p in a.iterdir()) == [
-        "checkpoint.pt", "config.yaml", "metrics.jsonl", "model.pt"
+        "checkpoint.pt",
+        "config.yaml",
+        "metrics.jsonl",
+        "model.pt",
     ]
 
 
@@ -407,8 +478,9 @@ def test_memory_loss_equals_per_query_query_database_form(loss_cls, chunk):
     d, bank = _normed(12, 5, 0), _normed(9, 5, 1)
     labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 6])
     bank_labels = torch.tensor([0, 1, 2, 7, 7, 3, 8, 6, 9])  # query 11 (6) only has a bank match
-    loss, g = ap_loss_with_memory(loss_cls(num_bins=10, chunk_size=chunk), d, labels, bank,
-                                  bank_labels)
+    loss, g = ap_loss_with_memory(
+        loss_cls(num_bins=10, chunk_size=chunk), d, labels, bank, bank_labels
+    )
     ref, total, valid = torch.zeros_like(d), 0.0, 0
     for i in range(12):
         others = [j for j in range(12) if j != i]
@@ -462,18 +534,21 @@ def test_memory_bank_keeps_the_last_batches_and_round_trips():
 
 def test_single_process_step_is_multistage_backward():
     model = tiny_model(0)
-    ref_loss = multistage_backward(model, loaders(images(0), UNEQUAL), LABELS,
-                                   APLoss(num_bins=10), CHUNK)
+    ref_loss = multistage_backward(
+        model, loaders(images(0), UNEQUAL), LABELS, APLoss(num_bins=10), CHUNK
+    )
     ref = grads(model)
     model.zero_grad(set_to_none=True)
-    step = distributed_multistage_backward(model, loaders(images(0), UNEQUAL), LABELS,
-                                           APLoss(num_bins=10), CHUNK)
+    step = distributed_multistage_backward(
+        model, loaders(images(0), UNEQUAL), LABELS, APLoss(num_bins=10), CHUNK
+    )
     assert step.loss == ref_loss and step.images == 8
     for k, g in grads(model).items():
         assert torch.equal(g, ref[k]), k
     with pytest.raises(ValueError, match="could be loaded"):
-        distributed_multistage_backward(model, loaders(images(0), set(range(10))), LABELS,
-                                        APLoss(num_bins=10), CHUNK)
+        distributed_multistage_backward(
+            model, loaders(images(0), set(range(10))), LABELS, APLoss(num_bins=10), CHUNK
+        )
 
 
 def test_init_distributed_reads_torchrun_environment(monkeypatch):
@@ -520,11 +595,26 @@ def test_cli_train_under_torchrun(folder, tmp_path):
     import yaml
 
     recipe.write_text(yaml.safe_dump(cfg.to_dict()))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-           str(WORLD), "--no-python", str(exe), "train", "--config", str(recipe),
-           "--dist-backend", "auto", "--memory-batches", "1"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        str(WORLD),
+        "--no-python",
+        str(exe),
+        "train",
+        "--config",
+        str(recipe),
+        "--dist-backend",
+        "auto",
+        "--memory-batches",
+        "1",
+    ]
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1")
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.count("model written to") == 1
     records = [json.loads(ln) for ln in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]

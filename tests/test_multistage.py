@@ -26,8 +26,12 @@ def tiny_model(seed: int = 0) -> RetrievalNet:
     """Conv + frozen BatchNorm trunk (8 channels) -> GeM -> whitening, float64."""
     torch.manual_seed(seed)
     trunk = nn.Sequential(
-        nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
-        nn.Conv2d(6, 8, 3, stride=2), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(3, 6, 3, padding=1),
+        nn.BatchNorm2d(6),
+        nn.ReLU(),
+        nn.Conv2d(6, 8, 3, stride=2),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
     )
     with torch.no_grad():  # non-trivial frozen statistics
         for m in trunk:
@@ -46,8 +50,9 @@ def pil_images(n: int = B, seed: int = 0) -> list[Image.Image]:
 
 def loaders(images, square: bool, step: int = 5):
     """Per-sample loaders with augmentation replayed from (seed, step, position)."""
-    tf = TrainTransform(AugmentConfig(max_side=20, square=square, tilt=0.3, tilt_prob=1.0,
-                                      hue=0.05, hflip=0.5))
+    tf = TrainTransform(
+        AugmentConfig(max_side=20, square=square, tilt=0.3, tilt_prob=1.0, hue=0.05, hflip=0.5)
+    )
     seeds = batch_seeds(0, step, len(images))
     return [lambda img=img, s=s: tf(img, s) for img, s in zip(images, seeds, strict=True)]
 

@@ -141,8 +141,12 @@ def save_whitening(path: str | os.PathLike, whitening: Whitening) -> Path:
     """Write ``whitening`` to an ``.npz`` file atomically."""
     path = Path(path)
     with atomic_open(path, "wb") as f:
-        np.savez(f, mean=whitening.mean, projection=whitening.projection,
-                 power=np.float64(whitening.power))
+        np.savez(
+            f,
+            mean=whitening.mean,
+            projection=whitening.projection,
+            power=np.float64(whitening.power),
+        )
     return path
 
 
@@ -191,8 +195,11 @@ def alpha_query_expansion(
     _check_k_alpha(k, alpha, database.shape[0])
     if k == 0:
         return l2_normalize(queries)
-    scores, indices = knn(np.ascontiguousarray(queries, np.float32),
-                          np.ascontiguousarray(database, np.float32), int(k))
+    scores, indices = knn(
+        np.ascontiguousarray(queries, np.float32),
+        np.ascontiguousarray(database, np.float32),
+        int(k),
+    )
     return _weighted_neighbour_sum(queries, database, scores, indices, alpha)
 
 

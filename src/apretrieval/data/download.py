@@ -82,7 +82,8 @@ def _gnd(name: str, size: int, sha256: str) -> RemoteFile:
 DATASETS: dict[str, tuple[RemoteFile, ...]] = {
     "roxford5k": (
         RemoteFile(
-            f"{_OXFORD}/oxbuild_images-v1.tgz", "oxbuildings/oxbuild_images-v1.tgz",
+            f"{_OXFORD}/oxbuild_images-v1.tgz",
+            "oxbuildings/oxbuild_images-v1.tgz",
             extract="flatten",
         ),
         _gnd(
@@ -99,7 +100,8 @@ DATASETS: dict[str, tuple[RemoteFile, ...]] = {
     "revisitop1m": (
         *(
             RemoteFile(
-                f"{_R1M}/jpg/revisitop1m.{i}.tar.gz", f"revisitop1m/jpg/revisitop1m.{i}.tar.gz",
+                f"{_R1M}/jpg/revisitop1m.{i}.tar.gz",
+                f"revisitop1m/jpg/revisitop1m.{i}.tar.gz",
                 extract="tree",
             )
             for i in range(1, _R1M_ARCHIVES + 1)
@@ -220,7 +222,11 @@ def download_file(
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
     bar = tqdm(
-        desc=dest.name, unit="B", unit_scale=True, unit_divisor=1024, disable=not progress,
+        desc=dest.name,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        disable=not progress,
         leave=False,
     )
     try:
@@ -285,8 +291,12 @@ def extract_archive(
         tar = tarfile.open(archive, "r:*")
     except (tarfile.TarError, OSError) as err:
         raise DownloadError(f"{archive}: not a readable tar archive ({err})") from None
-    with tar, tqdm(desc=f"extract {Path(archive).name}", unit=" files", disable=not progress,
-                   leave=False) as bar:
+    with (
+        tar,
+        tqdm(
+            desc=f"extract {Path(archive).name}", unit=" files", disable=not progress, leave=False
+        ) as bar,
+    ):
         for member in tar:
             if not member.isfile():
                 continue
@@ -335,18 +345,33 @@ def download_dataset(
             target = root / rf.filename
             if not target.exists():
                 say(f"[{i}/{len(files)}] {rf.url}")
-            download_file(rf.url, target, size=rf.size, sha256=rf.sha256, retries=retries,
-                          timeout=timeout, progress=progress)
+            download_file(
+                rf.url,
+                target,
+                size=rf.size,
+                sha256=rf.sha256,
+                retries=retries,
+                timeout=timeout,
+                progress=progress,
+            )
             continue
         marker = root / f".{rf.filename}.done"
         if marker.exists():
             continue
         archive = root / rf.filename
         say(f"[{i}/{len(files)}] {rf.url}")
-        download_file(rf.url, archive, size=rf.size, sha256=rf.sha256, retries=retries,
-                      timeout=timeout, progress=progress)
-        n = extract_archive(archive, root / "jpg", flatten=rf.extract == "flatten",
-                            progress=progress)
+        download_file(
+            rf.url,
+            archive,
+            size=rf.size,
+            sha256=rf.sha256,
+            retries=retries,
+            timeout=timeout,
+            progress=progress,
+        )
+        n = extract_archive(
+            archive, root / "jpg", flatten=rf.extract == "flatten", progress=progress
+        )
         if n == 0:
             raise DownloadError(f"{archive}: no files inside")
         atomic_write_text(marker, f"{n}\n")

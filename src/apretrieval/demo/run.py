@@ -50,19 +50,35 @@ def demo_training(**settings: Any) -> TrainConfig:
     a 128 px benchmark and a 30-step run call for it.
     """
     values: dict[str, Any] = dict(
-        data_format="folder", check_images="none", pretrained="imagenet", whiten=True,
-        whiten_init="identity", steps=30,
+        data_format="folder",
+        check_images="none",
+        pretrained="imagenet",
+        whiten=True,
+        whiten_init="identity",
+        steps=30,
         batch_size=128,  # B images per step: 16 landmarks x images_per_class
-        images_per_class=8, chunk_size=32, max_side=128, square=True, crop_scale=(0.5, 1.0),
-        tilt=0.2, brightness=0.2, contrast=0.2, saturation=0.2,
-        lr=3e-4, weight_decay=1e-6, schedule="cosine", warmup_steps=0,  # Adam, both losses
+        images_per_class=8,
+        chunk_size=32,
+        max_side=128,
+        square=True,
+        crop_scale=(0.5, 1.0),
+        tilt=0.2,
+        brightness=0.2,
+        contrast=0.2,
+        saturation=0.2,
+        lr=3e-4,
+        weight_decay=1e-6,
+        schedule="cosine",
+        warmup_steps=0,  # Adam, both losses
         num_bins=20,
         # Contrastive loss. The margin suits this network's distances: pretrained hardest
         # negatives lie at 0.7-0.9, so the usual 0.7 leaves them inactive and training only
         # pulls everything together (no gain); 1.4 was best of 0.7 / 1.0 / 1.2 / 1.4
         # (BENCHMARKS.md).
-        margin=1.4, num_hard=5,
-        device="cpu", num_workers=0,
+        margin=1.4,
+        num_hard=5,
+        device="cpu",
+        num_workers=0,
     )
     values.update(settings)
     return TrainConfig.from_dict(values, require_data=False)
@@ -89,13 +105,25 @@ class DemoConfig:
         return cls(
             seed=seed,
             benchmark=BenchmarkConfig(
-                seed=seed, image_size=64, train_image_size=64, cell_size=200,
-                max_landmarks_per_photo=4, db_views_per_landmark=6, clutter_images=8,
+                seed=seed,
+                image_size=64,
+                train_image_size=64,
+                cell_size=200,
+                max_landmarks_per_photo=4,
+                db_views_per_landmark=6,
+                clutter_images=8,
                 train_views_per_landmark=8,
                 photos=("astronaut", "coffee", "rocket", "camera", "chelsea", "brick", "grass"),
             ),
-            training=demo_training(steps=4, batch_size=32, images_per_class=4, chunk_size=16,
-                                   max_side=64, lr=1e-4, schedule="constant"),
+            training=demo_training(
+                steps=4,
+                batch_size=32,
+                images_per_class=4,
+                chunk_size=16,
+                max_side=64,
+                lr=1e-4,
+                schedule="constant",
+            ),
             scales=(1.0,),
             loss_probe_images=64,
         )
@@ -133,8 +161,10 @@ def _training(section: dict[str, Any]) -> TrainConfig:
     known = {f.name for f in dataclasses.fields(TrainConfig)} - set(_SET_BY_DEMO)
     unknown = sorted(set(section) - known)
     if unknown:
-        raise ValueError(f"unknown training settings {unknown} (set by the demo: "
-                         f"{list(_SET_BY_DEMO)}); known: {sorted(known)}")
+        raise ValueError(
+            f"unknown training settings {unknown} (set by the demo: "
+            f"{list(_SET_BY_DEMO)}); known: {sorted(known)}"
+        )
     return demo_training(**section)
 
 
@@ -155,8 +185,9 @@ def _build(cls: type, d: dict[str, Any], where: str, **fixed: Any) -> Any:
     values = {}
     for k, v in d.items():
         default = getattr(cls(), k) if k not in fixed else None
-        values[k] = tuple(v) if isinstance(v, list) and isinstance(default, tuple | type(None)) \
-            else v
+        values[k] = (
+            tuple(v) if isinstance(v, list) and isinstance(default, tuple | type(None)) else v
+        )
     return cls(**{**values, **fixed})
 
 
@@ -167,8 +198,13 @@ def _build(cls: type, d: dict[str, Any], where: str, **fixed: Any) -> Any:
 def train_config(cfg: DemoConfig, bench: Benchmark, loss: str, run_dir: Path, progress: bool):
     """The TrainConfig of one fine-tuning run (only ``loss`` differs between the two)."""
     tc = cfg.training.replace(
-        data=str(bench.train_dir), backbone=cfg.backbone, loss=loss, output_dir=str(run_dir),
-        seed=cfg.seed, checkpoint_every=max(cfg.training.steps, 1), progress=progress,
+        data=str(bench.train_dir),
+        backbone=cfg.backbone,
+        loss=loss,
+        output_dir=str(run_dir),
+        seed=cfg.seed,
+        checkpoint_every=max(cfg.training.steps, 1),
+        progress=progress,
     )
     tc.validate()
     return tc
@@ -190,7 +226,10 @@ def evaluate_model(
     with the model in memory.
     """
     settings = ExtractionSettings(
-        scales=cfg.scales, max_side=cfg.eval_max_side, num_workers=0, device="cpu",
+        scales=cfg.scales,
+        max_side=cfg.eval_max_side,
+        num_workers=0,
+        device="cpu",
         progress=progress,
     )
     res = evaluate_checkpoint(
@@ -217,10 +256,17 @@ def probe_training_set(model: torch.nn.Module, bench: Benchmark, cfg: DemoConfig
     chosen = np.sort(rng.choice(len(images), size=n, replace=False))
     paths = [images.paths[i] for i in chosen]
     labels = torch.as_tensor(np.asarray(images.labels)[chosen], dtype=torch.int64)
-    d = torch.from_numpy(extract_descriptors(
-        model, ImageFiles(paths, None, cfg.training.max_side), scales=(1.0,), batch_size=16,
-        num_workers=0, device="cpu", progress=False,
-    ))
+    d = torch.from_numpy(
+        extract_descriptors(
+            model,
+            ImageFiles(paths, None, cfg.training.max_side),
+            scales=(1.0,),
+            batch_size=16,
+            num_workers=0,
+            device="cpu",
+            progress=False,
+        )
+    )
     with torch.no_grad():
         loss = float(APLoss(num_bins=cfg.training.num_bins)(d, labels))
     off = ~torch.eye(n, dtype=torch.bool)  # leave each query out of its own ranking
@@ -273,8 +319,10 @@ def run_demo(
 
     bench = prepare_benchmark(out, cfg.benchmark, progress=progress)
     c = bench.info["counts"]
-    log(f"benchmark: {c['train_images']} training images of {c['train_landmarks']} landmarks; "
-        f"{c['queries']} queries, {c['database']} database images ({bench.root})")
+    log(
+        f"benchmark: {c['train_images']} training images of {c['train_landmarks']} landmarks; "
+        f"{c['queries']} queries, {c['database']} database images ({bench.root})"
+    )
     test = load_test_set(bench)
     t = lap("benchmark", tic)
 
@@ -290,8 +338,10 @@ def run_demo(
     for method in ("ap", "contrastive"):
         run_dir = out / "runs" / method
         tc = train_config(cfg, bench, method, run_dir, progress)
-        log(f"fine-tuning with the {method} loss: {tc.steps} steps of {tc.batch_size} images "
-            f"({tc.chunk_size} at a time through multistaged backpropagation)")
+        log(
+            f"fine-tuning with the {method} loss: {tc.steps} steps of {tc.batch_size} images "
+            f"({tc.chunk_size} at a time through multistaged backpropagation)"
+        )
         t = lap(f"{method}_setup", t)
         path = train(tc)
         t = lap(f"{method}_train", t)
@@ -306,17 +356,19 @@ def run_demo(
         reports = write_reports(out, runs)
         lap("report", t)
     summary: dict[str, Any] = {m: metrics[m] for m in METHODS}
-    summary.update({
-        "wall_time_s": round(time.perf_counter() - tic, 2),
-        "timings_s": timings,
-        "train_loss": _train_losses(runs),
-        "training_set_probe": probe,
-        "benchmark": {"root": str(bench.root.resolve()), "key": bench.info["key"], **c},
-        "machine": machine_info(),
-        "config": cfg.to_dict(),
-        "results_files": {m: str((out / f"results_{m}.json").resolve()) for m in METHODS},
-        "reports": reports,
-    })
+    summary.update(
+        {
+            "wall_time_s": round(time.perf_counter() - tic, 2),
+            "timings_s": timings,
+            "train_loss": _train_losses(runs),
+            "training_set_probe": probe,
+            "benchmark": {"root": str(bench.root.resolve()), "key": bench.info["key"], **c},
+            "machine": machine_info(),
+            "config": cfg.to_dict(),
+            "results_files": {m: str((out / f"results_{m}.json").resolve()) for m in METHODS},
+            "reports": reports,
+        }
+    )
     _atomic_json(out / "results.json", summary)
     return summary
 
@@ -329,9 +381,13 @@ def _train_losses(runs: dict[str, str]) -> dict[str, dict[str, float]]:
         losses = [json.loads(ln)["loss"] for ln in lines if '"loss"' in ln]
         if losses:
             k = max(1, len(losses) // 5)
-            out[method] = {"first": losses[0], "last": losses[-1],
-                           "first_mean": float(np.mean(losses[:k])),
-                           "last_mean": float(np.mean(losses[-k:])), "steps": len(losses)}
+            out[method] = {
+                "first": losses[0],
+                "last": losses[-1],
+                "first_mean": float(np.mean(losses[:k])),
+                "last_mean": float(np.mean(losses[-k:])),
+                "steps": len(losses),
+            }
     return out
 
 
@@ -344,8 +400,11 @@ def write_reports(out: Path, runs: dict[str, str]) -> dict[str, str]:
     pages = {}
     for method in METHODS:
         log_file = Path(runs[method], "metrics.jsonl") if method in runs else None
-        pages[method] = str(write_report(out / f"results_{method}.json", out / "report" / method,
-                                         train_log=log_file))
+        pages[method] = str(
+            write_report(
+                out / f"results_{method}.json", out / "report" / method, train_log=log_file
+            )
+        )
     return pages
 
 
