@@ -21,12 +21,15 @@ from PIL import Image, ImageDraw
 from apretrieval.cli import main
 from apretrieval.evaluation import write_results
 from apretrieval.report import (
+    comparison_inputs,
     flatten_record,
     read_training_log,
     result_labels,
     select_queries,
+    write_comparison,
     write_report,
 )
+from apretrieval.report.page import typical_queries
 
 NUM_DB, NUM_Q, NUM_LANDMARKS = 36, 6, 4
 # Image colours far from the border colours, so a screenshot tells borders from content.
@@ -129,15 +132,15 @@ class _Page(HTMLParser):
             self._q = int(a["data-query"])
             self.sections[self._q] = {}
         elif tag == "div" and "grid" in cls:
-            self._p = a["data-protocol"]
+            self._p = a.get("data-model", a["data-protocol"])  # a comparison row: its model
             self.sections[self._q][self._p] = []
         elif tag == "figure" and "result" in cls:
             label = [c for c in cls if c != "result"]
             self.sections[self._q][self._p].append(
                 {"index": int(a["data-db-index"]), "class": label, "label": a["data-label"]}
             )
-        elif tag == "tr" and "data-protocol" in a:
-            self._row = a["data-protocol"]
+        elif tag == "tr" and ("data-protocol" in a or "data-model" in a):
+            self._row = a.get("data-protocol", a.get("data-model"))
             self.metrics[self._row] = []
         elif tag == "td" and self._row:
             self._cell = True
@@ -199,12 +202,19 @@ def test_borders_match_ground_truth_under_medium_and_hard(mini):
     assert checked == {"positive", "negative", "junk"}  # the fixture exercises all three
 
 
-def test_chosen_and_three_worst_queries_are_shown(mini):
+def test_chosen_worst_median_and_best_queries_are_shown(mini):
     page = _parse(mini["page"])
     ap = [q["ap"]["medium"] for q in mini["res"]["queries"]]
-    worst = sorted(range(NUM_Q), key=lambda i: (ap[i], i))[:3]
+    by_ap = sorted(range(NUM_Q), key=lambda i: (ap[i], i))
+    worst, median, best = by_ap[:3], by_ap[(NUM_Q - 1) // 2], by_ap[-1]
     assert list(page.sections)[:2] == [1, 4]
-    assert set(page.sections) == {1, 4, *worst}
+    assert set(page.sections) == {1, 4, *worst, median, best}
+    assert typical_queries(mini["res"]) == {
+        "median by Medium AP": median,
+        "best by Medium AP": best,
+    }
+    text = mini["page"].read_text()
+    assert "best by Medium AP" in text and "median by Medium AP" in text
     assert select_queries(mini["res"], ["1", "query_04"]) == ([1, 4], worst)
     with pytest.raises(ValueError, match="outside"):
         select_queries(mini["res"], [NUM_Q])
@@ -270,7 +280,9 @@ def test_missing_image_gets_a_placeholder(mini, tmp_path):
     shutil.copytree(mini["root"], root)
     top = mini["res"]["queries"][0]["topk"][0]
     (root / "jpg" / f"db_{top:03d}.jpg").unlink()
-    page = write_report(mini["results"], tmp_path / "o", root=root, queries=[0], num_worst=0)
+    page = write_report(
+        mini["results"], tmp_path / "o", root=root, queries=[0], num_worst=0, typical_too=False
+    )
     assert (tmp_path / "o" / "thumbs" / f"db{top}.jpg").is_file()
     assert len(_parse(page).sections) == 1
 
@@ -348,6 +360,84 @@ def test_cli_report(mini, tmp_path, capsys):
     assert "outside" in capsys.readouterr().err
 
 
+def _other_results(mini, path: Path, seed: int = 2, queries: int = NUM_Q) -> Path:
+    """The same benchmark (or its first ``queries`` queries) scored by another model."""
+    rng = np.random.default_rng(seed)
+    scores = mini["scores"] + rng.normal(0, 0.15, mini["scores"].shape)
+    data = mini["data"]
+    write_results(
+        path,
+        scores=scores[:queries],
+        gnd=data["gnd"][:queries],
+        dataset="mini",
+        root=mini["root"],
+        database=[f"jpg/{n}.jpg" for n in data["imlist"]],
+        queries=[f"jpg/{n}.jpg" for n in data["qimlist"][:queries]],
+        model="other.pt",
+        gnd_file="gnd_mini.pkl",
+        topk=20,
+    )
+    return path
+
+
+@pytest.fixture(scope="module")
+def comparison(mini, tmp_path_factory) -> dict:
+    base = tmp_path_factory.mktemp("comparison")
+    other = _other_results(mini, base / "other.json")
+    out = base / "page"
+    args = ["report", "--results", str(mini["results"]), str(other), "--out", str(out)]
+    assert main([*args, "--top", "5"]) == 0
+    return {"other": other, "out": out, "page": out / "index.html"}
+
+
+def test_comparison_page_table_picks_and_borders(mini, comparison):
+    page = _parse(comparison["page"])
+    a, b = mini["res"], json.loads(comparison["other"].read_text())
+    assert set(page.metrics) == {"tiny", "other"}  # labelled by the models' names
+    for label, res in (("tiny", a), ("other", b)):
+        cells = page.metrics[label]  # label, then Easy mAP, mP@1, mP@10, Medium mAP, ...
+        assert cells[0] == label
+        for col, p in ((1, "easy"), (4, "medium"), (7, "hard")):
+            assert float(cells[col]) == pytest.approx(100 * res["metrics"][p]["mAP"], abs=0.006)
+    # The queries shown: where `other` gains and loses most against `tiny` (Medium AP).
+    diff = [
+        qb["ap"]["medium"] - qa["ap"]["medium"]
+        for qa, qb in zip(a["queries"], b["queries"], strict=True)
+    ]
+    order = sorted(range(NUM_Q), key=lambda i: (diff[i], i))
+    want = {i for i in order[-3:] if diff[i] > 0} | {i for i in order[:3] if diff[i] < 0}
+    assert want and set(page.sections) == want
+    gnd = mini["data"]["gnd"]
+    for q, grids in page.sections.items():
+        assert list(grids) == ["tiny", "other"]  # one row per model, in the given order
+        for label, res in (("tiny", a), ("other", b)):
+            figs = grids[label]
+            assert [f["index"] for f in figs] == res["queries"][q]["topk"][:5]
+            assert all(f["label"] == _expected_label(gnd[q], f["index"], "medium") for f in figs)
+    for ref in page.refs:
+        assert (comparison["out"] / ref).is_file(), ref
+    better = sum(d > 0 for d in diff)
+    assert f"better than tiny on {better} queries" in comparison["page"].read_text()
+
+
+def test_comparison_inputs_demo_summary_and_mismatch(mini, comparison, tmp_path, capsys):
+    summary = tmp_path / "results.json"  # the demo's summary points at its results files
+    files = {"ap": str(mini["results"]), "contrastive": str(comparison["other"])}
+    summary.write_text(json.dumps({"wall_time_s": 1.0, "results_files": files}))
+    models = comparison_inputs([summary])
+    assert [label for label, _ in models] == ["ap", "contrastive"]
+    assert main(["report", "--results", str(summary), "--out", str(tmp_path / "d")]) == 0
+    assert "comparison of ap, contrastive" in capsys.readouterr().out
+    # results of another query set cannot be compared query by query
+    short = _other_results(mini, tmp_path / "short.json", queries=3)
+    with pytest.raises(ValueError, match="different queries"):
+        write_comparison(comparison_inputs([mini["results"], short]), tmp_path / "x")
+    args = ["report", "--results", str(mini["results"]), str(short), "--out", str(tmp_path)]
+    assert main(args) == 2 and "different queries" in capsys.readouterr().err
+    assert main(["report", "--results", str(tmp_path / "none.json"), "--out", str(tmp_path)]) == 2
+    assert "results file not found" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------------------- browser
 
 CHROMIUM_CANDIDATES = ("chromium", "chromium-browser", "google-chrome", "chrome")
@@ -368,6 +458,11 @@ window.addEventListener("load", () => {
   b.setAttribute("data-grid-rows", JSON.stringify(tops));
   b.setAttribute("data-border", getComputedStyle(
     document.querySelector("figure.positive img")).borderTopColor);
+  const width = document.documentElement.clientWidth;
+  const over = [...document.querySelectorAll("body *")].filter(
+    e => e.getBoundingClientRect().right > width + 1).map(e => e.tagName + "." + e.className);
+  b.setAttribute("data-overflow", JSON.stringify(over));
+  b.setAttribute("data-scroll", document.documentElement.scrollWidth - width);
   b.setAttribute("data-probe", "done");
 });
 </script>"""
@@ -400,43 +495,55 @@ def _chromium_run(binary: str, profile: Path, *args: str) -> subprocess.Complete
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
 
 
-def test_headless_chromium_renders_the_grids(mini, tmp_path):
+def _rendered(binary: str, page: Path, profile: Path, width: int) -> dict[str, str]:
+    """The probe's findings on ``page`` rendered in a ``width`` px wide window."""
+    probe = page.with_name("probe.html")
+    probe.write_text(page.read_text().replace("</body>", _PROBE + "</body>"))
+    try:
+        size = f"--window-size={width},1000"
+        run = _chromium_run(binary, profile, size, "--dump-dom", probe.as_uri())
+    finally:
+        probe.unlink(missing_ok=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    body = re.search(r"<body([^>]*)>", run.stdout)
+    assert body, run.stdout[:500]
+    attrs = dict(re.findall(r'(data-[a-z-]+)="([^"]*)"', body.group(1)))
+    assert attrs.get("data-probe") == "done", attrs
+    return {k: v.replace("&quot;", '"') for k, v in attrs.items()}
+
+
+def test_headless_chromium_renders_the_grids(mini, comparison, tmp_path):
     binary = _chromium()
     if binary is None:
         pytest.skip("chromium not installed (Debian: apt-get install -y chromium)")
-    probe = mini["out"] / "probe.html"
-    probe.write_text(mini["page"].read_text().replace("</body>", _PROBE + "</body>"))
-    try:
-        run = _chromium_run(binary, tmp_path / "profile", "--dump-dom", probe.as_uri())
-        assert run.returncode == 0, run.stderr[-2000:]
-        body = re.search(r"<body([^>]*)>", run.stdout)
-        assert body, run.stdout[:500]
-        attrs = dict(re.findall(r'(data-[a-z-]+)="([^"]*)"', body.group(1)))
-        assert attrs.get("data-probe") == "done", attrs
-        page = _parse(mini["page"])
-        n_grids = 2 * len(page.sections)
-        assert int(attrs["data-grids"]) == n_grids
-        assert int(attrs["data-images"]) == len(page.refs)
-        assert json.loads(attrs["data-broken"].replace("&quot;", '"')) == []
-        # Each grid is one row: the query crop and its 10 results side by side.
-        assert json.loads(attrs["data-grid-rows"]) == [1] * n_grids
-        assert attrs["data-border"] == "rgb(26, 150, 65)"  # LABELS["positive"]
+    for page_path, grids_per_query in ((mini["page"], 2), (comparison["page"], 2)):
+        page = _parse(page_path)
+        n_grids = grids_per_query * len(page.sections)
+        for width in (1400, 1000):
+            attrs = _rendered(binary, page_path, tmp_path / "profile", width)
+            assert int(attrs["data-grids"]) == n_grids
+            assert int(attrs["data-images"]) == len(page.refs)
+            assert json.loads(attrs["data-broken"]) == []
+            # Each grid is one row: the query crop and its results side by side.
+            assert json.loads(attrs["data-grid-rows"]) == [1] * n_grids
+            assert attrs["data-border"] == "rgb(26, 150, 65)"  # LABELS["positive"]
+            # Nothing sticks out of the window: no element past its right edge, no scrollbar.
+            assert json.loads(attrs["data-overflow"]) == [], (page_path.parent.name, width)
+            assert int(attrs["data-scroll"]) <= 0
 
-        shot = tmp_path / "shot.png"
-        run = _chromium_run(
-            binary,
-            tmp_path / "profile",
-            f"--screenshot={shot}",
-            "--window-size=1400,1100",
-            mini["page"].as_uri(),
-        )
-        assert run.returncode == 0 and shot.is_file(), run.stderr[-2000:]
-        with Image.open(shot) as im:
-            px = np.asarray(im.convert("RGB")).reshape(-1, 3).astype(int)
-        # The coloured borders are on screen: pixels of the green and red border colours.
-        for colour in ((26, 150, 65), (215, 25, 28)):
-            assert (np.abs(px - colour).max(axis=1) <= 8).sum() > 100, colour
-        if os.environ.get("APRETRIEVAL_KEEP_SCREENSHOT"):
-            shutil.copy(shot, os.environ["APRETRIEVAL_KEEP_SCREENSHOT"])
-    finally:
-        probe.unlink(missing_ok=True)
+    shot = tmp_path / "shot.png"
+    run = _chromium_run(
+        binary,
+        tmp_path / "profile",
+        f"--screenshot={shot}",
+        "--window-size=1400,1100",
+        mini["page"].as_uri(),
+    )
+    assert run.returncode == 0 and shot.is_file(), run.stderr[-2000:]
+    with Image.open(shot) as im:
+        px = np.asarray(im.convert("RGB")).reshape(-1, 3).astype(int)
+    # The coloured borders are on screen: pixels of the green and red border colours.
+    for colour in ((26, 150, 65), (215, 25, 28)):
+        assert (np.abs(px - colour).max(axis=1) <= 8).sum() > 100, colour
+    if os.environ.get("APRETRIEVAL_KEEP_SCREENSHOT"):
+        shutil.copy(shot, os.environ["APRETRIEVAL_KEEP_SCREENSHOT"])

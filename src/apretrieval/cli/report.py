@@ -16,21 +16,25 @@ def _query_list(text: str) -> list[str]:
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "report",
-        help="write an HTML report of a results file (what the model retrieves)",
+        help="write an HTML report of a results file, or a comparison page of several",
         description=(
             "Write DIR/index.html (with thumbnails in DIR/thumbs and PNG plots beside it; "
-            "nothing is loaded from the network): the Easy/Medium/Hard table, the top results "
-            "of chosen queries and of the worst queries by Medium AP with borders positive "
-            "(green), negative (red) and junk (grey) under the Medium and Hard protocols, the "
-            "AP vs AP_Q scatter and, with --train-log, the training curves."
+            "nothing is loaded from the network): the Easy/Medium/Hard table and evaluation "
+            "settings, the top results of chosen queries, of the worst, the median and the best "
+            "query by Medium AP, with borders positive (green, solid), negative (red, dashed) "
+            "and junk (grey, dotted) under the Medium and Hard protocols, the AP vs AP_Q "
+            "scatter and, with --train-log, the training curves. With several results files "
+            "of one benchmark (or the demo's results.json): one comparison page instead."
         ),
     )
     p.add_argument(
         "--results",
         required=True,
         type=Path,
+        nargs="+",
         metavar="JSON",
-        help="results file written by `apretrieval evaluate --out`",
+        help="results file written by `apretrieval evaluate --out`; several files (or the "
+        "demo's results.json) give one comparison page of the models",
     )
     p.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder")
     p.add_argument(
@@ -69,14 +73,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from apretrieval.report import write_report
+    from apretrieval.report import comparison_inputs, write_comparison, write_report
 
-    if not args.results.is_file():
-        raise ValueError(f"results file not found: {args.results}")
+    models = comparison_inputs(args.results)  # checks that each file exists and is readable
+    if len(args.results) > 1 or len(models) > 1:
+        if args.train_log is not None or args.queries:
+            raise ValueError("--train-log and --queries apply to the report of one results file")
+        path = write_comparison(models, args.out, root=args.root, top=args.top, embed=args.embed)
+        print(f"comparison of {', '.join(label for label, _ in models)}: {path}")
+        return 0
     if args.train_log is not None and not args.train_log.is_file():
         raise ValueError(f"training log not found: {args.train_log}")
     path = write_report(
-        args.results,
+        models[0][1],
         args.out,
         train_log=args.train_log,
         queries=args.queries,

@@ -14,11 +14,17 @@
 
 The page loads nothing from the network (no scripts, fonts or styles from elsewhere).
 
+``write_comparison(models, out_dir)`` puts several results of one benchmark on one page: one
+table, each model's per-query AP against the first's, and the queries where they differ most
+side by side (``apretrieval report --results a.json b.json``, or the demo's ``results.json``).
+
 Modules: :mod:`~apretrieval.report.page` (``write_report``, query choice, border labels),
+:mod:`~apretrieval.report.compare` (``write_comparison``),
 :mod:`~apretrieval.report.markup` (markup), :mod:`~apretrieval.report.images` (thumbnails),
 :mod:`~apretrieval.report.plots` (scatter, curves), :mod:`~apretrieval.report.training_log`.
 """
 
+from apretrieval.report.compare import comparison_inputs, write_comparison
 from apretrieval.report.markup import LABELS, QueryView
 from apretrieval.report.page import result_labels, select_queries, write_report
 from apretrieval.report.plots import plot_ap_scatter, plot_training_curves
@@ -27,11 +33,13 @@ from apretrieval.report.training_log import flatten_record, read_training_log
 __all__ = [
     "LABELS",
     "QueryView",
+    "comparison_inputs",
     "flatten_record",
     "plot_ap_scatter",
     "plot_training_curves",
     "read_training_log",
     "result_labels",
     "select_queries",
+    "write_comparison",
     "write_report",
 ]

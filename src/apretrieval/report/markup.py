@@ -14,10 +14,22 @@ from typing import Any
 
 from apretrieval.evaluation import PROTOCOLS
 
-__all__ = ["LABELS", "SHOWN_PROTOCOLS", "QueryView", "page", "query_section"]
+__all__ = [
+    "LABELS",
+    "SHOWN_PROTOCOLS",
+    "QueryView",
+    "comparison_page",
+    "comparison_section",
+    "legend",
+    "page",
+    "query_section",
+]
 
-# Border classes, and their colours in the page.
+# Border classes, and their colours in the page. Colour is not the only cue (colour-blind
+# readers): each class also has its own border style and a mark in the caption.
 LABELS: dict[str, str] = {"positive": "#1a9641", "negative": "#d7191c", "junk": "#9a9a9a"}
+BORDER_STYLES: dict[str, str] = {"positive": "solid", "negative": "dashed", "junk": "dotted"}
+MARKS: dict[str, str] = {"positive": "\u2713", "negative": "\u2717", "junk": "\u2013"}
 SHOWN_PROTOCOLS: tuple[str, ...] = ("medium", "hard")
 
 CSS = """
@@ -38,13 +50,19 @@ table.metrics th:first-child, table.metrics td:first-child { text-align: left; }
         gap: 6px; align-items: start; margin: 4px 0 10px; max-width: 1450px; }
 .grid .protocol { font-size: 13px; padding-top: 24px; }
 .grid figure { margin: 0; min-width: 0; text-align: center; }
-.grid img { display: block; width: 100%; aspect-ratio: 4 / 3; object-fit: cover;
+/* The whole image is shown (portrait photos are not cropped), on a grey 4:3 tile. */
+.grid img { display: block; width: 100%; aspect-ratio: 4 / 3; object-fit: contain;
             box-sizing: border-box; border: 4px solid transparent; background: #f3f3f3; }
+img.plot { max-width: 100%; height: auto; }
+.grid .model { font-size: 12px; padding-top: 20px; overflow-wrap: anywhere; }
 .grid figure.query img { border-color: #333; }
 .grid figure.query { margin-right: 8px; }
 figcaption { font-size: 11px; color: #444; overflow: hidden; text-overflow: ellipsis;
              white-space: nowrap; }
-""" + "".join(f"figure.{k} img {{ border-color: {c}; }}\n" for k, c in LABELS.items())
+""" + "".join(
+    f"figure.{k} img {{ border-color: {c}; border-style: {BORDER_STYLES[k]}; }}\n"
+    for k, c in LABELS.items()
+)
 
 
 def esc(x: Any) -> str:
@@ -70,6 +88,40 @@ class QueryView:
     bbx: Sequence[float] | None = None
 
 
+def _grid_row(
+    head: str,
+    protocol: str,
+    query: tuple[str, str, str],
+    top: Sequence[int],
+    scores: Sequence[float],
+    labels: Sequence[str],
+    database: Sequence[str],
+    image_src: Callable[[str, str, Sequence[float] | None], str],
+    model: str | None = None,
+) -> list[str]:
+    """One grid row: ``head`` (HTML), the query crop (src, name, path), the top results with
+    their border class under ``protocol`` (of ``model``, on a comparison page)."""
+    q_src, name, image = query
+    of = "" if model is None else f' data-model="{esc(model)}"'
+    out = [
+        f'<div class="grid" data-protocol="{protocol}"{of} style="--cols: {1 + len(top)}">',
+        head,
+        f'<figure class="query"><img src="{esc(q_src)}" alt="query {esc(name)}" '
+        f'title="{esc(image)}"><figcaption>query</figcaption></figure>',
+    ]
+    for rank, (j, score, label) in enumerate(zip(top, scores, labels, strict=True), 1):
+        rel = database[j]
+        src = image_src(f"db{j}", rel, None)
+        out.append(
+            f'<figure class="result {label}" data-db-index="{j}" data-label="{label}">'
+            f'<img src="{esc(src)}" alt="{label}: {esc(Path(rel).stem)}" '
+            f'title="{rank}. {esc(rel)} ({label}, score {score:.4f})">'
+            f"<figcaption>{MARKS[label]} {rank}. {score:.3f}</figcaption></figure>"
+        )
+    out.append("</div>")
+    return out
+
+
 def query_section(
     view: QueryView,
     database: Sequence[str],
@@ -90,31 +142,66 @@ def query_section(
         f"{ap_q})</span></h3>",
     ]
     for protocol in SHOWN_PROTOCOLS:
-        out.append(
-            f'<div class="grid" data-protocol="{protocol}" style="--cols: {1 + len(view.top)}">'
-        )
-        out.append(
+        head = (
             f'<div class="protocol"><b>{protocol.capitalize()}</b><br>'
             f"AP {pct(view.ap.get(protocol))}</div>"
         )
-        out.append(
-            f'<figure class="query"><img src="{esc(q_src)}" alt="query {esc(name)}" '
-            f'title="{esc(view.image)}"><figcaption>query</figcaption></figure>'
+        out += _grid_row(
+            head,
+            protocol,
+            (q_src, name, view.image),
+            view.top,
+            view.scores,
+            view.labels[protocol],
+            database,
+            image_src,
         )
-        for rank, (j, score, label) in enumerate(
-            zip(view.top, view.scores, view.labels[protocol], strict=True), 1
-        ):
-            rel = database[j]
-            src = image_src(f"db{j}", rel, None)
-            out.append(
-                f'<figure class="result {label}" data-db-index="{j}" data-label="{label}">'
-                f'<img src="{esc(src)}" alt="{label}: {esc(Path(rel).stem)}" '
-                f'title="{rank}. {esc(rel)} ({label}, score {score:.4f})">'
-                f"<figcaption>{rank}. {score:.3f}</figcaption></figure>"
-            )
-        out.append("</div>")
     out.append("</section>")
     return "\n".join(out)
+
+
+def comparison_section(
+    index: int,
+    title: str,
+    views: Sequence[tuple[str, QueryView]],
+    database: Sequence[str],
+    image_src: Callable[[str, str, Sequence[float] | None], str],
+    protocol: str = "medium",
+) -> str:
+    """One query under several models: a grid row per (model label, its view of the query)."""
+    first = views[0][1]
+    name = Path(first.image).stem
+    q_src = image_src(f"q{index}", first.image, first.bbx)
+    out = [
+        f'<section class="query-block" id="query-{index}" data-query="{index}">',
+        f'<h3>Query {index}: {esc(name)} <span class="meta">({esc(title)})</span></h3>',
+    ]
+    for label, view in views:
+        head = (
+            f'<div class="model"><b>{esc(label)}</b><br>'
+            f"{protocol.capitalize()} AP {pct(view.ap.get(protocol))}</div>"
+        )
+        out += _grid_row(
+            head,
+            protocol,
+            (q_src, name, first.image),
+            view.top,
+            view.scores,
+            view.labels[protocol],
+            database,
+            image_src,
+            model=label,
+        )
+    out.append("</section>")
+    return "\n".join(out)
+
+
+def legend() -> str:
+    """The border legend: colour, line style and caption mark of each class."""
+    return "".join(
+        f'<span style="border-color: {c}; border-style: {BORDER_STYLES[k]}">{MARKS[k]} {k}</span>'
+        for k, c in LABELS.items()
+    )
 
 
 def page(
@@ -128,7 +215,6 @@ def page(
     curves: str,
 ) -> str:
     """The whole page; the arguments are HTML fragments (``title`` and ``meta`` are text)."""
-    legend = "".join(f'<span style="border-color: {c}">{k}</span>' for k, c in LABELS.items())
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
@@ -140,7 +226,7 @@ def page(
 {metrics_table}
 <p class="meta">Values in %. mP@k: precision at k, junk removed.</p>
 <h2>Top {top} results</h2>
-<p class="legend">Border: {legend} (the query crop in black). Each query is shown under the
+<p class="legend">Border: {legend()} (the query crop in black). Each query is shown under the
 Medium protocol (positives: easy + hard) and the Hard protocol (positives: hard; easy become
 junk). Junk images are ignored by the evaluation.</p>
 {"".join(sections) if sections else "<p>No query selected.</p>"}
@@ -148,5 +234,38 @@ junk). Junk images are ignored by the evaluation.</p>
 {scatter}
 <h2>Training</h2>
 {curves}
+</body></html>
+"""
+
+
+def comparison_page(
+    *,
+    title: str,
+    meta: str,
+    metrics_table: str,
+    settings: Sequence[tuple[str, str]],
+    pairs: str,
+    top: int,
+    sections: Sequence[str],
+) -> str:
+    """The comparison page; ``metrics_table``, ``pairs`` and ``sections`` are HTML fragments,
+    ``settings`` (model label, what produced its scores) text."""
+    rows = "".join(f"<li><b>{esc(label)}</b>: {esc(text)}</li>" for label, text in settings)
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{esc(title)}</title><style>{CSS}</style></head>
+<body>
+<h1>{esc(title)}</h1>
+<p class="meta">{esc(meta)}</p>
+<h2>Easy / Medium / Hard</h2>
+{metrics_table}
+<p class="meta">Values in %. mP@k: precision at k, junk removed.</p>
+<ul class="meta">{rows}</ul>
+<h2>Per-query AP</h2>
+{pairs}
+<h2>Where the models differ most (top {top}, Medium protocol)</h2>
+<p class="legend">Border: {legend()} (the query crop in black). One row per model.</p>
+{"".join(sections) if sections else "<p>No query where the models differ.</p>"}
 </body></html>
 """

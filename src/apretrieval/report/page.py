@@ -10,16 +10,28 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from apretrieval.atomic import atomic_open
 from apretrieval.data.revisited import load_gnd
 from apretrieval.evaluation import protocol_sets
 from apretrieval.report.images import Thumbnails, file_src
 from apretrieval.report.markup import SHOWN_PROTOCOLS, QueryView, esc, page, query_section
-from apretrieval.report.plots import plot_ap_scatter, plot_training_curves
+from apretrieval.report.plots import display_width, plot_ap_scatter, plot_training_curves
 from apretrieval.report.training_log import read_training_log
 from apretrieval.results import RetrievalResults, protocol_table, render_table
 
-__all__ = ["result_labels", "select_queries", "write_report"]
+__all__ = [
+    "load_gnd_entries",
+    "plot_img",
+    "query_view",
+    "resolve_path",
+    "result_labels",
+    "select_queries",
+    "settings_text",
+    "typical_queries",
+    "write_report",
+]
 
 HTML_FILE = "index.html"
 SCATTER_FILE = "ap_vs_apq.png"
@@ -81,13 +93,26 @@ def select_queries(
     return picked, worst
 
 
-def _resolve(root: Path, rel: str) -> Path:
+def typical_queries(results: RetrievalResults | Mapping[str, Any]) -> dict[str, int]:
+    """The median and the best query by Medium AP (ties by index), besides the worst ones:
+    what a model does on an ordinary query and at its best. Empty without any Medium AP."""
+    queries = _typed(results).queries
+    scored = sorted(
+        (q.ap["medium"], i) for i, q in enumerate(queries) if q.ap.get("medium") is not None
+    )
+    if not scored:
+        return {}
+    median, best = scored[(len(scored) - 1) // 2][1], scored[-1][1]
+    return {"median by Medium AP": median, "best by Medium AP": best}
+
+
+def resolve_path(root: Path, rel: str) -> Path:
     p = Path(rel)
     return p if p.is_absolute() else root / p
 
 
-def _load_gnd_entries(res: RetrievalResults, root: Path) -> list[dict[str, Any]]:
-    path = _resolve(root, res.gnd_file)
+def load_gnd_entries(res: RetrievalResults, root: Path) -> list[dict[str, Any]]:
+    path = resolve_path(root, res.gnd_file)
     if not path.is_file():
         raise ValueError(f"ground truth not found: {path} (pass the dataset root with --root)")
     gnd = load_gnd(path)["gnd"]
@@ -96,24 +121,55 @@ def _load_gnd_entries(res: RetrievalResults, root: Path) -> list[dict[str, Any]]
     return list(gnd)
 
 
+def query_view(
+    res: RetrievalResults, entries: list[dict[str, Any]], i: int, tags: list[str], top: int
+) -> QueryView:
+    """Query ``i`` of ``res`` as the page shows it (top ``top`` results, border labels)."""
+    q = res.queries[i]
+    idx = list(q.topk[:top])
+    scores = list(q.topk_scores[: len(idx)]) or [math.nan] * len(idx)
+    labels = {p: result_labels(entries[i], idx, p) for p in SHOWN_PROTOCOLS}
+    return QueryView(i, q.image, tags, dict(q.ap), q.ap_q, idx, scores, labels, q.bbx)
+
+
 def _views(
     res: RetrievalResults,
     entries: list[dict[str, Any]],
     chosen: list[int],
     worst: list[int],
     top: int,
+    typical: Mapping[str, int] | None = None,
 ) -> list[QueryView]:
-    views = []
-    for i in chosen + [i for i in worst if i not in chosen]:
-        q = res.queries[i]
-        tags = (["chosen"] if i in chosen else []) + (
-            [f"worst #{worst.index(i) + 1} by Medium AP"] if i in worst else []
-        )
-        idx = list(q.topk[:top])
-        scores = list(q.topk_scores[: len(idx)]) or [math.nan] * len(idx)
-        labels = {p: result_labels(entries[i], idx, p) for p in SHOWN_PROTOCOLS}
-        views.append(QueryView(i, q.image, tags, dict(q.ap), q.ap_q, idx, scores, labels, q.bbx))
-    return views
+    tags: dict[int, list[str]] = {i: ["chosen"] for i in chosen}
+    for n, i in enumerate(worst, 1):
+        tags.setdefault(i, []).append(f"worst #{n} by Medium AP")
+    for tag, i in (typical or {}).items():
+        tags.setdefault(i, []).append(tag)
+    return [query_view(res, entries, i, t, top) for i, t in tags.items()]
+
+
+def settings_text(res: RetrievalResults) -> str:
+    """What produced the scores, in one line (the values the results file records)."""
+    s = res.settings
+    parts = []
+    if s.scales is not None:
+        parts.append("scales " + ", ".join(f"{x:g}" for x in s.scales))
+    if s.max_side is not None:
+        parts.append(f"max side {s.max_side} px")
+    if s.gem_p is not None:
+        parts.append(f"GeM p {s.gem_p:.3g}")
+    parts.append(
+        "whitening "
+        + ("off" if not s.whiten else f"{Path(s.whiten).name}")
+        + (f" ({s.whiten_dim} dims)" if s.whiten and s.whiten_dim else "")
+    )
+    parts.append(f"DBA {s.dba}" + (f" (alpha {s.dba_alpha:g})" if s.dba and s.dba_alpha else ""))
+    parts.append(f"alpha-QE {s.qe}" + (f" (alpha {s.qe_alpha:g})" if s.qe and s.qe_alpha else ""))
+    if s.r1m:
+        parts.append("+R1M")
+    lo, hi = res.apq.score_range
+    parts.append(f"AP_Q: {res.apq.num_bins} bins over [{lo:g}, {hi:g}]")
+    return " · ".join(parts)
 
 
 def _scatter(res: RetrievalResults, out: Path, embed: bool) -> str:
@@ -124,11 +180,24 @@ def _scatter(res: RetrievalResults, out: Path, embed: bool) -> str:
     r = plot_ap_scatter(ap, ap_q, out / SCATTER_FILE, apq=apq)
     r_text = "undefined" if math.isnan(r) else f"{r:.3f}"
     lo, hi = apq.score_range
+    bias = float(np.mean(ap_q - ap))
     return (
-        f'<img class="plot" id="ap-scatter" src="{file_src(out / SCATTER_FILE, embed)}" '
-        f'alt="AP vs AP_Q scatter"><p>Pearson correlation r = <b id="pearson">{r_text}</b> '
-        f"over {ap.size} queries ({apq.protocol.capitalize()} protocol, AP_Q with "
-        f"{apq.num_bins} bins over [{lo:g}, {hi:g}]).</p>"
+        f"{plot_img(out / SCATTER_FILE, 'ap-scatter', 'AP vs AP_Q scatter', embed)}"
+        f'<p>Pearson correlation r = <b id="pearson">{r_text}</b> over {ap.size} queries '
+        f"({apq.protocol.capitalize()} protocol, AP_Q with {apq.num_bins} bins over "
+        f"[{lo:g}, {hi:g}]); mean AP_Q - AP = {100 * bias:+.2f} points.</p>"
+        '<p class="meta">Why AP_Q sits below AP: the quantized AP counts every item that falls '
+        "in a positive's score bin as ranked above it, so coarse bins lower the estimate; a "
+        "query whose scores spread over few bins is hit hardest. The training loss uses the "
+        'same estimate; <code>estimator="sharp"</code> narrows the gap.</p>'
+    )
+
+
+def plot_img(path: Path, id_: str, alt: str, embed: bool) -> str:
+    """An <img> of a plot written at PIXEL_RATIO x its displayed width."""
+    return (
+        f'<img class="plot" id="{id_}" src="{file_src(path, embed)}" '
+        f'width="{display_width(path)}" alt="{esc(alt)}">'
     )
 
 
@@ -143,9 +212,8 @@ def _curves(train_log: str | os.PathLike[str] | None, out: Path, embed: bool) ->
         warnings.warn(f"training curves not drawn: {err}", stacklevel=3)
         return f"<p>Training curves not drawn: {esc(err)}</p>"
     return (
-        f'<img class="plot" id="training-curves" src="{file_src(out / CURVES_FILE, embed)}" '
-        f'alt="training curves"><p class="meta">From {esc(Path(train_log).name)}: '
-        f"{esc(', '.join(keys))}.</p>"
+        f"{plot_img(out / CURVES_FILE, 'training-curves', 'training curves', embed)}"
+        f'<p class="meta">From {esc(Path(train_log).name)}: {esc(", ".join(keys))}.</p>'
     )
 
 
@@ -160,13 +228,15 @@ def write_report(
     root: str | os.PathLike[str] | None = None,
     thumb_size: int = 232,
     embed: bool = False,
+    typical_too: bool = True,
 ) -> Path:
     """Write the HTML report into ``out_dir``; returns the path of ``index.html``.
 
     ``results``: a results file, its loaded dict or :class:`RetrievalResults`. ``root``
     overrides the dataset root recorded in it (images and the gnd pickle are read from
     there). ``queries``: indices or names to show besides the ``num_worst`` worst (Medium
-    AP). ``embed``: inline the images in the page (one file) instead of writing ``thumbs/``.
+    AP), and with ``typical_too`` the median and the best query. ``embed``: inline the images
+    in the page (one file) instead of writing ``thumbs/``.
     """
     if isinstance(results, str | os.PathLike):
         res = RetrievalResults.load(results)
@@ -177,20 +247,20 @@ def write_report(
     root_dir = Path(root if root is not None else res.root)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    entries = _load_gnd_entries(res, root_dir)
+    entries = load_gnd_entries(res, root_dir)
     chosen, worst = select_queries(res, queries, num_worst)
+    typical = typical_queries(res) if typical_too else {}
     thumbs = Thumbnails(out, thumb_size, embed)
 
     def image_src(key: str, rel: str, bbx: Sequence[float] | None) -> str:
-        return thumbs.src(key, _resolve(root_dir, rel), bbx)
+        return thumbs.src(key, resolve_path(root_dir, rel), bbx)
 
-    sections = [
-        query_section(v, res.database, image_src) for v in _views(res, entries, chosen, worst, top)
-    ]
+    views = _views(res, entries, chosen, worst, top, typical)
+    sections = [query_section(v, res.database, image_src) for v in views]
     text = page(
         title=f"Retrieval report: {res.dataset or 'results'}",
         meta=f"model: {res.model or '?'} · {len(res.queries)} queries · "
-        f"{len(res.database)} database images",
+        f"{len(res.database)} database images · {settings_text(res)}",
         metrics_table=render_table(protocol_table(res.metrics), "html"),
         top=top,
         sections=sections,

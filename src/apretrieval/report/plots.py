@@ -11,18 +11,31 @@ from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from apretrieval.apq_analysis import APQSettings, pearson
 from apretrieval.atomic import atomic_open
 
-__all__ = ["plot_ap_scatter", "plot_training_curves"]
+__all__ = ["display_width", "plot_ap_scatter", "plot_model_pairs", "plot_training_curves"]
+
+
+# Plots are drawn at twice the resolution they are shown at (sharp on high-density screens);
+# the page sets their displayed width to DISPLAY_DPI pixels per inch of figure.
+DISPLAY_DPI, PIXEL_RATIO = 110, 2
 
 
 def _save_figure(fig: Figure, path: Path) -> None:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
+    fig.savefig(buf, format="png", dpi=DISPLAY_DPI * PIXEL_RATIO)
     with atomic_open(path, "wb") as f:
         f.write(buf.getvalue())
+
+
+def display_width(path: str | os.PathLike[str]) -> int:
+    """CSS pixels to show a PNG written by this module at (its width / PIXEL_RATIO)."""
+    with open(path, "rb") as f:
+        header = f.read(24)  # PNG signature, IHDR length and type, then width (big-endian)
+    return int.from_bytes(header[16:20], "big") // PIXEL_RATIO
 
 
 def plot_ap_scatter(
@@ -40,20 +53,60 @@ def plot_ap_scatter(
     r = pearson(x, y) if x.size else math.nan
     fig = Figure(figsize=(4.6, 4.4))
     ax = fig.add_subplot()
-    ax.plot([0, 1], [0, 1], color="#bbbbbb", lw=1, zorder=0)
-    ax.scatter(x, y, s=18, color="#2c7bb6", alpha=0.8, edgecolors="none")
+    _percent_square(ax)
+    ax.scatter(100 * x, 100 * y, s=18, color="#2c7bb6", alpha=0.8, edgecolors="none", clip_on=False)
     ax.set(
-        xlim=(0, 1),
-        ylim=(0, 1),
-        xlabel=f"AP (exact, {apq.protocol.capitalize()})",
-        ylabel=f"AP_Q (quantized, {apq.num_bins} bins)",
+        xlabel=f"AP, exact ({apq.protocol.capitalize()}, %)",
+        ylabel=f"AP_Q, {apq.num_bins} bins (%)",
     )
-    ax.set_aspect("equal")
-    r_text = "n/a" if math.isnan(r) else f"{r:.3f}"
-    ax.set_title(f"{title}Pearson r = {r_text} (n = {x.size})", fontsize=10)
+    if title:
+        ax.set_title(title, fontsize=10)
     fig.tight_layout()
     _save_figure(fig, Path(path))
     return r
+
+
+def _percent_square(ax: Any) -> None:
+    """Axes from 0 to 100 % with a little room, so that points at 0 or 100 are not cut, and the
+    diagonal."""
+    ax.plot([0, 100], [0, 100], color="#bbbbbb", lw=1, zorder=0)
+    ax.set(xlim=(-3, 103), ylim=(-3, 103))
+    ax.set_aspect("equal")
+    ax.grid(alpha=0.25)
+
+
+def plot_model_pairs(
+    base: tuple[str, Sequence[float]],
+    others: Sequence[tuple[str, Sequence[float]]],
+    path: str | os.PathLike[str],
+    protocol: str = "medium",
+) -> list[tuple[int, int]]:
+    """Per-query AP of each other model (y) against the base model (x), one panel each; returns
+    per panel (queries better than base, queries worse)."""
+    name0, ap0 = base[0], np.asarray(base[1], dtype=np.float64)
+    fig = Figure(figsize=(3.9 * len(others), 4.0))
+    counts = []
+    for n, (name, ap) in enumerate(others):
+        ap = np.asarray(ap, dtype=np.float64)
+        ok = ~(np.isnan(ap0) | np.isnan(ap))
+        better, worse = int((ap[ok] > ap0[ok]).sum()), int((ap[ok] < ap0[ok]).sum())
+        counts.append((better, worse))
+        ax = fig.add_subplot(1, len(others), n + 1)
+        _percent_square(ax)
+        ax.scatter(
+            100 * ap0[ok],
+            100 * ap[ok],
+            s=14,
+            color="#2c7bb6",
+            alpha=0.7,
+            edgecolors="none",
+            clip_on=False,
+        )
+        ax.set(xlabel=f"{name0}: AP (%)", ylabel=f"{name}: AP (%)")
+        ax.set_title(f"{protocol.capitalize()}: {better} better, {worse} worse", fontsize=9)
+    fig.tight_layout()
+    _save_figure(fig, Path(path))
+    return counts
 
 
 def _x_axis(records: list[dict[str, float]]) -> tuple[str, np.ndarray]:
@@ -83,8 +136,11 @@ def plot_training_curves(
     maps = [k for k in keys if "map" in k.lower().replace("_", "").split("/")[-1]]
     if not losses and not maps:
         raise ValueError(f"training log has neither a loss nor a mAP (keys: {keys})")
-    panels = [p for p in (losses, maps) if p]
-    fig = Figure(figsize=(5.2 * len(panels), 3.6))
+    # The loss and validation mAP first; then, when logged, the schedule and the speed.
+    extra = [[k] for k in ("lr", "images_per_s") if k in keys]
+    panels = [p for p in (losses, maps, *extra) if p]
+    names = {"lr": "learning rate", "images_per_s": "images / s"}
+    fig = Figure(figsize=(4.2 * len(panels), 3.4))
     for n, group in enumerate(panels):
         ax = fig.add_subplot(1, len(panels), n + 1)
         for key in group:
@@ -92,9 +148,12 @@ def plot_training_curves(
             # Evaluations are sparse: markers make single points visible.
             ax.plot(x, y, marker="o" if len(x) < 30 else None, ms=3, lw=1.2, label=key)
         ax.set_xlabel(xname)
-        ax.set_ylabel("loss" if group is losses else "mAP")
+        ylabel = "loss" if group is losses else "mAP" if group is maps else names[group[0]]
+        ax.set_ylabel(ylabel)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if len(group) > 1 or group is maps:
+            ax.legend(fontsize=8)
     fig.tight_layout()
     _save_figure(fig, Path(path))
     return [k for group in panels for k in group]

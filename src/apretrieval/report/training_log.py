@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from apretrieval.jsonl import read_jsonl
 
 __all__ = ["flatten_record", "read_training_log"]
 
@@ -28,21 +29,10 @@ def flatten_record(record: Mapping[str, Any], prefix: str = "") -> dict[str, flo
 def read_training_log(path: str | os.PathLike[str]) -> list[dict[str, float]]:
     """The records of a JSONL training log (``metrics.jsonl``), flattened to numbers.
 
-    Blank lines are skipped; a line that is not a JSON object is a ValueError naming it.
+    Blank lines and a torn last line (a run killed mid-write) are skipped; another line that
+    is not a JSON object is a ValueError naming it.
     """
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"training log not found: {path}")
-    records = []
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{n}: not JSON ({err})") from None
-            if not isinstance(obj, dict):
-                raise ValueError(f"{path}:{n}: expected a JSON object, got {type(obj).__name__}")
-            records.append(flatten_record(obj))
-    return records
+    return [flatten_record(r) for r in read_jsonl(path)]
