@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytest.importorskip("skimage", reason="the demo photographs ship with scikit-image")
@@ -12,7 +13,7 @@ pytest.importorskip("skimage", reason="the demo photographs ship with scikit-ima
 from apretrieval.cli import main
 from apretrieval.demo.run import METHODS, DemoConfig, DemoTraining, format_table
 
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+CONFIG = Path(__file__).resolve().parents[1] / "src" / "apretrieval" / "configs" / "demo.yaml"
 
 
 def _metrics(mapv: float) -> dict:
@@ -43,8 +44,12 @@ def test_identical_budget_for_both_losses(tmp_path):
     from apretrieval.demo.dataset import Benchmark
     from apretrieval.demo.run import train_config
 
-    bench = Benchmark(root=tmp_path, train_dir=tmp_path / "train", test_dir=tmp_path / "test",
-                      gnd_file=tmp_path / "test" / "gnd_demo.pkl")
+    bench = Benchmark(
+        root=tmp_path,
+        train_dir=tmp_path / "train",
+        test_dir=tmp_path / "test",
+        gnd_file=tmp_path / "test" / "gnd_demo.pkl",
+    )
     cfg = DemoConfig()
     ap = train_config(cfg, bench, "ap", tmp_path / "a", False).to_dict()
     con = train_config(cfg, bench, "contrastive", tmp_path / "c", False).to_dict()
@@ -106,10 +111,14 @@ def _run_shortened_demo(out: Path, capsys) -> None:
     for method in METHODS:
         res = summary[method]
         assert set(res) == {"easy", "medium", "hard"}
-        for protocol in res.values():
-            assert 0.0 <= protocol["mAP"] <= 1.0
-            assert set(protocol["mP@k"]) == {"1", "5", "10"}
         full = load_results(summary["results_files"][method])
+        for name, protocol in res.items():
+            # mAP is the mean of the per-query APs written beside it (queries with positives)
+            aps = [q["ap"][name] for q in full["queries"] if q["ap"].get(name) is not None]
+            assert len(aps) >= 1 and protocol["mAP"] == pytest.approx(np.mean(aps), abs=1e-9)
+            assert 0.0 < protocol["mAP"] < 1.0  # neither empty nor a trivial ranking
+            assert set(protocol["mP@k"]) == {"1", "5", "10"}
+            assert all(0.0 <= v <= 1.0 for v in protocol["mP@k"].values())
         assert full["metrics"]["medium"]["mAP"] == pytest.approx(res["medium"]["mAP"])
         assert len(full["queries"]) == summary["benchmark"]["queries"]
         assert Path(summary["reports"][method]).is_file()
@@ -126,9 +135,13 @@ def _run_shortened_demo(out: Path, capsys) -> None:
     stamp = (out / "data" / "manifest.json").stat().st_mtime_ns
     cfg = DemoConfig.quick(seed=1)
     tiny = DemoConfig(
-        seed=1, benchmark=cfg.benchmark, scales=(1.0,), loss_probe_images=16,
-        training=DemoTraining(steps=1, batch_size=16, images_per_class=4, chunk_size=8,
-                              max_side=32),
+        seed=1,
+        benchmark=cfg.benchmark,
+        scales=(1.0,),
+        loss_probe_images=16,
+        training=DemoTraining(
+            steps=1, batch_size=16, images_per_class=4, chunk_size=8, max_side=32
+        ),
     )
     run_demo(out, tiny, progress=False, report=False, log=lambda *_: None)
     assert (out / "data" / "manifest.json").stat().st_mtime_ns == stamp

@@ -627,3 +627,49 @@ def _gnd_of(root: Path) -> list:
     from apretrieval.data.revisited import load_gnd
 
     return load_gnd(root / "gnd_roxford5k.pkl")["gnd"]
+
+
+def test_cli_evaluate_several_benchmarks_in_one_table(tmp_path, monkeypatch, capsys):
+    import apretrieval.pipeline as pipeline
+    from apretrieval.cli import main
+    from test_extraction import TinyNet, fake_benchmark
+
+    model = TinyNet()
+    monkeypatch.setattr(pipeline, "load_checkpoint_model", lambda path, device=None: model)
+    data = tmp_path / "data"  # the layout cirtorch users have: DATA/<name>/gnd_<name>.pkl
+    fake_benchmark(data / "roxford5k", np.random.default_rng(20), n_db=6)
+    fake_benchmark(data / "rparis6k", np.random.default_rng(21), n_db=7)
+    (data / "rparis6k" / "gnd_roxford5k.pkl").rename(data / "rparis6k" / "gnd_rparis6k.pkl")
+    common = ["--checkpoint", "m.pt", "--workers", "0", "--no-progress", "--device", "cpu"]
+    out = tmp_path / "several"
+    argv = ["evaluate", *common, "--datasets", "roxford5k,rparis6k", "--root", str(data)]
+    assert main([*argv, "--out", str(out)]) == 0, capsys.readouterr().err
+    table = capsys.readouterr().out
+    # each benchmark alone, given by its ground-truth file: the same numbers
+    single = {}
+    for name in ("roxford5k", "rparis6k"):
+        gnd = data / name / f"gnd_{name}.pkl"
+        one = tmp_path / f"{name}.json"
+        assert main(["evaluate", *common, "--dataset", str(gnd), "--out", str(one)]) == 0
+        single[name] = load_results(one)
+        assert load_results(out / f"{name}.json")["metrics"] == single[name]["metrics"]
+    capsys.readouterr()
+    lines = table.splitlines()
+    head = next(ln for ln in lines if "roxford5k E" in ln)
+    columns = [f"{n} {p}" for n in ("roxford5k", "rparis6k") for p in "EMH"]
+    assert [head.index(c) for c in columns] == sorted(head.index(c) for c in columns)
+    row = next(ln for ln in lines if ln.startswith("mAP")).split()[1:]
+    want = [
+        f"{100 * single[n]['metrics'][p]['mAP']:.2f}"
+        for n in ("roxford5k", "rparis6k")
+        for p in PROTOCOLS
+    ]
+    assert row == want
+    # mistakes are one line each, before any extraction
+    for bad, message in (
+        (["--datasets", "roxford5k,roxford5k", "--root", str(data)], "twice"),
+        (["--dataset", "roxford5k"], "--root is required"),
+        (["--dataset", str(data / "x.pkl")], "gnd_NAME.pkl"),
+    ):
+        assert main(["evaluate", *common, *bad, "--out", str(tmp_path / "x.json")]) == 2
+        assert message in capsys.readouterr().err

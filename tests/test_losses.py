@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import pytest
 import torch
@@ -22,8 +24,9 @@ def _float64_default():
 # --- dense reference: autograd through the explicit (Q, M, N) soft assignment ---------------
 
 
-def dense_quantized_ap(scores, relevance, num_bins=20, score_range=(-1.0, 1.0), tie_aware=False,
-                       valid=None):
+def dense_quantized_ap(
+    scores, relevance, num_bins=20, score_range=(-1.0, 1.0), tie_aware=False, valid=None
+):
     low, high = score_range
     delta = (high - low) / (num_bins - 1)
     centres = torch.linspace(high, low, num_bins, dtype=scores.dtype)
@@ -73,7 +76,7 @@ def random_case(q, n, num_bins, score_range, seed, spread=1.3, ties=False):
     mid, half = (low + high) / 2, (high - low) / 2
     scores = mid + spread * half * (2 * torch.rand(q, n, generator=g) - 1)
     if ties:  # repeat some values exactly
-        scores[:, n // 2:] = scores[:, : n - n // 2]
+        scores[:, n // 2 :] = scores[:, : n - n // 2]
     scores = away_from_centres(scores, num_bins, score_range)
     rel = torch.rand(q, n, generator=g) < 0.3
     rel[0] = False  # no positive
@@ -108,8 +111,10 @@ def test_gradcheck(tie_aware):
     scores, rel = random_case(4, 12, 10, (-1.0, 1.0), seed=3, spread=0.95)
     scores = away_from_centres(scores, 10, (-1.0, 1.0), margin=1e-2).requires_grad_()
     assert torch.autograd.gradcheck(
-        lambda s: quantized_ap(s, rel, 10, (-1.0, 1.0), tie_aware=tie_aware), (scores,),
-        eps=1e-6, atol=1e-7,
+        lambda s: quantized_ap(s, rel, 10, (-1.0, 1.0), tie_aware=tie_aware),
+        (scores,),
+        eps=1e-6,
+        atol=1e-7,
     )
 
 
@@ -118,8 +123,9 @@ def test_loss_gradcheck():
     desc = torch.nn.functional.normalize(torch.randn(10, 5, generator=g), dim=1)
     labels = torch.tensor([0, 0, 1, 1, 1, 2, 2, 3, 3, 3])
     desc.requires_grad_()
-    assert torch.autograd.gradcheck(lambda d: APLoss(num_bins=8)(d, labels), (desc,),
-                                    eps=1e-6, atol=1e-6)
+    assert torch.autograd.gradcheck(
+        lambda d: APLoss(num_bins=8)(d, labels), (desc,), eps=1e-6, atol=1e-6
+    )
 
 
 def _separated_case(n=60, queries=20, seed=1):
@@ -244,8 +250,9 @@ def test_query_index_form_equals_batch_form_with_gradients_through_both_roles():
     d1, d2 = desc.clone().requires_grad_(), desc.clone().requires_grad_()
     # batch + bank with each query's own column excluded == dense reference on the same sets
     db = torch.cat([d1, bank])
-    fast = APLoss(chunk_size=7)(d1, labels, db, torch.cat([labels, bank_labels]),
-                                query_index=torch.arange(24))
+    fast = APLoss(chunk_size=7)(
+        d1, labels, db, torch.cat([labels, bank_labels]), query_index=torch.arange(24)
+    )
     scores = d2 @ torch.cat([d2, bank]).T
     rel = labels[:, None] == torch.cat([labels, bank_labels])[None]
     valid = torch.ones_like(rel)
@@ -273,23 +280,52 @@ def test_queries_without_positive_are_left_out_and_all_missing_is_an_error():
         APLoss()(desc, torch.arange(6))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def assert_within_one_ulp(got: torch.Tensor, want: torch.Tensor) -> None:
+    """``got`` (half precision) is ``want`` (float32) rounded once: at most one unit in the
+    last place of ``got``'s dtype apart (subnormal spacing as the floor)."""
+    info = torch.finfo(got.dtype)
+    spacing = info.eps * want.abs() + info.smallest_normal * info.eps
+    gap = (got.float() - want).abs()
+    assert (gap <= spacing).all(), f"max gap {gap.max():.3g} ulps {(gap / spacing).max():.2f}"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_inputs_accumulate_in_float32(dtype):
+    """Half-precision descriptors give the float32 loss and gradient of the same (rounded)
+    inputs, rounded once to the input dtype. Accumulating the histograms in the half type
+    would be many units in the last place away."""
     desc, labels = unit_batch(64, 32, 8, seed=6)
-    ref = APLoss()(desc.float(), labels)
-    d = desc.to(dtype).requires_grad_()
+    rounded = desc.to(dtype)
+    r = rounded.float().requires_grad_()
+    ref = APLoss()(r, labels)
+    ref.backward()
+    d = rounded.clone().requires_grad_()
     loss = APLoss()(d, labels)
     loss.backward()
     assert loss.dtype == dtype and d.grad.dtype == dtype
-    tol = 1e-5 if dtype == torch.float32 else 2e-2
-    assert abs(loss.float().item() - ref.item()) < tol
+    assert_within_one_ulp(loss.detach(), ref.detach())
+    assert_within_one_ulp(d.grad, r.grad)
 
 
-def test_no_grad_forward_skips_gradient_work():
+def test_no_grad_forward_skips_gradient_work(monkeypatch):
+    import apretrieval.losses.ap as ap_module
+
     desc, labels = unit_batch(16, 4, 3)
+    leaf = desc.clone().requires_grad_()
+    asked = []  # need_grad of each loss computation (the gradient is computed with the loss)
+    original = ap_module._ap_loss_and_grads
+
+    def spy(*args, **kwargs):
+        asked.append(args[7])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(ap_module, "_ap_loss_and_grads", spy)
     with torch.no_grad():
-        loss = APLoss()(desc, labels)
+        loss = APLoss()(leaf, labels)
     torch.testing.assert_close(loss, dense_ap_loss(desc, labels))
+    assert loss.grad_fn is None and asked == [False]
+    APLoss()(leaf, labels)
+    assert asked == [False, True]  # the same probe sees the work when it is needed
 
 
 def test_loss_decreases_under_gradient_descent():
@@ -361,3 +397,102 @@ def test_baselines_zero_when_classes_are_perfectly_separated():
     mixed = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.9, 0.1], [0.0, -1.0]])
     assert ContrastiveLoss()(mixed, labels).item() > 0
     assert TripletLoss()(mixed, labels).item() > 0
+
+
+# Five points on a plane, classes 0, 0, 0, 1, 1, with distances small enough to do by hand:
+#   d(0,1)=1  d(0,2)=3  d(1,2)=2  d(3,4)=sqrt(20)             (positive pairs)
+#   d(0,3)=2  d(0,4)=4  d(1,3)=sqrt(5)  d(1,4)=3  d(2,3)=sqrt(13)  d(2,4)=1   (negative pairs)
+HAND = torch.tensor([[0.0, 0.0], [1.0, 0.0], [3.0, 0.0], [0.0, 2.0], [4.0, 0.0]])
+HAND_LABELS = torch.tensor([0, 0, 0, 1, 1])
+
+
+def test_triplet_hand_computed_batch_hard():
+    r5, r20 = 5**0.5, 20**0.5
+    # anchor: (farthest positive, nearest negative)
+    hardest = [(3, 2), (2, r5), (3, 1), (r20, 2), (r20, 1)]
+    for margin in (0.1, 0.5):
+        want = sum(max(0.0, margin + p - n) for p, n in hardest) / 5
+        got = TripletLoss(margin=margin)(HAND, HAND_LABELS)
+        assert got.item() == pytest.approx(want, abs=1e-12)
+    # anchor 1 is the one clamped at margin 0.1 (0.1 + 2 - sqrt 5 < 0): its term is 0
+    assert TripletLoss(margin=0.1)(HAND, HAND_LABELS).item() == pytest.approx(
+        (1.1 + 2.1 + (0.1 + r20 - 2) + (0.1 + r20 - 1)) / 5, abs=1e-12
+    )
+
+
+def test_contrastive_hand_computed_hard_negatives():
+    r5 = 5**0.5
+    pos = 2 * 0.5 * (1 + 9 + 4 + 20)  # every positive pair, both directions: 0.5 d^2
+    # negatives of each anchor, nearest first
+    negs = [(2, 4), (r5, 3), (1, 13**0.5), (2, r5, 13**0.5), (1, 3, 4)]
+    margin = 2.5
+    for num_hard in (1, 2, 3):
+        chosen = [d for n in negs for d in n[:num_hard]]
+        want = (pos + sum(0.5 * max(0.0, margin - d) ** 2 for d in chosen)) / (8 + len(chosen))
+        got = ContrastiveLoss(margin=margin, num_hard=num_hard)(HAND, HAND_LABELS)
+        assert got.item() == pytest.approx(want, abs=1e-12), num_hard
+    # num_hard=1 by hand: anchors 0..4 take 2, sqrt 5, 1, 2, 1
+    one = (pos + 0.5 * (0.5**2 + (2.5 - r5) ** 2 + 1.5**2 + 0.5**2 + 1.5**2)) / 13
+    assert ContrastiveLoss(margin=2.5, num_hard=1)(HAND, HAND_LABELS).item() == pytest.approx(
+        one, abs=1e-12
+    )
+
+
+def looped_contrastive(desc, labels, margin, num_hard):
+    terms = []
+    for i in range(len(labels)):
+        negs = []
+        for j in range(len(labels)):
+            d = torch.linalg.vector_norm(desc[i] - desc[j])
+            if j != i and labels[j] == labels[i]:
+                terms.append(0.5 * d**2)
+            elif labels[j] != labels[i]:
+                negs.append(d)
+        negs.sort(key=lambda t: t.item())
+        terms += [0.5 * torch.clamp(margin - d, min=0) ** 2 for d in negs[:num_hard]]
+    return torch.stack(terms).mean()
+
+
+def looped_triplet(desc, labels, margin):
+    terms = []
+    for i in range(len(labels)):
+        d = [torch.linalg.vector_norm(desc[i] - desc[j]) for j in range(len(labels))]
+        p = [d[j] for j in range(len(labels)) if j != i and labels[j] == labels[i]]
+        n = [d[j] for j in range(len(labels)) if labels[j] != labels[i]]
+        if p and n:
+            terms.append(torch.clamp(margin + max(p, key=float) - min(n, key=float), min=0))
+    return torch.stack(terms).mean()
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_baselines_equal_looped_references_values_and_gradients(seed):
+    desc, labels = unit_batch(14, 6, 4, seed=20 + seed)
+    labels[0] = 9  # an anchor without positive (skipped by triplet, only negatives otherwise)
+    cases = [
+        (
+            ContrastiveLoss(margin=0.9, num_hard=3),
+            partial(looped_contrastive, margin=0.9, num_hard=3),
+        ),
+        (
+            ContrastiveLoss(margin=1.3, num_hard=20),
+            partial(looped_contrastive, margin=1.3, num_hard=20),
+        ),
+        (TripletLoss(margin=0.3), partial(looped_triplet, margin=0.3)),
+    ]
+    for loss_fn, ref_fn in cases:
+        d1, d2 = desc.clone().requires_grad_(), desc.clone().requires_grad_()
+        got, want = loss_fn(d1, labels), ref_fn(d2, labels)
+        assert want.item() > 0
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+        got.backward()
+        want.backward()
+        torch.testing.assert_close(d1.grad, d2.grad, atol=1e-12, rtol=0)
+
+
+def test_baselines_gradcheck():
+    desc, labels = unit_batch(10, 5, 3, seed=30)
+    desc.requires_grad_()
+    for loss_fn in (ContrastiveLoss(margin=1.2, num_hard=2), TripletLoss(margin=0.4)):
+        assert torch.autograd.gradcheck(
+            lambda d, f=loss_fn: f(d, labels), (desc,), eps=1e-6, atol=1e-7
+        )

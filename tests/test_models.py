@@ -59,7 +59,29 @@ def test_out_dim_and_no_whitening():
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["resnet34", "resnet50", "resnet101", "resnet152"])
 def test_larger_resnets_width(name):
-    assert build_model(name, gem_p=2.0)(torch.rand(1, 3, 32, 32)).shape == (1, BACKBONES[name])
+    import torchvision
+
+    model = build_model(name, gem_p=2.0)
+    x = torch.rand(2, 3, 32, 32)
+    d = model(x)
+    assert d.shape == (2, BACKBONES[name])
+    # the trunk is the named torchvision network without its classifier (same parameters)
+    net = getattr(torchvision.models, name)()
+    trunk_params = sum(p.numel() for p in model.backbone.parameters())
+    assert (
+        trunk_params
+        == sum(p.numel() for p in net.parameters()) - net.fc.weight.numel() - net.fc.bias.numel()
+    )
+    # descriptor = L2(GeM_2(trunk(normalised x))), GeM computed here from its definition
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        f = model.backbone((x - mean) / std)
+        gem2 = f.clamp(min=1e-6).pow(2).mean(dim=(2, 3)).sqrt()
+    assert f.shape[1] == BACKBONES[name]
+    torch.testing.assert_close(
+        d.detach(), torch.nn.functional.normalize(gem2, dim=1), atol=1e-5, rtol=1e-4
+    )
 
 
 def test_frozen_batchnorm_stays_in_eval_mode():
@@ -182,3 +204,43 @@ def test_pca_whitening_decorrelates():
         pca_whitening(x, 6)
     model.init_whitening(torch.randn(20, 512, generator=gen))
     assert torch.isfinite(model.whiten.weight).all()
+
+
+def test_init_whitening_whitens_its_learning_set():
+    """The FC after init_whitening maps its learning set to zero mean, identity covariance."""
+    gen = torch.Generator().manual_seed(1)
+    mix = torch.randn(512, 512, generator=gen, dtype=torch.float64) / 512**0.5
+    scale = torch.logspace(0, -2, 512, dtype=torch.float64)  # very unequal variances
+    pooled = (torch.randn(300, 512, generator=gen, dtype=torch.float64) * scale) @ mix + 0.5
+    model = build_model("resnet18", out_dim=8)
+    model.init_whitening(pooled)
+    with torch.no_grad():
+        y = model.whiten(pooled.float()).double()
+    torch.testing.assert_close(y.mean(0), torch.zeros(8, dtype=torch.float64), atol=2e-4, rtol=0)
+    torch.testing.assert_close(torch.cov(y.T), torch.eye(8, dtype=torch.float64), atol=2e-3, rtol=0)
+    # and the kept directions are the 8 of largest variance: their variance per unit weight
+    # norm is the top of the spectrum, not an arbitrary 8-dim projection
+    centred = pooled - pooled.mean(0)
+    top = torch.linalg.eigvalsh(torch.cov(centred.T)).flip(0)[:8]
+    dirs = torch.nn.functional.normalize(model.whiten.weight.double(), dim=1)
+    var = (centred @ dirs.T).var(0)
+    torch.testing.assert_close(var.sort(descending=True).values, top, rtol=1e-3, atol=0)
+
+
+def test_init_whitening_with_fewer_images_than_dimensions():
+    """N = 6 images for 16 output dimensions: the N - 1 directions the data spans are
+    whitened, the others (no variance in the learning set) stay finite and near zero on it."""
+    gen = torch.Generator().manual_seed(2)
+    pooled = torch.randn(6, 512, generator=gen, dtype=torch.float64)
+    model = build_model("resnet18", out_dim=16)
+    model.init_whitening(pooled)
+    assert torch.isfinite(model.whiten.weight).all() and torch.isfinite(model.whiten.bias).all()
+    with torch.no_grad():
+        y = model.whiten(pooled.float()).double()
+    cov = torch.cov(y.T)
+    torch.testing.assert_close(cov[:5, :5], torch.eye(5, dtype=torch.float64), atol=2e-3, rtol=0)
+    assert cov[5:, 5:].abs().max() < 1e-2
+    torch.testing.assert_close(y.mean(0), torch.zeros(16, dtype=torch.float64), atol=1e-3, rtol=0)
+    # and the model still gives unit descriptors
+    d = model(torch.rand(2, 3, 32, 32))
+    assert torch.isfinite(d).all() and torch.allclose(d.norm(dim=1), torch.ones(2), atol=1e-5)

@@ -16,11 +16,19 @@ import torch
 import yaml
 from PIL import Image
 
+from apretrieval import training
 from apretrieval.cli import main
 from apretrieval.losses import APLoss, ContrastiveLoss, TieAwareAPLoss, TripletLoss
 from apretrieval.models import load_checkpoint, load_model
 from apretrieval.train_config import TrainConfig
-from apretrieval.training import TrainingInterrupted, lr_factor, make_loss, train
+from apretrieval.training import (
+    RunFolderInUse,
+    TrainingDiverged,
+    TrainingInterrupted,
+    lr_factor,
+    make_loss,
+    train,
+)
 
 CONFIGS = Path(__file__).parents[1] / "src" / "apretrieval" / "configs"
 
@@ -129,9 +137,27 @@ def test_resume_after_crash_from_periodic_checkpoint(folder, tmp_path, reference
     with pytest.raises(RuntimeError, match="power cut"):
         train(cfg, callback=crash, callback_every=1)
     assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["step"] == 2
+    with open(tmp_path / "run" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "loss": 0.1')  # the disk filled up during the next append
     final = train(cfg, resume=True)
     assert_same_weights(final, reference_run)
     assert losses(final.parent) == losses(reference_run.parent)  # lost step's line dropped
+
+
+def test_a_torn_last_log_line_is_dropped_and_a_damaged_one_named(tmp_path):
+    from apretrieval.jsonl import read_jsonl
+    from apretrieval.report.training_log import read_training_log
+
+    log = tmp_path / "metrics.jsonl"
+    log.write_text('{"step": 1, "loss": 0.5}\n\n{"step": 2, "loss": 0.4}\n{"step": 3, "lo')
+    assert [r["step"] for r in read_jsonl(log)] == [1, 2]
+    assert [r["loss"] for r in read_training_log(log)] == [0.5, 0.4]
+    log.write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "lo\n{"step": 3, "loss": 0.4}\n')
+    with pytest.raises(ValueError, match=r"metrics\.jsonl:2: not JSON"):
+        read_jsonl(log)
+    log.write_text('{"step": 1}\n[1, 2]\n{"step": 3}\n')
+    with pytest.raises(ValueError, match=r"metrics\.jsonl:2: expected a JSON object"):
+        read_jsonl(log)
 
 
 def test_streamed_batches_equal_decoded_batches(folder, tmp_path, reference_run):
@@ -281,6 +307,86 @@ def test_a_dying_data_worker_stops_training_and_the_run_resumes(
     monkeypatch.setattr(batches.AugmentedImages, "__getitem__", original)
     final = train(cfg, resume=True)
     assert_same_weights(final, reference_run)
+
+
+RUN_FILES = ("checkpoint.pt", "model.pt", "metrics.jsonl")
+
+
+def snapshot(run: Path) -> dict[str, bytes]:
+    return {name: (run / name).read_bytes() for name in RUN_FILES if (run / name).exists()}
+
+
+def test_a_used_run_folder_is_refused_unless_resume_or_overwrite(
+    folder, tmp_path, reference_run, capsys
+):
+    run = tmp_path / "run"
+    cfg = tiny_config(folder, run, steps=2)
+    train(cfg)
+    before = snapshot(run)
+    assert set(before) == set(RUN_FILES)
+    with pytest.raises(RunFolderInUse, match=r"--resume .* --overwrite"):
+        train(cfg.replace(lr=5e-3))
+    assert snapshot(run) == before  # nothing deleted, nothing overwritten
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(cfg.to_dict()))
+    assert main(["train", "-c", str(recipe)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--resume" in err[0] and "--overwrite" in err[0], err
+    assert snapshot(run) == before
+    # --overwrite: the earlier run is replaced by a complete new one
+    assert main(["train", "-c", str(recipe), "--steps", "4", "--overwrite"]) == 0
+    assert_same_weights(run / "model.pt", reference_run)
+    assert losses(run) == losses(reference_run.parent)
+
+
+def _poison(at_step: int, *, loss: bool):
+    """train_step that, at ``at_step``, returns a NaN loss or leaves NaN weights behind."""
+    original = training.train_step
+    count = [0]
+
+    def step(model, *args, **kwargs):
+        result = original(model, *args, **kwargs)
+        count[0] += 1
+        if count[0] == at_step:
+            if loss:
+                result.loss = float("nan")
+            else:
+                with torch.no_grad():
+                    model.whiten.weight[0, 0] = float("inf")
+        return result
+
+    return step
+
+
+@pytest.mark.parametrize("nan_loss", [True, False], ids=["nan-loss", "inf-weight"])
+def test_divergence_fails_and_keeps_the_last_finite_checkpoint(
+    folder, tmp_path, monkeypatch, capsys, nan_loss
+):
+    run = tmp_path / "run"
+    cfg = tiny_config(folder, run, steps=4, checkpoint_every=2)
+    # the last step diverges: no model.pt, checkpoint.pt still the finite one of step 2
+    monkeypatch.setattr(training, "train_step", _poison(4, loss=nan_loss))
+    with pytest.raises(TrainingDiverged, match="diverged"):
+        train(cfg)
+    assert not (run / "model.pt").exists()
+    ckpt = load_checkpoint(run / "checkpoint.pt")
+    assert ckpt["step"] == 2
+    assert all(
+        torch.isfinite(t).all() for t in ckpt["state_dict"].values() if t.is_floating_point()
+    )
+    # through the command line: one line, a failure status
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(cfg.to_dict()))
+    monkeypatch.setattr(training, "train_step", _poison(1, loss=nan_loss))
+    assert main(["train", "-c", str(recipe), "--overwrite"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "diverged" in err[0], err
+    assert not (run / "model.pt").exists() and not (run / "checkpoint.pt").exists()
+
+
+def test_non_finite_learning_rate_is_refused():
+    with pytest.raises(ValueError, match="lr must be a finite number"):
+        TrainConfig.from_dict({"data": "x", "lr": float("inf")})
 
 
 def test_cli_train_with_overrides(folder, tmp_path, capsys):

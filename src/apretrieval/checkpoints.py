@@ -21,9 +21,12 @@ from apretrieval.atomic import atomic_open
 
 __all__ = [
     "CheckpointError",
+    "NonFiniteWeights",
     "UnsafeCheckpointError",
     "atomic_torch_save",
     "load_weights",
+    "non_finite_tensors",
+    "require_finite_weights",
     "safe_load",
 ]
 
@@ -36,6 +39,29 @@ class CheckpointError(ValueError):
 
 class UnsafeCheckpointError(CheckpointError, pickle.UnpicklingError):
     """The file holds pickled Python objects beyond tensors and containers; none was run."""
+
+
+class NonFiniteWeights(CheckpointError):
+    """Weights holding NaN/inf: written, they would pass silently into every descriptor."""
+
+
+def non_finite_tensors(state_dict: dict[str, Any]) -> list[str]:
+    """Names of the floating-point tensors of ``state_dict`` holding a NaN or an inf."""
+    return [
+        name
+        for name, t in state_dict.items()
+        if isinstance(t, Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all())
+    ]
+
+
+def require_finite_weights(state_dict: dict[str, Any], what: str) -> None:
+    """NonFiniteWeights naming the first bad tensors of ``state_dict`` (``what``: its file)."""
+    bad = non_finite_tensors(state_dict)
+    if bad:
+        raise NonFiniteWeights(
+            f"refusing to write {what}: {len(bad)} of {len(state_dict)} tensors hold NaN/inf "
+            f"(e.g. {', '.join(bad[:3])})"
+        )
 
 
 def safe_load(path: str | os.PathLike, map_location: Any = "cpu") -> Any:

@@ -27,6 +27,7 @@ from apretrieval.checkpoints import (
     UnsafeCheckpointError,
     atomic_torch_save,
     load_weights,
+    require_finite_weights,
     safe_load,
 )
 from apretrieval.pooling import GeM
@@ -368,12 +369,15 @@ def save_checkpoint(path: str | os.PathLike, model: RetrievalNet, **extra: Any) 
     """Write the model (config as a plain dict + state dict) and ``extra`` entries atomically.
 
     ``extra`` must itself be weights_only-safe (tensors, containers, numbers, strings).
+    Weights holding NaN/inf are refused (NonFiniteWeights) and nothing is written.
     """
+    state = model.state_dict()
+    require_finite_weights(state, str(path))
     obj = {
         "format": _CHECKPOINT_FORMAT,
         "version": 1,
         "config": asdict(model.config),
-        "state_dict": model.state_dict(),
+        "state_dict": state,
         **extra,
     }
     return atomic_torch_save(obj, path)

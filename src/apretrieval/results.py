@@ -31,7 +31,7 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -48,6 +48,7 @@ __all__ = [
     "QueryResult",
     "RetrievalResults",
     "Table",
+    "benchmarks_table",
     "check_writable",
     "format_results_table",
     "load_results",
@@ -395,6 +396,28 @@ def model_table(
         cells = [c for p in PROTOCOLS for c in _cells(ms.get(p), kappas, decimals)]
         rows.append((key, labels.get(key, key), tuple(cells)))
     return Table("model", tuple(columns), tuple(rows), "model", title)
+
+
+def benchmarks_table(
+    benchmarks: Mapping[str, Mapping[str, Any]],
+    *,
+    kappa: int = 10,
+    decimals: int = 2,
+    title: str = "",
+) -> Table:
+    """One model on several benchmarks: a column group (E, M, H) per benchmark, rows mAP and
+    mP@``kappa`` in % (the layout of the revisited papers' tables)."""
+    ms = {name: metrics_from_dict(m) for name, m in benchmarks.items()}
+    columns = tuple(f"{name} {p[0].upper()}" for name in ms for p in PROTOCOLS)
+
+    def row(stat: str, value: Callable[[ProtocolMetrics], float | None]) -> tuple:
+        cells = [
+            _pct(value(m[p]) if p in m else None, decimals) for m in ms.values() for p in PROTOCOLS
+        ]
+        return (stat, stat, tuple(cells))
+
+    rows = (row("mAP", lambda m: m.mAP), row(f"mP@{kappa}", lambda m: m.mP.get(kappa)))
+    return Table("", columns, rows, "metric", title)
 
 
 def render_table(table: Table, style: str = "text") -> str:

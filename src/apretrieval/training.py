@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from apretrieval.atomic import atomic_open, remove_stale_temporaries
 from apretrieval.batches import fits_in_memory, step_batches
+from apretrieval.checkpoints import NonFiniteWeights
 from apretrieval.data.lists import ImageList, open_image_list
 from apretrieval.data.sampler import ClassBalancedBatchSampler, has_positive
 from apretrieval.data.transforms import resize_max_side
@@ -41,6 +42,7 @@ from apretrieval.distributed import (
     shard_bounds,
     sync_stop,
 )
+from apretrieval.jsonl import append_jsonl, read_jsonl
 from apretrieval.losses import APLoss, ContrastiveLoss, MemoryBank, TieAwareAPLoss, TripletLoss
 from apretrieval.losses.batch_ap import batch_ap_metrics
 from apretrieval.models import (
@@ -54,7 +56,9 @@ from apretrieval.multistage import StepResult, multistage_backward, multistage_s
 from apretrieval.train_config import TrainConfig, write_yaml_atomic
 
 __all__ = [
+    "RunFolderInUse",
     "TrainConfig",
+    "TrainingDiverged",
     "TrainingInterrupted",
     "make_loss",
     "multistage_backward",
@@ -72,6 +76,38 @@ class TrainingInterrupted(KeyboardInterrupt):
     def __init__(self, checkpoint: Path, signum: int) -> None:
         super().__init__(f"training stopped by signal {signum}; resume from {checkpoint}")
         self.checkpoint, self.signum = checkpoint, signum
+
+
+class RunFolderInUse(ValueError):
+    """The output folder holds an earlier run, and neither resume nor overwrite was asked."""
+
+
+class TrainingDiverged(ValueError):
+    """The loss or the weights became NaN/inf; the last finite checkpoint is left as it was."""
+
+    exit_code = 1
+
+
+# What a run writes; a folder holding any of them belongs to an earlier run.
+RUN_FILES = ("checkpoint.pt", "model.pt", "metrics.jsonl")
+
+
+def claim_run_folder(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
+    """Refuse to start a new run over an earlier one unless told how (resume or overwrite).
+
+    ``overwrite`` removes the earlier run's files first, so that a new run that fails early
+    never leaves a folder mixing two runs.
+    """
+    found = [name for name in RUN_FILES if (run_dir / name).exists()]
+    if not found or resume:
+        return
+    if not overwrite:
+        raise RunFolderInUse(
+            f"{run_dir} holds an earlier run ({', '.join(found)}): pass --resume to continue "
+            "it, --overwrite to replace it, or choose another --output-dir"
+        )
+    for name in found:
+        (run_dir / name).unlink(missing_ok=True)
 
 
 def make_loss(cfg: TrainConfig) -> torch.nn.Module:
@@ -193,40 +229,39 @@ def init_whitening_from_data(
     model.init_whitening(torch.cat(pooled).to(torch.float64))
 
 
-def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
-
-
 def _truncate_log(path: Path, last_step: int) -> None:
-    """Drop records of steps after ``last_step`` (done after the checkpoint, lost on resume)."""
+    """Drop records of steps after ``last_step`` (done after the checkpoint, lost on resume),
+    and a last line torn by a crash or a full disk."""
     if not path.exists():
         return
-    lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
-    keep = [ln for ln in lines if json.loads(ln).get("step", 0) <= last_step]
+    keep = [r for r in read_jsonl(path) if r.get("step", 0) <= last_step]
     with atomic_open(path, "w", encoding="utf-8") as f:
-        f.write("".join(ln + "\n" for ln in keep))
+        f.write("".join(json.dumps(r) + "\n" for r in keep))
 
 
 def train(
     cfg: TrainConfig,
     *,
     resume: bool = False,
+    overwrite: bool = False,
     callback: Callback | None = None,
     callback_every: int = 0,
 ) -> Path:
     """Train per ``cfg``; returns the final model checkpoint (``<output_dir>/model.pt``).
 
-    ``resume``: continue from ``<output_dir>/checkpoint.pt`` if it exists. ``callback(step,
+    ``resume``: continue from ``<output_dir>/checkpoint.pt`` if it exists; a folder holding an
+    earlier run is refused (RunFolderInUse) unless ``resume`` or ``overwrite``. ``callback(step,
     model)`` runs every ``callback_every`` steps and at the end (model in eval mode); a dict it
     returns is added to that step's metrics line. SIGINT/SIGTERM write a checkpoint after the
-    current step and raise TrainingInterrupted.
+    current step and raise TrainingInterrupted. A non-finite loss or weights raise
+    TrainingDiverged before anything is written over the last finite checkpoint.
     """
     cfg.validate()
     threads = torch.get_num_threads()
     if cfg.cpu_threads is not None:
         torch.set_num_threads(cfg.cpu_threads)
     try:
+        claim_run_folder(Path(cfg.output_dir), resume=resume, overwrite=overwrite)
         return _train(cfg, resume, callback, callback_every)
     finally:
         torch.set_num_threads(threads)
@@ -298,7 +333,7 @@ def _train(cfg: TrainConfig, resume: bool, callback: Callback | None, callback_e
         sampler.step = step
         if not ctx.is_main:  # rank 0 writes; the state is the same on every rank
             return ckpt_path
-        return save_checkpoint(
+        return save_finite(
             ckpt_path,
             model,
             step=step,
@@ -346,6 +381,11 @@ def _train(cfg: TrainConfig, resume: bool, callback: Callback | None, callback_e
                 memory=memory,
             )
             loss, used = step.loss, step.images
+            if not math.isfinite(loss):
+                raise TrainingDiverged(
+                    f"training diverged at step {done + 1}: the loss is {loss}; the last "
+                    f"checkpoint ({ckpt_path}) is kept: resume from it with a lower --lr"
+                )
             lr = optimizer.param_groups[0]["lr"]  # the lr this step used (before the schedule)
             scheduler.step()
             done += 1
@@ -372,7 +412,7 @@ def _train(cfg: TrainConfig, resume: bool, callback: Callback | None, callback_e
             ):
                 record.update(_run_callback(callback, done, model))
             if ctx.is_main:
-                _append_jsonl(log_path, record)
+                append_jsonl(log_path, record)
             if done % cfg.checkpoint_every == 0 and done < cfg.steps:
                 checkpoint(done)
             stop.signum = sync_stop(ctx, stop.signum)  # all ranks stop after the same step
@@ -384,11 +424,22 @@ def _train(cfg: TrainConfig, resume: bool, callback: Callback | None, callback_e
     if callback is not None:
         extra = _run_callback(callback, done, model)
         if extra and ctx.is_main:
-            _append_jsonl(log_path, {"step": done, **extra})
+            append_jsonl(log_path, {"step": done, **extra})
     if ctx.is_main:
-        save_checkpoint(final_path, model, step=done, train_config=cfg.to_dict())
+        save_finite(final_path, model, step=done, train_config=cfg.to_dict())
     barrier(ctx)  # the other ranks return once the model file exists
     return final_path
+
+
+def save_finite(path: Path, model: RetrievalNet, *, step: int, **extra: Any) -> Path:
+    """save_checkpoint, turning non-finite weights into TrainingDiverged (nothing written)."""
+    try:
+        return save_checkpoint(path, model, step=step, **extra)
+    except NonFiniteWeights as err:
+        raise TrainingDiverged(
+            f"training diverged by step {step}: {err}; the earlier files are kept as they "
+            "were: resume from the last checkpoint with a lower --lr"
+        ) from None
 
 
 def _run_callback(callback: Callback, step: int, model: RetrievalNet) -> dict[str, Any]:

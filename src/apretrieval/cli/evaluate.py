@@ -20,19 +20,37 @@ def register(subparsers: Any) -> None:
         ),
     )
     p.add_argument("--checkpoint", required=True, help="model checkpoint (.pt)")
-    p.add_argument(
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument(
         "--dataset",
-        required=True,
-        help="roxford5k, rparis6k, or NAME of any benchmark in that layout (ROOT/gnd_NAME.pkl)",
+        help="roxford5k, rparis6k, NAME of any benchmark in that layout (ROOT/gnd_NAME.pkl), "
+        "or the path of its gnd_NAME.pkl",
     )
-    p.add_argument("--root", required=True, type=Path, metavar="DIR", help="benchmark folder")
+    which.add_argument(
+        "--datasets",
+        metavar="A,B",
+        help="several benchmarks in one run (e.g. roxford5k,rparis6k): each in ROOT or "
+        "ROOT/NAME; one table with a column group per benchmark",
+    )
+    p.add_argument(
+        "--root",
+        type=Path,
+        metavar="DIR",
+        help="benchmark folder (or the folder holding one folder per benchmark)",
+    )
     p.add_argument("--r1m", type=Path, metavar="DIR", help="add the R1M distractors from DIR")
-    p.add_argument("--out", required=True, type=Path, help="results JSON to write")
+    p.add_argument(
+        "--out",
+        required=True,
+        type=Path,
+        help="results JSON to write (with several benchmarks: a folder, one NAME.json each)",
+    )
     p.add_argument(
         "--features",
         type=Path,
         metavar="PREFIX",
-        help="keep (and reuse, resume) descriptors in PREFIX.queries/.db.npy",
+        help="keep (and reuse, resume) descriptors in PREFIX.queries/.db.npy "
+        "(PREFIX_NAME with several benchmarks)",
     )
     g = p.add_argument_group("post-processing")
     g.add_argument(
@@ -97,11 +115,37 @@ def _extraction_settings(args: argparse.Namespace) -> Any:
     )
 
 
+def benchmark_location(entry: str, root: Path | None) -> tuple[str, Path]:
+    """(name, folder) of a benchmark given as NAME (in ROOT or ROOT/NAME) or a gnd_NAME.pkl."""
+    path = Path(entry)
+    if path.suffix == ".pkl":
+        if not path.name.startswith("gnd_"):
+            raise ValueError(f"--dataset {entry}: a ground-truth file is named gnd_NAME.pkl")
+        return path.stem[len("gnd_") :], path.parent
+    if root is None:
+        raise ValueError(f"--root is required for --dataset {entry} (or give its gnd_*.pkl)")
+    nested = root / entry
+    if not (root / f"gnd_{entry}.pkl").is_file() and (nested / f"gnd_{entry}.pkl").is_file():
+        return entry, nested
+    return entry, root
+
+
+def requested_benchmarks(args: argparse.Namespace) -> list[tuple[str, Path]]:
+    entries = [args.dataset] if args.dataset else [e for e in args.datasets.split(",") if e]
+    if not entries:
+        raise ValueError("--datasets: expected names separated by commas, e.g. roxford5k,rparis6k")
+    located = [benchmark_location(e, args.root) for e in entries]
+    names = [name for name, _ in located]
+    if len(set(names)) != len(names):
+        raise ValueError(f"--datasets names a benchmark twice: {args.datasets}")
+    return located
+
+
 def run(args: argparse.Namespace) -> int:
     from apretrieval.apq_analysis import APQSettings
     from apretrieval.data.revisited import RevisitedDataset
     from apretrieval.pipeline import PostProcessing, evaluate_checkpoint
-    from apretrieval.results import check_writable, protocol_table, render_table
+    from apretrieval.results import benchmarks_table, check_writable, protocol_table, render_table
 
     # Everything a person typed is checked before the extraction (minutes to hours) starts.
     settings = _extraction_settings(args)
@@ -115,21 +159,37 @@ def run(args: argparse.Namespace) -> int:
         qe_alpha=args.qe_alpha,
     )
     apq = APQSettings(protocol=args.apq_protocol, num_bins=args.num_bins)
-    check_writable(args.out)
-    ds = RevisitedDataset(args.dataset, args.root, r1m_root=args.r1m)
-    res = evaluate_checkpoint(
-        str(args.checkpoint),
-        ds,
-        settings,
-        post=post,
-        apq=apq,
-        cache_prefix=args.features,
-        out=args.out,
-    )
-    name = args.dataset + ("+R1M" if args.r1m else "")
-    title = f"{name}: {ds.num_queries} queries, {ds.num_db} database images"
-    print(render_table(protocol_table(res.metrics, title=title), "text"))
-    short = ", ".join(f"{p[0].upper()}: {100 * m.mAP:.2f}" for p, m in res.metrics.items())
-    print(f"{name}: mAP {short}")
-    print(f"results: {args.out}")
+    located = requested_benchmarks(args)
+    several = len(located) > 1
+    outs = [args.out / f"{name}.json" if several else args.out for name, _ in located]
+    for out in outs:
+        check_writable(out)
+    datasets = [RevisitedDataset(name, root, r1m_root=args.r1m) for name, root in located]
+    suffix = "+R1M" if args.r1m else ""
+    metrics = {}
+    for ds, out in zip(datasets, outs, strict=True):
+        features = args.features
+        if features is not None and several:
+            features = features.with_name(f"{features.name}_{ds.name}")
+        res = evaluate_checkpoint(
+            str(args.checkpoint),
+            ds,
+            settings,
+            post=post,
+            apq=apq,
+            cache_prefix=features,
+            out=out,
+        )
+        name = ds.name + suffix
+        metrics[name] = res.metrics
+        if not several:
+            title = f"{name}: {ds.num_queries} queries, {ds.num_db} database images"
+            print(render_table(protocol_table(res.metrics, title=title), "text"))
+    if several:
+        sizes = ", ".join(f"{d.name} {d.num_queries} q / {d.num_db} db" for d in datasets)
+        print(render_table(benchmarks_table(metrics, title=f"mAP and mP@10 in % ({sizes})")))
+    for name, m in metrics.items():
+        short = ", ".join(f"{p[0].upper()}: {100 * v.mAP:.2f}" for p, v in m.items())
+        print(f"{name}: mAP {short}")
+    print(f"results: {', '.join(str(o) for o in outs)}")
     return 0

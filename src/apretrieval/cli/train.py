@@ -100,6 +100,11 @@ def register(subparsers: Any) -> None:
         help="continue from <output-dir>/checkpoint.pt when it exists",
     )
     p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the earlier run in <output-dir> (refused without --resume or this flag)",
+    )
+    p.add_argument(
         "--print-config",
         action="store_true",
         help="print the resolved config as YAML and exit (--data not needed)",
@@ -168,7 +173,7 @@ def run(args: argparse.Namespace) -> int:
 
     # Under `torchrun --nproc-per-node N` every process runs this command: train() joins the
     # process group from torchrun's environment and rank 0 writes the files.
-    final = train(cfg, resume=args.resume)
+    final = train(cfg, resume=args.resume, overwrite=args.overwrite)
     shutdown_distributed()
     if os.environ.get("RANK", "0") == "0":
         print(f"model written to {final}")

@@ -26,8 +26,9 @@ import torch
 
 from apretrieval.configs import recipe_path
 from apretrieval.demo.dataset import Benchmark, BenchmarkConfig, prepare_benchmark
+from apretrieval.jsonl import read_jsonl
 from apretrieval.pipeline import ExtractionSettings, evaluate_checkpoint
-from apretrieval.results import metrics_to_dict, model_table, render_table
+from apretrieval.results import RetrievalResults, metrics_to_dict, model_table, render_table
 from apretrieval.train_config import TrainConfig, read_yaml_mapping
 
 METHODS: tuple[str, ...] = ("pretrained", "ap", "contrastive")
@@ -343,7 +344,7 @@ def run_demo(
             f"({tc.chunk_size} at a time through multistaged backpropagation)"
         )
         t = lap(f"{method}_setup", t)
-        path = train(tc)
+        path = train(tc, overwrite=True)  # the demo's own folder: each run replaces it
         t = lap(f"{method}_train", t)
         runs[method] = str(run_dir)
         model = load_model(path)
@@ -377,8 +378,8 @@ def _train_losses(runs: dict[str, str]) -> dict[str, dict[str, float]]:
     """First / last training loss of each run (from its metrics.jsonl)."""
     out = {}
     for method, run_dir in runs.items():
-        lines = Path(run_dir, "metrics.jsonl").read_text(encoding="utf-8").splitlines()
-        losses = [json.loads(ln)["loss"] for ln in lines if '"loss"' in ln]
+        records = read_jsonl(Path(run_dir, "metrics.jsonl"))
+        losses = [r["loss"] for r in records if "loss" in r]
         if losses:
             k = max(1, len(losses) // 5)
             out[method] = {
@@ -394,7 +395,7 @@ def _train_losses(runs: dict[str, str]) -> dict[str, dict[str, float]]:
 def write_reports(out: Path, runs: dict[str, str]) -> dict[str, str]:
     """HTML report of each model (top-10 grids, AP vs AP_Q, training curves)."""
     try:
-        from apretrieval.report import write_report
+        from apretrieval.report import write_comparison, write_report
     except ImportError:  # report module not available: the numbers are still written
         return {}
     pages = {}
@@ -405,6 +406,9 @@ def write_reports(out: Path, runs: dict[str, str]) -> dict[str, str]:
                 out / f"results_{method}.json", out / "report" / method, train_log=log_file
             )
         )
+    short = {"pretrained": "pretrained", "ap": "AP loss", "contrastive": "contrastive loss"}
+    models = [(short[m], RetrievalResults.load(out / f"results_{m}.json")) for m in METHODS]
+    pages["comparison"] = str(write_comparison(models, out / "report" / "comparison"))
     return pages
 
 

@@ -1,0 +1,41 @@
+"""JSON-lines logs (``metrics.jsonl``): one JSON object per line, appended as a run goes.
+
+A process killed mid-write, or a full disk, can leave the last line cut short. That line is the
+record being written when the run stopped: it is dropped on reading (a run resumes from its
+checkpoint, which precedes it). A damaged line anywhere else is a ValueError naming the file
+and the line: something other than an interrupted append changed the file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+__all__ = ["append_jsonl", "read_jsonl"]
+
+
+def append_jsonl(path: str | os.PathLike[str], record: dict[str, Any]) -> None:
+    """Append ``record`` as one line (a single write, so a crash tears at most this line)."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The records of ``path``; blank lines skipped, a torn last line dropped."""
+    path = Path(path)
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    numbered = [(n, ln) for n, ln in enumerate(lines, 1) if ln.strip()]
+    records = []
+    for i, (n, line) in enumerate(numbered):
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            if i == len(numbered) - 1:
+                break  # the record being appended when the run stopped
+            raise ValueError(f"{path}:{n}: not JSON ({err.msg}); the log is damaged") from None
+        if not isinstance(obj, dict):
+            raise ValueError(f"{path}:{n}: expected a JSON object, got {type(obj).__name__}")
+        records.append(obj)
+    return records
