@@ -244,3 +244,18 @@ def test_init_whitening_with_fewer_images_than_dimensions():
     # and the model still gives unit descriptors
     d = model(torch.rand(2, 3, 32, 32))
     assert torch.isfinite(d).all() and torch.allclose(d.norm(dim=1), torch.ones(2), atol=1e-5)
+
+
+def test_save_checkpoint_refuses_non_finite_weights(tmp_path):
+    from apretrieval.checkpoints import NonFiniteWeights
+    from apretrieval.models import save_checkpoint
+
+    model = build_model("resnet18", out_dim=8)
+    save_checkpoint(tmp_path / "ok.pt", model)
+    with torch.no_grad():
+        model.whiten.weight[0, 0] = float("nan")
+    with pytest.raises(
+        NonFiniteWeights, match=r"1 of \d+ tensors hold NaN/inf \(e.g. whiten.weight"
+    ):
+        save_checkpoint(tmp_path / "m.pt", model)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ok.pt"]  # nothing else written

@@ -451,6 +451,9 @@ def test_loss_selection_and_schedules():
     cfg = TrainConfig(data="x", num_bins=25)
     assert isinstance(make_loss(cfg), APLoss) and make_loss(cfg).num_bins == 25
     assert isinstance(make_loss(cfg.replace(loss="tie_aware_ap")), TieAwareAPLoss)
+    sharp = make_loss(cfg.replace(loss="sharp_ap"))
+    assert isinstance(sharp, APLoss) and sharp.estimator == "sharp" and sharp.num_bins == 25
+    assert make_loss(cfg).estimator == "plain"  # the paper's stays the default
     contrastive = make_loss(cfg.replace(loss="contrastive", margin=0.5, num_hard=3))
     assert isinstance(contrastive, ContrastiveLoss) and contrastive.num_hard == 3
     assert isinstance(make_loss(cfg.replace(loss="triplet")), TripletLoss)

@@ -33,7 +33,8 @@ __all__ = [
     "write_yaml_atomic",
 ]
 
-LOSSES = ("ap", "tie_aware_ap", "contrastive", "triplet")
+LOSSES = ("ap", "tie_aware_ap", "sharp_ap", "contrastive", "triplet")
+AP_LOSSES = ("ap", "tie_aware_ap", "sharp_ap")  # the listwise AP losses (bins, memory bank)
 SCHEDULES = ("constant", "cosine", "exponential")
 # Sections of `apretrieval train --help`, in order; each field names its group.
 GROUPS = ("data", "model", "loss", "optimisation", "run")
@@ -118,7 +119,12 @@ class TrainConfig:
         "model", 2000, "training images for the PCA initialisation", unit="images"
     )
     # Loss.
-    loss: str = _opt("loss", "ap", "training loss", choices=LOSSES)
+    loss: str = _opt(
+        "loss",
+        "ap",
+        "training loss (ap: the paper's AP_Q; tie_aware_ap / sharp_ap: other AP_Q estimators)",
+        choices=LOSSES,
+    )
     num_bins: int = _opt("loss", 20, "histogram bins of the AP loss (the paper: 20)", unit="bins")
     margin: float | None = _opt("loss", None, "contrastive / triplet margin (none: 0.7 / 0.1)")
     num_hard: int = _opt("loss", 5, "contrastive: hardest in-batch negatives per anchor")
@@ -300,7 +306,7 @@ class TrainConfig:
                 f"batch_size ({self.batch_size}) must be a multiple of images_per_class "
                 f"({self.images_per_class})"
             )
-        if self.loss in ("ap", "tie_aware_ap") and self.num_bins < 2:
+        if self.loss in AP_LOSSES and self.num_bins < 2:
             raise ValueError(f"num_bins must be >= 2, got {self.num_bins}")
         if self.lr <= 0 or self.weight_decay < 0 or not 0 < self.lr_decay <= 1:
             raise ValueError(
@@ -309,9 +315,9 @@ class TrainConfig:
             )
         if not self.dist_timeout > 0:
             raise ValueError(f"dist_timeout must be > 0 seconds, got {self.dist_timeout}")
-        if self.memory_batches and self.loss not in ("ap", "tie_aware_ap"):
+        if self.memory_batches and self.loss not in AP_LOSSES:
             raise ValueError(
-                f"memory_batches needs an AP loss (ap, tie_aware_ap), got loss={self.loss!r}"
+                f"memory_batches needs an AP loss ({', '.join(AP_LOSSES)}), got loss={self.loss!r}"
             )
         if self.cpu_threads is not None and self.cpu_threads < 1:
             raise ValueError(f"cpu_threads must be >= 1 or null, got {self.cpu_threads}")

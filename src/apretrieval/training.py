@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -53,6 +54,7 @@ from apretrieval.models import (
     save_checkpoint,
 )
 from apretrieval.multistage import StepResult, multistage_backward, multistage_step
+from apretrieval.run_log import RunFacts, StepLog, is_terminal, setting_warnings, start_summary
 from apretrieval.train_config import TrainConfig, write_yaml_atomic
 
 __all__ = [
@@ -111,13 +113,15 @@ def claim_run_folder(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
 
 
 def make_loss(cfg: TrainConfig) -> torch.nn.Module:
-    """The loss named by ``cfg.loss``: ap, tie_aware_ap, contrastive or triplet."""
+    """The loss named by ``cfg.loss``: ap, tie_aware_ap, sharp_ap, contrastive or triplet."""
     # Score rows per block: about 256K scores, so the loss's temporaries stay ~10 MB for any B.
     rows = max(1, 2**18 // cfg.batch_size)
     if cfg.loss == "ap":
         return APLoss(num_bins=cfg.num_bins, chunk_size=rows)
     if cfg.loss == "tie_aware_ap":
         return TieAwareAPLoss(num_bins=cfg.num_bins, chunk_size=rows)
+    if cfg.loss == "sharp_ap":
+        return APLoss(num_bins=cfg.num_bins, chunk_size=rows, estimator="sharp")
     if cfg.loss == "contrastive":
         return ContrastiveLoss(margin=cfg.margin or 0.7, num_hard=cfg.num_hard)
     if cfg.loss == "triplet":
@@ -322,12 +326,28 @@ def _train(cfg: TrainConfig, resume: bool, callback: Callback | None, callback_e
         write_yaml_atomic(run_dir / "config.yaml", cfg.to_dict())
     loss_fn = make_loss(cfg)
     in_memory = fits_in_memory(cfg)
-    log.info(
-        "%d images, %d classes; batches %s",
-        len(images),
-        sampler.num_classes,
-        "decoded once per step" if in_memory else "streamed per chunk (large batch)",
+    facts = RunFacts(
+        images=len(images),
+        classes=images.num_classes,
+        drawable_classes=sampler.num_classes,
+        dropped_files=images.dropped,
+        top_level_files=_top_level_files(cfg.data),
+        device=str(device),
+        threads=torch.get_num_threads(),
+        world_size=ctx.world_size,
+        weights=_weights_source(cfg, start),
+        start_step=start,
+        streamed=not in_memory,
     )
+    if ctx.is_main and cfg.progress:
+        for line in start_summary(cfg, facts):
+            print(f"apretrieval train: {line}", file=sys.stderr, flush=True)
+    if ctx.is_main:
+        for warning in setting_warnings(cfg, facts):
+            log.warning(warning)
+    # On a terminal a progress bar; in a log file (cluster jobs) a plain line every few steps.
+    on_terminal = is_terminal()
+    step_log = StepLog(cfg.steps, enabled=cfg.progress and ctx.is_main and not on_terminal)
 
     def checkpoint(step: int) -> Path:
         sampler.step = step
@@ -350,7 +370,7 @@ def _train(cfg: TrainConfig, resume: bool, callback: Callback | None, callback_e
         initial=start,
         desc="train",
         unit="step",
-        disable=not cfg.progress or not ctx.is_main,
+        disable=not cfg.progress or not ctx.is_main or not on_terminal,
     )
     with _SignalStop() as stop:
         batches = step_batches(cfg, images, sampler, start, in_memory, shard)
@@ -381,10 +401,11 @@ def _train(cfg: TrainConfig, resume: bool, callback: Callback | None, callback_e
                 memory=memory,
             )
             loss, used = step.loss, step.images
-            if not math.isfinite(loss):
+            if not math.isfinite(loss) or not _finite_parameters(model):
+                what = f"the loss is {loss}" if not math.isfinite(loss) else "weights are NaN/inf"
                 raise TrainingDiverged(
-                    f"training diverged at step {done + 1}: the loss is {loss}; the last "
-                    f"checkpoint ({ckpt_path}) is kept: resume from it with a lower --lr"
+                    f"training diverged at step {done + 1}: {what}; the last checkpoint "
+                    f"({ckpt_path}) is kept: resume from it with a lower --lr"
                 )
             lr = optimizer.param_groups[0]["lr"]  # the lr this step used (before the schedule)
             scheduler.step()
@@ -413,6 +434,7 @@ def _train(cfg: TrainConfig, resume: bool, callback: Callback | None, callback_e
                 record.update(_run_callback(callback, done, model))
             if ctx.is_main:
                 append_jsonl(log_path, record)
+                step_log(record)
             if done % cfg.checkpoint_every == 0 and done < cfg.steps:
                 checkpoint(done)
             stop.signum = sync_stop(ctx, stop.signum)  # all ranks stop after the same step
@@ -429,6 +451,28 @@ def _train(cfg: TrainConfig, resume: bool, callback: Callback | None, callback_e
         save_finite(final_path, model, step=done, train_config=cfg.to_dict())
     barrier(ctx)  # the other ranks return once the model file exists
     return final_path
+
+
+def _finite_parameters(model: torch.nn.Module) -> bool:
+    """Every parameter finite (checked after each update: a few ms, against silent NaNs)."""
+    with torch.no_grad():
+        return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+def _top_level_files(data: str) -> int:
+    """Files directly in an image folder's top (not in a class folder: not used)."""
+    root = Path(data)
+    if not root.is_dir():
+        return 0
+    return sum(1 for p in root.iterdir() if p.is_file() and not p.name.startswith("."))
+
+
+def _weights_source(cfg: TrainConfig, start: int) -> str:
+    if start:
+        return f"checkpoint of step {start}"
+    if cfg.weights:
+        return str(cfg.weights)
+    return f"{cfg.pretrained} pretrained" if cfg.pretrained else "random init"
 
 
 def save_finite(path: Path, model: RetrievalNet, *, step: int, **extra: Any) -> Path:

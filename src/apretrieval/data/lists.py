@@ -52,6 +52,9 @@ class ImageList:
         self.classes = list(classes)
         self.num_bad = 0  # images that failed to decode in this process
 
+    # Files left out by ``check`` (missing or unreadable), for the run's summary.
+    dropped: int = 0
+
     def __len__(self) -> int:
         return len(self.paths)
 
@@ -94,7 +97,9 @@ class ImageList:
                 len(self.paths),
                 shown,
             )
-        return self.subset(np.flatnonzero(keep))
+        kept = self.subset(np.flatnonzero(keep))
+        kept.dropped = len(dropped)
+        return kept
 
     def subset(self, indices: Sequence[int] | np.ndarray) -> ImageList:
         """The images at ``indices``; labels keep their numbering (classes unchanged)."""

@@ -1,0 +1,118 @@
+"""What a training run tells a person: a start summary, warnings about settings that cannot
+work as meant, and one plain line every few steps where no progress bar can be drawn.
+
+Pure functions build the text (tested on their own); :class:`StepLog` decides when to print.
+A progress bar only makes sense on a terminal: in a cluster log its carriage returns become
+one endless line, so when stderr is not a terminal the bar is replaced by plain lines.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, TextIO
+
+from apretrieval.train_config import TrainConfig
+
+__all__ = ["RunFacts", "StepLog", "setting_warnings", "start_summary", "step_line"]
+
+
+@dataclass(frozen=True)
+class RunFacts:
+    """What a run found before its first step (counts from the data, the machine's choices)."""
+
+    images: int
+    classes: int
+    drawable_classes: int
+    dropped_files: int
+    top_level_files: int
+    device: str
+    threads: int
+    world_size: int
+    weights: str
+    start_step: int
+    streamed: bool
+
+
+def setting_warnings(cfg: TrainConfig, facts: RunFacts) -> list[str]:
+    """Settings that run but not as a person would expect; one sentence each."""
+    out = []
+    per_batch = cfg.batch_size // cfg.images_per_class
+    if per_batch > facts.drawable_classes:
+        out.append(
+            f"a batch asks for {per_batch} classes ({cfg.batch_size} / {cfg.images_per_class}) "
+            f"but only {facts.drawable_classes} can be drawn: classes repeat within a batch "
+            "(lower --batch-size or raise --images-per-class)"
+        )
+    if cfg.warmup_steps >= cfg.steps:
+        out.append(
+            f"warm-up ({cfg.warmup_steps} steps) is as long as the run ({cfg.steps} steps): "
+            "the learning rate never reaches --lr"
+        )
+    if cfg.whiten and cfg.whiten_init == "pca" and facts.start_step == 0:
+        n = min(cfg.pca_images, facts.images)
+        if n <= cfg.out_dim:
+            out.append(
+                f"PCA whitening learns {cfg.out_dim} dimensions from {n} images: at most "
+                f"{max(n - 1, 0)} directions carry variance (raise --pca-images or lower "
+                "--out-dim)"
+            )
+    return out
+
+
+def start_summary(cfg: TrainConfig, facts: RunFacts) -> list[str]:
+    """The lines printed before the first step: data, machine, model, run."""
+    ignored = []
+    if facts.classes > facts.drawable_classes:
+        ignored.append(f"{facts.classes - facts.drawable_classes} classes with a single image")
+    if facts.dropped_files:
+        ignored.append(f"{facts.dropped_files} missing or unreadable files")
+    if facts.top_level_files:
+        ignored.append(f"{facts.top_level_files} files at the folder top (not in a class folder)")
+    ranks = f" x {facts.world_size} processes" if facts.world_size > 1 else ""
+    start = f"resuming at step {facts.start_step}" if facts.start_step else "from step 0"
+    return [
+        f"data: {cfg.data}: {facts.images} images, {facts.classes} classes "
+        f"({facts.drawable_classes} drawable)"
+        + (f"; ignored: {', '.join(ignored)}" if ignored else ""),
+        f"machine: {facts.device}{ranks}, {facts.threads} CPU threads, float32",
+        f"model: {cfg.backbone} (weights: {facts.weights}), GeM p={cfg.gem_p:g}, "
+        f"out_dim {cfg.out_dim}, loss {cfg.loss}"
+        + (f" ({cfg.num_bins} bins)" if cfg.loss.endswith("ap") else ""),
+        f"run: {cfg.steps} steps of {cfg.batch_size} images ({cfg.chunk_size} at a time, "
+        f"max side {cfg.max_side} px, "
+        f"{'streamed' if facts.streamed else 'decoded once'} per step), {start}; "
+        f"writing to {cfg.output_dir}",
+    ]
+
+
+def step_line(record: Mapping[str, Any], steps: int) -> str:
+    """One plain progress line from a metrics record (what metrics.jsonl receives)."""
+    parts = [f"step {record['step']}/{steps}", f"loss {record['loss']:.4f}"]
+    parts.append(f"lr {record['lr']:.2e}")
+    parts.append(f"{record['images_per_s']:.1f} img/s")
+    if "batch_ap" in record and "batch_ap_q" in record:
+        parts.append(f"batch AP {record['batch_ap']:.3f} (AP_Q {record['batch_ap_q']:.3f})")
+    return "  ".join(parts)
+
+
+class StepLog:
+    """Prints ``step_line`` every ``every`` steps (and the last) when no bar is drawn."""
+
+    def __init__(self, steps: int, enabled: bool, stream: TextIO | None = None) -> None:
+        self.stream = stream if stream is not None else sys.stderr
+        self.steps = steps
+        self.every = max(1, steps // 20)
+        self.enabled = enabled
+
+    def __call__(self, record: Mapping[str, Any]) -> None:
+        step = int(record["step"])
+        if self.enabled and (step % self.every == 0 or step == self.steps or step == 1):
+            print(step_line(record, self.steps), file=self.stream, flush=True)
+
+
+def is_terminal(stream: TextIO | None = None) -> bool:
+    """Whether a progress bar can be drawn on ``stream`` (stderr by default)."""
+    stream = stream if stream is not None else sys.stderr
+    return bool(getattr(stream, "isatty", lambda: False)())

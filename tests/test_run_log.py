@@ -1,0 +1,93 @@
+"""What training prints: the start summary, setting warnings, plain lines off a terminal."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import replace
+
+from apretrieval.run_log import RunFacts, StepLog, setting_warnings, start_summary, step_line
+from apretrieval.train_config import TrainConfig
+
+FACTS = RunFacts(
+    images=120,
+    classes=14,
+    drawable_classes=12,
+    dropped_files=3,
+    top_level_files=2,
+    device="cpu",
+    threads=2,
+    world_size=1,
+    weights="imagenet pretrained",
+    start_step=0,
+    streamed=False,
+)
+
+
+def config(**kw) -> TrainConfig:
+    base = dict(
+        data="photos",
+        batch_size=32,
+        images_per_class=4,
+        steps=50,
+        warmup_steps=5,
+        out_dim=64,
+        pca_images=100,
+        whiten=True,
+        whiten_init="pca",
+        output_dir="runs/x",
+    )
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_start_summary_says_what_was_found_and_ignored():
+    text = "\n".join(start_summary(config(), FACTS))
+    assert "photos: 120 images, 14 classes (12 drawable)" in text
+    assert "2 classes with a single image" in text
+    assert "3 missing or unreadable files" in text
+    assert "2 files at the folder top" in text
+    assert "cpu, 2 CPU threads, float32" in text
+    assert "weights: imagenet pretrained" in text
+    assert "50 steps of 32 images" in text and "from step 0" in text and "runs/x" in text
+    resumed = "\n".join(
+        start_summary(config(), FACTS.__class__(**{**vars(FACTS), "start_step": 7}))
+    )
+    assert "resuming at step 7" in resumed
+
+
+def test_no_warning_for_sound_settings():
+    assert setting_warnings(config(), FACTS) == []
+
+
+def test_warnings_for_settings_that_cannot_work_as_meant():
+    # 64 / 4 = 16 classes per batch, 12 drawable
+    (w,) = setting_warnings(config(batch_size=64), FACTS)
+    assert "asks for 16 classes" in w and "only 12" in w
+    (w,) = setting_warnings(config(warmup_steps=50), FACTS)
+    assert "warm-up (50 steps) is as long as the run (50 steps)" in w
+    (w,) = setting_warnings(config(pca_images=40), FACTS)
+    assert "64 dimensions from 40 images" in w and "at most 39 directions" in w
+    # PCA is not learnt again on resume
+    resumed = replace(FACTS, start_step=3)
+    assert setting_warnings(config(pca_images=40), resumed) == []
+
+
+def test_plain_lines_every_twentieth_of_the_run():
+    out = io.StringIO()
+    log = StepLog(100, enabled=True, stream=out)
+    for step in range(1, 101):
+        log({"step": step, "loss": 1 / step, "lr": 1e-5, "images_per_s": 10.0, "batch_ap": 0.5})
+    lines = out.getvalue().splitlines()
+    assert [ln.split()[1] for ln in lines] == ["1/100"] + [f"{s}/100" for s in range(5, 101, 5)]
+    assert lines[-1] == "step 100/100  loss 0.0100  lr 1.00e-05  10.0 img/s"
+    silent = io.StringIO()
+    StepLog(10, enabled=False, stream=silent)({"step": 10, "loss": 0.1})
+    assert silent.getvalue() == ""
+
+
+def test_step_line_shows_the_batch_ap_and_its_estimate():
+    record = {"step": 3, "loss": 0.25, "lr": 2e-4, "images_per_s": 5.5}
+    record.update(batch_ap=0.61, batch_ap_q=0.55)
+    assert step_line(record, 10) == (
+        "step 3/10  loss 0.2500  lr 2.00e-04  5.5 img/s  batch AP 0.610 (AP_Q 0.550)"
+    )
