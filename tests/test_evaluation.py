@@ -668,7 +668,7 @@ def test_cli_evaluate_several_benchmarks_in_one_table(tmp_path, monkeypatch, cap
     # mistakes are one line each, before any extraction
     for bad, message in (
         (["--datasets", "roxford5k,roxford5k", "--root", str(data)], "twice"),
-        (["--dataset", "roxford5k"], "--root is required"),
+        (["--dataset", "roxford5k"], "root is required"),
         (["--dataset", str(data / "x.pkl")], "gnd_NAME.pkl"),
     ):
         assert main(["evaluate", *common, *bad, "--out", str(tmp_path / "x.json")]) == 2

@@ -475,3 +475,37 @@ def test_cli_version_is_the_installed_package_version(capsys):
 
     assert main(["--version"]) == 0
     assert capsys.readouterr().out.strip() == f"apretrieval {version('apretrieval')}"
+
+
+def test_validation_during_training_logs_map_and_keeps_the_best_model(folder, tmp_path):
+    from apretrieval.data.revisited import RevisitedDataset
+    from apretrieval.pipeline import ExtractionSettings, evaluate_checkpoint
+    from test_extraction import fake_benchmark
+
+    bench = tmp_path / "bench"
+    fake_benchmark(bench, np.random.default_rng(5), n_db=6)
+    run = tmp_path / "run"
+    cfg = tiny_config(folder, run, val_dataset="roxford5k", val_root=str(bench), val_every=2)
+    train(cfg)
+    records = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    vals = {r["step"]: r["val"] for r in records if "val" in r}
+    assert list(vals) == [2, 4]  # every 2 steps, the last one after the run
+    assert all(set(v) == {"roxford5k/medium/mAP", "roxford5k/hard/mAP"} for v in vals.values())
+    # The logged numbers are the final model's own, evaluated as `apretrieval evaluate` does.
+    settings = ExtractionSettings(scales=(1.0,), max_side=32, num_workers=0, device="cpu")
+    final = evaluate_checkpoint(
+        str(run / "model.pt"), RevisitedDataset("roxford5k", bench), settings
+    )
+    assert vals[4]["roxford5k/medium/mAP"] == pytest.approx(final.metrics["medium"].mAP, abs=1e-6)
+    assert vals[4]["roxford5k/hard/mAP"] == pytest.approx(final.metrics["hard"].mAP, abs=1e-6)
+    # best.pt is the step with the highest Medium mAP (the first one on ties)
+    best_step = max(vals, key=lambda s: (vals[s]["roxford5k/medium/mAP"], -s))
+    assert load_checkpoint(run / "best.pt")["step"] == best_step
+    assert load_checkpoint(run / "checkpoint.pt")["validation"]["best"] == pytest.approx(
+        vals[best_step]["roxford5k/medium/mAP"]
+    )
+    # A mistyped benchmark fails before the first step, naming the file it looked for.
+    with pytest.raises(ValueError, match=r"gnd_nowhere\.pkl"):
+        train(cfg.replace(val_dataset="nowhere"), overwrite=True)
+    with pytest.raises(ValueError, match="need val_dataset"):
+        TrainConfig.from_dict({"data": "x", "val_every": 5})

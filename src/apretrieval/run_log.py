@@ -15,7 +15,14 @@ from typing import Any, TextIO
 
 from apretrieval.train_config import TrainConfig
 
-__all__ = ["RunFacts", "StepLog", "setting_warnings", "start_summary", "step_line"]
+__all__ = [
+    "RunFacts",
+    "StepLog",
+    "setting_warnings",
+    "start_summary",
+    "step_line",
+    "weights_source",
+]
 
 
 @dataclass(frozen=True)
@@ -89,11 +96,15 @@ def start_summary(cfg: TrainConfig, facts: RunFacts) -> list[str]:
 
 def step_line(record: Mapping[str, Any], steps: int) -> str:
     """One plain progress line from a metrics record (what metrics.jsonl receives)."""
-    parts = [f"step {record['step']}/{steps}", f"loss {record['loss']:.4f}"]
-    parts.append(f"lr {record['lr']:.2e}")
-    parts.append(f"{record['images_per_s']:.1f} img/s")
+    parts = [f"step {record['step']}/{steps}"]
+    if "loss" in record:
+        parts.append(f"loss {record['loss']:.4f}")
+        parts.append(f"lr {record['lr']:.2e}")
+        parts.append(f"{record['images_per_s']:.1f} img/s")
     if "batch_ap" in record and "batch_ap_q" in record:
         parts.append(f"batch AP {record['batch_ap']:.3f} (AP_Q {record['batch_ap_q']:.3f})")
+    for key, value in record.get("val", {}).items():
+        parts.append(f"val {key} {value:.3f}")
     return "  ".join(parts)
 
 
@@ -108,7 +119,8 @@ class StepLog:
 
     def __call__(self, record: Mapping[str, Any]) -> None:
         step = int(record["step"])
-        if self.enabled and (step % self.every == 0 or step == self.steps or step == 1):
+        due = step % self.every == 0 or step == self.steps or step == 1 or "val" in record
+        if self.enabled and due:
             print(step_line(record, self.steps), file=self.stream, flush=True)
 
 
@@ -116,3 +128,12 @@ def is_terminal(stream: TextIO | None = None) -> bool:
     """Whether a progress bar can be drawn on ``stream`` (stderr by default)."""
     stream = stream if stream is not None else sys.stderr
     return bool(getattr(stream, "isatty", lambda: False)())
+
+
+def weights_source(cfg: TrainConfig, start: int) -> str:
+    """Where the run's starting weights come from, in words."""
+    if start:
+        return f"checkpoint of step {start}"
+    if cfg.weights:
+        return str(cfg.weights)
+    return f"{cfg.pretrained} pretrained" if cfg.pretrained else "random init"

@@ -37,7 +37,7 @@ LOSSES = ("ap", "tie_aware_ap", "sharp_ap", "contrastive", "triplet")
 AP_LOSSES = ("ap", "tie_aware_ap", "sharp_ap")  # the listwise AP losses (bins, memory bank)
 SCHEDULES = ("constant", "cosine", "exponential")
 # Sections of `apretrieval train --help`, in order; each field names its group.
-GROUPS = ("data", "model", "loss", "optimisation", "run")
+GROUPS = ("data", "model", "loss", "optimisation", "validation", "run")
 
 
 def _opt(
@@ -185,6 +185,23 @@ class TrainConfig:
     lr_decay: float = _opt("optimisation", 0.99, "exponential schedule: factor per step, in (0, 1]")
     warmup_steps: int = _opt("optimisation", 0, "linear warm-up", unit="steps")
     steps: int = _opt("optimisation", 1000, "training length", unit="steps")
+    # Validation during training.
+    val_dataset: str | None = _opt(
+        "validation",
+        None,
+        "benchmark in the revisited layout to validate on: NAME (in val_root or "
+        "val_root/NAME) or the path of its gnd_NAME.pkl (none: no validation)",
+    )
+    val_root: str | None = _opt("validation", None, "folder of the validation benchmark")
+    val_every: int = _opt(
+        "validation", 0, "validate every N steps, and at the end (0: at the end only)", unit="steps"
+    )
+    val_max_side: int | None = _opt(
+        "validation",
+        None,
+        "longest image side for validation (none: max_side)",
+        unit="pixels",
+    )
     # Run.
     output_dir: str = _opt(
         "run",
@@ -298,7 +315,13 @@ class TrainConfig:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "num_workers", "image_cache_mb", "memory_batches"):
+        for name in (
+            "warmup_steps",
+            "num_workers",
+            "image_cache_mb",
+            "memory_batches",
+            "val_every",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.batch_size % self.images_per_class:
@@ -306,6 +329,10 @@ class TrainConfig:
                 f"batch_size ({self.batch_size}) must be a multiple of images_per_class "
                 f"({self.images_per_class})"
             )
+        if self.val_max_side is not None and self.val_max_side < 1:
+            raise ValueError(f"val_max_side must be >= 1 or none, got {self.val_max_side}")
+        if (self.val_every or self.val_root) and not self.val_dataset:
+            raise ValueError("val_every / val_root need val_dataset (the benchmark to validate on)")
         if self.loss in AP_LOSSES and self.num_bins < 2:
             raise ValueError(f"num_bins must be >= 2, got {self.num_bins}")
         if self.lr <= 0 or self.weight_decay < 0 or not 0 < self.lr_decay <= 1:

@@ -12,7 +12,6 @@ batches an uninterrupted run would have seen, so both reach the same weights.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import signal
@@ -28,7 +27,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from apretrieval.atomic import atomic_open, remove_stale_temporaries
+from apretrieval.atomic import remove_stale_temporaries
 from apretrieval.batches import fits_in_memory, step_batches
 from apretrieval.checkpoints import NonFiniteWeights
 from apretrieval.data.lists import ImageList, open_image_list
@@ -43,7 +42,7 @@ from apretrieval.distributed import (
     shard_bounds,
     sync_stop,
 )
-from apretrieval.jsonl import append_jsonl, read_jsonl
+from apretrieval.jsonl import append_jsonl
 from apretrieval.losses import APLoss, ContrastiveLoss, MemoryBank, TieAwareAPLoss, TripletLoss
 from apretrieval.losses.batch_ap import batch_ap_metrics
 from apretrieval.models import (
@@ -54,8 +53,17 @@ from apretrieval.models import (
     save_checkpoint,
 )
 from apretrieval.multistage import StepResult, multistage_backward, multistage_step
-from apretrieval.run_log import RunFacts, StepLog, is_terminal, setting_warnings, start_summary
+from apretrieval.run_folder import RunFolderInUse, claim_run_folder, top_level_files, truncate_log
+from apretrieval.run_log import (
+    RunFacts,
+    StepLog,
+    is_terminal,
+    setting_warnings,
+    start_summary,
+    weights_source,
+)
 from apretrieval.train_config import TrainConfig, write_yaml_atomic
+from apretrieval.validation import make_validator
 
 __all__ = [
     "RunFolderInUse",
@@ -80,36 +88,10 @@ class TrainingInterrupted(KeyboardInterrupt):
         self.checkpoint, self.signum = checkpoint, signum
 
 
-class RunFolderInUse(ValueError):
-    """The output folder holds an earlier run, and neither resume nor overwrite was asked."""
-
-
 class TrainingDiverged(ValueError):
     """The loss or the weights became NaN/inf; the last finite checkpoint is left as it was."""
 
     exit_code = 1
-
-
-# What a run writes; a folder holding any of them belongs to an earlier run.
-RUN_FILES = ("checkpoint.pt", "model.pt", "metrics.jsonl")
-
-
-def claim_run_folder(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
-    """Refuse to start a new run over an earlier one unless told how (resume or overwrite).
-
-    ``overwrite`` removes the earlier run's files first, so that a new run that fails early
-    never leaves a folder mixing two runs.
-    """
-    found = [name for name in RUN_FILES if (run_dir / name).exists()]
-    if not found or resume:
-        return
-    if not overwrite:
-        raise RunFolderInUse(
-            f"{run_dir} holds an earlier run ({', '.join(found)}): pass --resume to continue "
-            "it, --overwrite to replace it, or choose another --output-dir"
-        )
-    for name in found:
-        (run_dir / name).unlink(missing_ok=True)
 
 
 def make_loss(cfg: TrainConfig) -> torch.nn.Module:
@@ -233,16 +215,6 @@ def init_whitening_from_data(
     model.init_whitening(torch.cat(pooled).to(torch.float64))
 
 
-def _truncate_log(path: Path, last_step: int) -> None:
-    """Drop records of steps after ``last_step`` (done after the checkpoint, lost on resume),
-    and a last line torn by a crash or a full disk."""
-    if not path.exists():
-        return
-    keep = [r for r in read_jsonl(path) if r.get("step", 0) <= last_step]
-    with atomic_open(path, "w", encoding="utf-8") as f:
-        f.write("".join(json.dumps(r) + "\n" for r in keep))
-
-
 def train(
     cfg: TrainConfig,
     *,
@@ -312,7 +284,7 @@ def _train(cfg: TrainConfig, resume: bool, callback: Callback | None, callback_e
         start = int(state["step"])
         _warn_config_changes(state.get("train_config", {}), cfg)
         if ctx.is_main:
-            _truncate_log(log_path, start)
+            truncate_log(log_path, start)
     else:
         if ctx.is_main:
             log_path.unlink(missing_ok=True)
@@ -320,6 +292,9 @@ def _train(cfg: TrainConfig, resume: bool, callback: Callback | None, callback_e
             init_whitening_from_data(model, images, cfg, device)
     broadcast_model(ctx, model)  # one starting point for all ranks, whatever happened above
     memory = MemoryBank(cfg.memory_batches) if cfg.memory_batches else None
+    validator = make_validator(cfg, device)
+    if validator is not None and state is not None:
+        validator.load_state_dict(state.get("validation", {}))
     if memory is not None and state is not None and "memory" in state:
         memory.load_state_dict(state["memory"], device)
     if ctx.is_main:
@@ -331,11 +306,11 @@ def _train(cfg: TrainConfig, resume: bool, callback: Callback | None, callback_e
         classes=images.num_classes,
         drawable_classes=sampler.num_classes,
         dropped_files=images.dropped,
-        top_level_files=_top_level_files(cfg.data),
+        top_level_files=top_level_files(cfg.data),
         device=str(device),
         threads=torch.get_num_threads(),
         world_size=ctx.world_size,
-        weights=_weights_source(cfg, start),
+        weights=weights_source(cfg, start),
         start_step=start,
         streamed=not in_memory,
     )
@@ -362,7 +337,15 @@ def _train(cfg: TrainConfig, resume: bool, callback: Callback | None, callback_e
             sampler=sampler.state_dict(),
             train_config=cfg.to_dict(),
             **({"memory": memory.state_dict()} if memory is not None else {}),
+            **({"validation": validator.state_dict()} if validator is not None else {}),
         )
+
+    def validate(step: int) -> dict[str, float]:
+        """Validation metrics of the model now; a new best Medium mAP is saved as best.pt."""
+        metrics, improved = validator(model)
+        if improved and ctx.is_main:
+            save_finite(run_dir / "best.pt", model, step=step, train_config=cfg.to_dict())
+        return metrics
 
     done = start
     bar = tqdm(
@@ -423,7 +406,13 @@ def _train(cfg: TrainConfig, resume: bool, callback: Callback | None, callback_e
                 **batch_ap_metrics(step.descriptors, step.labels, loss_fn),
             }
             tic = toc
-            bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{record['images_per_s']:.1f}")
+            if validator is not None and cfg.val_every and done % cfg.val_every == 0:
+                if done < cfg.steps:  # the last step is validated after the loop
+                    record["val"] = validate(done)
+            shown = {"loss": f"{loss:.4f}", "img_s": f"{record['images_per_s']:.1f}"}
+            if validator is not None and validator.best > -math.inf:
+                shown["val_best"] = f"{validator.best:.3f}"  # best Medium mAP so far
+            bar.set_postfix(shown)
             bar.update(1)
             if (
                 callback is not None
@@ -442,6 +431,11 @@ def _train(cfg: TrainConfig, resume: bool, callback: Callback | None, callback_e
         if stop.signum is not None:
             path = checkpoint(done)
             raise TrainingInterrupted(path, stop.signum)
+    if validator is not None:
+        val = validate(done)
+        if ctx.is_main:
+            append_jsonl(log_path, {"step": done, "val": val})
+            step_log({"step": done, "val": val})
     checkpoint(done)
     if callback is not None:
         extra = _run_callback(callback, done, model)
@@ -457,22 +451,6 @@ def _finite_parameters(model: torch.nn.Module) -> bool:
     """Every parameter finite (checked after each update: a few ms, against silent NaNs)."""
     with torch.no_grad():
         return all(bool(torch.isfinite(p).all()) for p in model.parameters())
-
-
-def _top_level_files(data: str) -> int:
-    """Files directly in an image folder's top (not in a class folder: not used)."""
-    root = Path(data)
-    if not root.is_dir():
-        return 0
-    return sum(1 for p in root.iterdir() if p.is_file() and not p.name.startswith("."))
-
-
-def _weights_source(cfg: TrainConfig, start: int) -> str:
-    if start:
-        return f"checkpoint of step {start}"
-    if cfg.weights:
-        return str(cfg.weights)
-    return f"{cfg.pretrained} pretrained" if cfg.pretrained else "random init"
 
 
 def save_finite(path: Path, model: RetrievalNet, *, step: int, **extra: Any) -> Path:

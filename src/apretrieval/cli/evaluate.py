@@ -115,26 +115,13 @@ def _extraction_settings(args: argparse.Namespace) -> Any:
     )
 
 
-def benchmark_location(entry: str, root: Path | None) -> tuple[str, Path]:
-    """(name, folder) of a benchmark given as NAME (in ROOT or ROOT/NAME) or a gnd_NAME.pkl."""
-    path = Path(entry)
-    if path.suffix == ".pkl":
-        if not path.name.startswith("gnd_"):
-            raise ValueError(f"--dataset {entry}: a ground-truth file is named gnd_NAME.pkl")
-        return path.stem[len("gnd_") :], path.parent
-    if root is None:
-        raise ValueError(f"--root is required for --dataset {entry} (or give its gnd_*.pkl)")
-    nested = root / entry
-    if not (root / f"gnd_{entry}.pkl").is_file() and (nested / f"gnd_{entry}.pkl").is_file():
-        return entry, nested
-    return entry, root
-
-
 def requested_benchmarks(args: argparse.Namespace) -> list[tuple[str, Path]]:
     entries = [args.dataset] if args.dataset else [e for e in args.datasets.split(",") if e]
     if not entries:
         raise ValueError("--datasets: expected names separated by commas, e.g. roxford5k,rparis6k")
-    located = [benchmark_location(e, args.root) for e in entries]
+    from apretrieval.data.revisited import locate_benchmark
+
+    located = [locate_benchmark(e, args.root) for e in entries]
     names = [name for name, _ in located]
     if len(set(names)) != len(names):
         raise ValueError(f"--datasets names a benchmark twice: {args.datasets}")

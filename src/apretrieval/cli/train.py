@@ -29,6 +29,7 @@ _GROUP_TITLES = {
     "model": "model",
     "loss": "loss",
     "optimisation": "optimisation (batches, Adam, schedule)",
+    "validation": "validation during training (Medium/Hard mAP, best model kept)",
     "run": "run",
 }
 

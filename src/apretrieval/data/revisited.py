@@ -34,6 +34,7 @@ __all__ = [
     "RevisitedDataset",
     "crop_box",
     "load_gnd",
+    "locate_benchmark",
     "read_r1m_list",
 ]
 
@@ -165,6 +166,24 @@ def read_r1m_list(r1m_root: str | os.PathLike) -> list[str]:
 class _Query:
     name: str
     bbx: tuple[float, float, float, float]
+
+
+def locate_benchmark(entry: str, root: str | os.PathLike | None) -> tuple[str, Path]:
+    """(name, folder) of a benchmark given as NAME (in ROOT or ROOT/NAME) or a gnd_NAME.pkl."""
+    path = Path(entry)
+    if path.suffix == ".pkl":
+        if not path.name.startswith("gnd_"):
+            raise ValueError(f"{entry}: a ground-truth file is named gnd_NAME.pkl")
+        return path.stem[len("gnd_") :], path.parent
+    if root is None:
+        raise ValueError(
+            f"a benchmark root is required for {entry} (--root; or give its gnd_*.pkl)"
+        )
+    root = Path(root)
+    nested = root / entry
+    if not (root / f"gnd_{entry}.pkl").is_file() and (nested / f"gnd_{entry}.pkl").is_file():
+        return entry, nested
+    return entry, root
 
 
 class RevisitedDataset:
