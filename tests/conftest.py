@@ -33,3 +33,9 @@ def pytest_runtest_makereport(item, call):
 def pytest_make_collect_report(collector):
     outcome = yield
     _fail_skip(outcome.get_result())
+
+
+def without_thread_line(err: str) -> str:
+    """stderr of a command without the line saying which CPU threads it uses (printed by every
+    command at start, before any error)."""
+    return "".join(ln for ln in err.splitlines(keepends=True) if ": threads: " not in ln)

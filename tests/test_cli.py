@@ -233,7 +233,8 @@ def test_corrupt_empty_and_truncated_checkpoints(tmp_path, folder, capsys):
     good = save_checkpoint(tmp_path / "good.pt", model)
     (tmp_path / "empty.pt").write_bytes(b"")
     (tmp_path / "cut.pt").write_bytes(good.read_bytes()[: good.stat().st_size // 2])
-    (tmp_path / "noise.pt").write_bytes(os.urandom(4096))
+    noise = np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes()
+    (tmp_path / "noise.pt").write_bytes(b"\x00" + noise)  # not a pickle, not a zip
     for name, needle in (
         ("empty.pt", "empty"),
         ("cut.pt", "truncated or corrupt"),

@@ -20,6 +20,7 @@ from apretrieval.data.download import (
     download_file,
     extract_archive,
 )
+from conftest import without_thread_line
 
 SAMPLES = Path(__file__).parent / "data" / "revisited"
 
@@ -322,7 +323,7 @@ def test_cli_download_offline_is_one_clear_line(tmp_path, capsys):
             "--no-progress",
         ]
     )
-    err = capsys.readouterr().err.strip()
+    err = without_thread_line(capsys.readouterr().err).strip()
     assert rc == 1 and len(err.splitlines()) == 1
     assert err.startswith("apretrieval download: error: cannot download") and "offline" in err
 

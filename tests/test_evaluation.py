@@ -19,6 +19,7 @@ from apretrieval.evaluation import (
     stable_topk,
 )
 from apretrieval.results import load_results
+from conftest import without_thread_line
 
 SAMPLES = Path(__file__).parent / "data" / "revisited"
 
@@ -527,7 +528,7 @@ def test_cli_reports_missing_images(tmp_path, capsys, real_checkpoint, command):
             "cpu",
         ]
     )
-    err = capsys.readouterr().err
+    err = without_thread_line(capsys.readouterr().err)
     assert rc == 2, err
     assert err.startswith(f"apretrieval {command}: error: 2 image(s) missing, e.g. ")
     assert str(root / "jpg" / "q.jpg") in err

@@ -18,6 +18,7 @@ from PIL import Image
 from apretrieval.cli import main
 from apretrieval.extraction import extract_descriptors, extract_to_file, features_paths
 from apretrieval.search import IndexConfig, SearchIndex, load_features, load_index
+from conftest import without_thread_line
 from test_extraction import TinyNet, make_images
 
 TESTS = Path(__file__).parent
@@ -67,7 +68,7 @@ def test_second_writer_of_a_descriptor_prefix_is_refused(tmp_path, stand_in, cap
     (tmp_path / "f" / "x.lock").write_text(f"{os.getppid()}\n{os.uname().nodename}\n")
     stand_in.calls = 0
     rc = _extract_cli(tmp_path / "m.pt", folder, out)
-    err = capsys.readouterr().err
+    err = without_thread_line(capsys.readouterr().err)
     assert rc == 1 and err.count("\n") == 1
     assert f"being written by process {os.getppid()}" in err
     assert stand_in.calls == 0 and not features_paths(out)[0].exists()
@@ -125,7 +126,7 @@ def test_second_index_builder_is_refused(tmp_path, capsys):
             "--no-progress",
         ]
     )
-    err = capsys.readouterr().err
+    err = without_thread_line(capsys.readouterr().err)
     assert rc == 1 and err.count("\n") == 1 and "being written by process" in err
     assert not (tmp_path / "ix" / "index.faiss").exists()
 

@@ -402,7 +402,9 @@ def test_baselines_zero_when_classes_are_perfectly_separated():
 # Five points on a plane, classes 0, 0, 0, 1, 1, with distances small enough to do by hand:
 #   d(0,1)=1  d(0,2)=3  d(1,2)=2  d(3,4)=sqrt(20)             (positive pairs)
 #   d(0,3)=2  d(0,4)=4  d(1,3)=sqrt(5)  d(1,4)=3  d(2,3)=sqrt(13)  d(2,4)=1   (negative pairs)
-HAND = torch.tensor([[0.0, 0.0], [1.0, 0.0], [3.0, 0.0], [0.0, 2.0], [4.0, 0.0]])
+HAND = torch.tensor(
+    [[0.0, 0.0], [1.0, 0.0], [3.0, 0.0], [0.0, 2.0], [4.0, 0.0]], dtype=torch.float64
+)
 HAND_LABELS = torch.tensor([0, 0, 0, 1, 1])
 
 

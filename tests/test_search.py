@@ -19,6 +19,7 @@ from apretrieval.search import (
     ranked_ids,
     rerank_candidates,
 )
+from conftest import without_thread_line
 
 
 def _unit(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
@@ -409,6 +410,26 @@ def test_cli_search_finds_each_database_image_first(image_index, capsys):
     assert lines[1].split()[2] == "im2.png" and len(lines) == 1 + 6  # k=10 > 6 images
 
 
+def test_cli_search_a_folder_of_queries(image_index, capsys, tmp_path):
+    from apretrieval.cli import main
+
+    folder = tmp_path / "queries"
+    (folder / "sub").mkdir(parents=True)
+    for name, where in (("im1.png", folder), ("im4.png", folder / "sub")):
+        (where / name).write_bytes((image_index["folder"] / name).read_bytes())
+    (folder / "notes.txt").write_text("not an image")
+    ix = str(image_index["index"])
+    assert main(["search", "--index", ix, "--query", str(folder), "--k", "2", "--json"]) == 0
+    results = json.loads(capsys.readouterr().out)["results"]
+    # one block per image of the folder (sorted, sub-folders included), each finds itself
+    assert [r["query"] for r in results] == [str(folder / "im1.png"), str(folder / "sub/im4.png")]
+    assert [r["results"][0]["id"] for r in results] == ["im1.png", "im4.png"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["search", "--index", ix, "--query", str(empty)]) == 2
+    assert "no image in this folder" in capsys.readouterr().err
+
+
 def test_cli_search_errors_are_one_line(image_index, capsys, tmp_path):
     from apretrieval.cli import main
 
@@ -498,5 +519,5 @@ def test_missing_faiss_is_a_clear_error(monkeypatch, tmp_path, capsys):
     np.save(tmp_path / "f.npy", np.eye(4, dtype=np.float32))
     args = ["index", "build", "--features", str(tmp_path / "f.npy"), "--out", str(tmp_path / "x")]
     assert main(args) == 1
-    err = capsys.readouterr().err
+    err = without_thread_line(capsys.readouterr().err)
     assert err.count("\n") == 1 and "pip install 'apretrieval[search]'" in err

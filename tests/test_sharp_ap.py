@@ -334,7 +334,7 @@ def test_training_logs_the_batch_ap_q_and_exact_ap(tmp_path):
         batch_size=6, images_per_class=2, chunk_size=6, max_side=24, steps=2, lr=1e-3,
         output_dir=str(tmp_path / "run"), num_workers=0, checkpoint_every=2, progress=False,
     )  # fmt: skip
-    run = train(cfg)
+    run = train(cfg).parent
     records = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2]
     for r in records:

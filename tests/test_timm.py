@@ -62,7 +62,10 @@ def test_multistage_gradients_equal_plain_backprop(name):
     ms = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     assert plain.keys() == ms.keys() and len(plain) > 10
     for n in plain:
-        torch.testing.assert_close(ms[n], plain[n], rtol=1e-9, atol=1e-12, msg=n)
+        # timm resamples a ViT's position embedding to the input's grid in float32 (whatever
+        # the model's dtype): that gradient is exact to float32 rounding only.
+        rtol = 1e-5 if n.endswith("pos_embed") else 1e-9
+        torch.testing.assert_close(ms[n], plain[n], rtol=rtol, atol=1e-12, msg=n)
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -248,7 +248,9 @@ def test_logged_lr_is_the_lr_of_that_step(folder, tmp_path):
         checkpoint_every=10,
     )
     seen = []  # the lr each optimizer step actually uses
-    hook = torch.optim.optimizer.register_optimizer_step_pre_hook(
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    hook = register_optimizer_step_pre_hook(
         lambda opt, args, kwargs: seen.append(opt.param_groups[0]["lr"])
     )
     try:

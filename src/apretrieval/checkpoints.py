@@ -75,6 +75,11 @@ def safe_load(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
     try:
         return torch.load(p, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError:
+        if not _looks_pickled(p):  # bytes that are no pickle at all: a damaged file
+            raise CheckpointError(
+                f"{p} is not a readable checkpoint: truncated or corrupt "
+                f"({p.stat().st_size} bytes, neither a zip archive nor a pickle)"
+            ) from None
         raise UnsafeCheckpointError(
             f"{p} is not a plain checkpoint (it holds pickled Python objects besides tensors "
             "and numbers); nothing in it was executed. Load only files written by "
@@ -85,6 +90,15 @@ def safe_load(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
         what = "empty" if size == 0 else f"truncated or corrupt ({size} bytes)"
         first = " ".join(str(err).split())[:160]
         raise CheckpointError(f"{p} is not a readable checkpoint: {what} ({first})") from None
+
+
+def _looks_pickled(path: Path) -> bool:
+    """A torch zip archive, or a pickle stream (PROTO opcode, protocol 2-5)."""
+    if zipfile.is_zipfile(path):
+        return True
+    with open(path, "rb") as f:
+        head = f.read(2)
+    return len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5
 
 
 def load_weights(module: nn.Module, state_dict: dict[str, Tensor], source: str) -> None:

@@ -54,8 +54,8 @@ class MultiScaleDescriptor(nn.Module):
         for s in self.scales:
             y = x
             if s != 1.0:
-                # int(): TorchScript's round returns a float
-                size = [max(1, int(round(h * s))), max(1, int(round(w * s)))]  # noqa: RUF046
+                # extraction.scaled_size, written out: TorchScript scripts this method
+                size = [max(1, int(h * s + 0.5)), max(1, int(w * s + 0.5))]
                 y = F.interpolate(
                     x, size=size, mode="bilinear", align_corners=False, antialias=True
                 )

@@ -204,11 +204,17 @@ def combine_scales(descs: Tensor, p: float) -> Tensor:
     return F.normalize(v, dim=-1).to(descs.dtype)
 
 
+def scaled_size(n: int, s: float) -> int:
+    """``n`` pixels at scale ``s``, rounded half up (not Python's half-to-even ``round``): one
+    rule that the exported ONNX / TorchScript graphs compute the same way (int() truncates)."""
+    return max(1, int(n * s + 0.5))
+
+
 def _rescale(x: Tensor, s: float) -> Tensor:
     if s == 1.0:
         return x
     h, w = x.shape[-2:]
-    size = (max(1, round(h * s)), max(1, round(w * s)))
+    size = (scaled_size(h, s), scaled_size(w, s))
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
 
 

@@ -1,19 +1,44 @@
-"""A training run's folder: whose it is, and its log as a resumed run continues it.
+"""A training run's folder and how a run stops without losing it.
 
 ``output_dir`` holds ``config.yaml``, ``metrics.jsonl``, ``checkpoint.pt``, ``model.pt`` (and
 ``best.pt`` with validation). A new run never writes over an earlier one unless told to:
-resuming continues it, overwriting removes it first.
+resuming continues it, overwriting removes it first. SIGINT/SIGTERM end a run after its step
+with a checkpoint; weights that turn NaN/inf are never written (the last finite checkpoint
+stays), and the run fails with TrainingDiverged.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import signal
+import threading
 from pathlib import Path
+from typing import Any
+
+import torch
 
 from apretrieval.atomic import atomic_open
+from apretrieval.checkpoints import NonFiniteWeights
 from apretrieval.jsonl import read_jsonl
+from apretrieval.models import RetrievalNet, save_checkpoint
+from apretrieval.train_config import TrainConfig
 
-__all__ = ["RUN_FILES", "RunFolderInUse", "claim_run_folder", "top_level_files", "truncate_log"]
+__all__ = [
+    "RUN_FILES",
+    "RunFolderInUse",
+    "SignalStop",
+    "TrainingDiverged",
+    "TrainingInterrupted",
+    "claim_run_folder",
+    "finite_parameters",
+    "save_finite",
+    "top_level_files",
+    "truncate_log",
+    "warn_config_changes",
+]
+
+log = logging.getLogger("apretrieval.training")
 
 
 class RunFolderInUse(ValueError):
@@ -58,3 +83,68 @@ def top_level_files(data: str) -> int:
     if not root.is_dir():
         return 0
     return sum(1 for p in root.iterdir() if p.is_file() and not p.name.startswith("."))
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGINT/SIGTERM stopped training after a checkpoint was written (``.checkpoint``)."""
+
+    def __init__(self, checkpoint: Path, signum: int) -> None:
+        super().__init__(f"training stopped by signal {signum}; resume from {checkpoint}")
+        self.checkpoint, self.signum = checkpoint, signum
+
+
+class TrainingDiverged(ValueError):
+    """The loss or the weights became NaN/inf; the last finite checkpoint is left as it was."""
+
+    exit_code = 1
+
+
+class SignalStop:
+    """First SIGINT/SIGTERM: finish the step, checkpoint, stop. A second SIGINT: stop now."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> SignalStop:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def finite_parameters(model: torch.nn.Module) -> bool:
+    """Every parameter finite (checked after each update: a few ms, against silent NaNs)."""
+    with torch.no_grad():
+        return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+def save_finite(path: Path, model: RetrievalNet, *, step: int, **extra: Any) -> Path:
+    """save_checkpoint, turning non-finite weights into TrainingDiverged (nothing written)."""
+    try:
+        return save_checkpoint(path, model, step=step, **extra)
+    except NonFiniteWeights as err:
+        raise TrainingDiverged(
+            f"training diverged by step {step}: {err}; the earlier files are kept as they "
+            "were: resume from the last checkpoint with a lower --lr"
+        ) from None
+
+
+def warn_config_changes(old: dict[str, Any], cfg: TrainConfig) -> None:
+    """A warning naming the settings a resumed run changed (it is no longer reproducible)."""
+    new = cfg.to_dict()
+    changed = sorted(k for k in new if k in old and old[k] != new[k] and k != "steps")
+    if changed:
+        log.warning(
+            "resuming with a changed config (%s): the run is no longer reproducible",
+            ", ".join(changed),
+        )

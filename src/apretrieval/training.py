@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
-import signal
 import sys
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -29,7 +27,6 @@ from tqdm.auto import tqdm
 
 from apretrieval.atomic import remove_stale_temporaries
 from apretrieval.batches import fits_in_memory, step_batches
-from apretrieval.checkpoints import NonFiniteWeights
 from apretrieval.data.lists import ImageList, open_image_list
 from apretrieval.data.sampler import ClassBalancedBatchSampler, has_positive
 from apretrieval.data.transforms import resize_max_side
@@ -50,10 +47,20 @@ from apretrieval.models import (
     build_model,
     load_checkpoint,
     load_weights,
-    save_checkpoint,
 )
 from apretrieval.multistage import StepResult, multistage_backward, multistage_step
-from apretrieval.run_folder import RunFolderInUse, claim_run_folder, top_level_files, truncate_log
+from apretrieval.run_folder import (
+    RunFolderInUse,
+    SignalStop,
+    TrainingDiverged,
+    TrainingInterrupted,
+    claim_run_folder,
+    finite_parameters,
+    save_finite,
+    top_level_files,
+    truncate_log,
+    warn_config_changes,
+)
 from apretrieval.run_log import (
     RunFacts,
     StepLog,
@@ -78,20 +85,6 @@ __all__ = [
 
 log = logging.getLogger("apretrieval.training")
 Callback = Callable[[int, RetrievalNet], "dict[str, Any] | None"]
-
-
-class TrainingInterrupted(KeyboardInterrupt):
-    """SIGINT/SIGTERM stopped training after a checkpoint was written (``.checkpoint``)."""
-
-    def __init__(self, checkpoint: Path, signum: int) -> None:
-        super().__init__(f"training stopped by signal {signum}; resume from {checkpoint}")
-        self.checkpoint, self.signum = checkpoint, signum
-
-
-class TrainingDiverged(ValueError):
-    """The loss or the weights became NaN/inf; the last finite checkpoint is left as it was."""
-
-    exit_code = 1
 
 
 def make_loss(cfg: TrainConfig) -> torch.nn.Module:
@@ -169,29 +162,6 @@ def train_step(
 
 # --------------------------------------------------------------------------------------------
 # The loop.
-
-
-class _SignalStop:
-    """First SIGINT/SIGTERM: finish the step, checkpoint, stop. A second SIGINT: stop now."""
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self._old: dict[int, Any] = {}
-
-    def __enter__(self) -> _SignalStop:
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.signum is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signum = signum
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
 
 
 def init_whitening_from_data(
@@ -282,7 +252,7 @@ def _train(cfg: TrainConfig, resume: bool, callback: Callback | None, callback_e
         scheduler.load_state_dict(state["scheduler"])
         sampler.load_state_dict(state["sampler"])
         start = int(state["step"])
-        _warn_config_changes(state.get("train_config", {}), cfg)
+        warn_config_changes(state.get("train_config", {}), cfg)
         if ctx.is_main:
             truncate_log(log_path, start)
     else:
@@ -355,7 +325,7 @@ def _train(cfg: TrainConfig, resume: bool, callback: Callback | None, callback_e
         unit="step",
         disable=not cfg.progress or not ctx.is_main or not on_terminal,
     )
-    with _SignalStop() as stop:
+    with SignalStop() as stop:
         batches = step_batches(cfg, images, sampler, start, in_memory, shard)
         tic = time.perf_counter()
         while done < cfg.steps and stop.signum is None:
@@ -384,7 +354,7 @@ def _train(cfg: TrainConfig, resume: bool, callback: Callback | None, callback_e
                 memory=memory,
             )
             loss, used = step.loss, step.images
-            if not math.isfinite(loss) or not _finite_parameters(model):
+            if not math.isfinite(loss) or not finite_parameters(model):
                 what = f"the loss is {loss}" if not math.isfinite(loss) else "weights are NaN/inf"
                 raise TrainingDiverged(
                     f"training diverged at step {done + 1}: {what}; the last checkpoint "
@@ -447,36 +417,9 @@ def _train(cfg: TrainConfig, resume: bool, callback: Callback | None, callback_e
     return final_path
 
 
-def _finite_parameters(model: torch.nn.Module) -> bool:
-    """Every parameter finite (checked after each update: a few ms, against silent NaNs)."""
-    with torch.no_grad():
-        return all(bool(torch.isfinite(p).all()) for p in model.parameters())
-
-
-def save_finite(path: Path, model: RetrievalNet, *, step: int, **extra: Any) -> Path:
-    """save_checkpoint, turning non-finite weights into TrainingDiverged (nothing written)."""
-    try:
-        return save_checkpoint(path, model, step=step, **extra)
-    except NonFiniteWeights as err:
-        raise TrainingDiverged(
-            f"training diverged by step {step}: {err}; the earlier files are kept as they "
-            "were: resume from the last checkpoint with a lower --lr"
-        ) from None
-
-
 def _run_callback(callback: Callback, step: int, model: RetrievalNet) -> dict[str, Any]:
     model.eval()
     try:
         return dict(callback(step, model) or {})
     finally:
         model.train()
-
-
-def _warn_config_changes(old: dict[str, Any], cfg: TrainConfig) -> None:
-    new = cfg.to_dict()
-    changed = sorted(k for k in new if k in old and old[k] != new[k] and k != "steps")
-    if changed:
-        log.warning(
-            "resuming with a changed config (%s): the run is no longer reproducible",
-            ", ".join(changed),
-        )

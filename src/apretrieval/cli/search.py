@@ -25,7 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="append",
         type=Path,
         metavar="IMAGE",
-        help="query image (repeat for several)",
+        help="query image, or a folder of them (repeat for several); one result block each",
     )
     p.add_argument("--k", type=int, default=10, help="results per query (default 10)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -47,6 +47,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def query_images(paths: list[Path]) -> list[Path]:
+    """The query images: files as given, folders replaced by their images (sorted, recursive)."""
+    from apretrieval.data.lists import IMAGE_EXTENSIONS
+
+    out: list[Path] = []
+    for path in paths:
+        if not path.is_dir():
+            out.append(path)
+            continue
+        found = sorted(
+            p
+            for p in path.rglob("*")
+            if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+        )
+        if not found:
+            raise ValueError(f"--query {path}: no image in this folder")
+        out += found
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
     from apretrieval.cli.index import faiss_or_error
     from apretrieval.faiss_index import load_index
@@ -58,8 +78,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.k < 1:
         raise ValueError(f"--k must be >= 1, got {args.k}")
+    queries = query_images(args.query)
     index = load_index(args.index)
-    desc = extract_index_queries(index, args.query, checkpoint=args.checkpoint, device=args.device)
+    desc = extract_index_queries(index, queries, checkpoint=args.checkpoint, device=args.device)
     scores, indices = index.search(desc, args.k, nprobe=args.nprobe, rerank=args.rerank)
     ranked = ranked_ids(index.ids, scores, indices)
     if args.json:
@@ -73,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
                         {"rank": r, "id": i, "score": s} for r, (i, s) in enumerate(rows, 1)
                     ],
                 }
-                for q, rows in zip(args.query, ranked, strict=True)
+                for q, rows in zip(queries, ranked, strict=True)
             ],
         }
         json.dump(out, sys.stdout, indent=1)
