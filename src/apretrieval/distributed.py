@@ -385,8 +385,10 @@ def distributed_multistage_backward(
     ctx: DistContext | None = None,
     memory: MemoryBank | None = None,
     num_workers: int = 0,
+    grad_scale: float = 1.0,
 ) -> StepResult:
     """Fill ``.grad`` with the gradient of the loss of the *global* batch; return its loss.
+    ``grad_scale`` multiplies the gradients (not the loss), as in ``multistage_step``.
 
     ``inputs`` (n_r images or loaders) and ``labels`` (n_r,) are this rank's contiguous shard
     of the global batch (``shard_bounds``), rank 0 holding the first images. After the call
@@ -397,7 +399,14 @@ def distributed_multistage_backward(
     ctx = ctx or DistContext()
     if ctx.world_size == 1:
         return multistage_step(
-            model, inputs, labels, loss_fn, chunk_size, memory=memory, num_workers=num_workers
+            model,
+            inputs,
+            labels,
+            loss_fn,
+            chunk_size,
+            memory=memory,
+            num_workers=num_workers,
+            grad_scale=grad_scale,
         )
     check_replayable(model)
     n = len(inputs)
@@ -425,7 +434,7 @@ def distributed_multistage_backward(
         )
     loss, grads = descriptor_loss_grads(loss_fn, batch, batch_labels, memory=memory)
     offset = sum(sizes[: ctx.rank])
-    mine = grads[offset : offset + local.shape[0]]
+    mine = grads[offset : offset + local.shape[0]] * grad_scale
     error = None
     if local.shape[0]:
         try:

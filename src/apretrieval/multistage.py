@@ -247,12 +247,15 @@ def multistage_step(
     *,
     memory: MemoryBank | None = None,
     num_workers: int = 0,
+    grad_scale: float = 1.0,
 ) -> StepResult:
     """Fill ``.grad`` as ``loss_fn(model(inputs), labels).backward()`` would.
 
     Peak memory: one chunk of activations with autograd plus the (B, D) descriptors, whatever
     B. Inputs whose loader returns None are left out of the batch (with their labels).
     ``memory``: rank each query against the batch and the bank, then push this batch into it.
+    ``grad_scale``: the parameter gradients come out multiplied by it (float16 loss scaling:
+    see :mod:`apretrieval.precision`); the returned loss is not.
     """
     check_replayable(model)
     n = _num_inputs(inputs)
@@ -264,7 +267,7 @@ def multistage_step(
     backward_descriptor_grads(
         model,
         inputs,
-        grads,
+        grads if grad_scale == 1.0 else grads * grad_scale,
         chunk_size,
         indices=kept,
         reference=descriptors,

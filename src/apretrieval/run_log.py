@@ -83,7 +83,10 @@ def start_summary(cfg: TrainConfig, facts: RunFacts) -> list[str]:
         f"data: {cfg.data}: {facts.images} images, {facts.classes} classes "
         f"({facts.drawable_classes} drawable)"
         + (f"; ignored: {', '.join(ignored)}" if ignored else ""),
-        f"machine: {facts.device}{ranks}, {facts.threads} CPU threads, float32",
+        f"machine: {facts.device}{ranks}, {facts.threads} CPU threads, "
+        + ("float32" if cfg.amp == "off" else f"{cfg.amp} autocast (loss in float32)")
+        + (", channels-last" if cfg.channels_last else "")
+        + (", compiled" if cfg.compile else ""),
         f"model: {cfg.backbone} (weights: {facts.weights}), GeM p={cfg.gem_p:g}, "
         f"out_dim {cfg.out_dim}, loss {cfg.loss}"
         + (f" ({cfg.num_bins} bins)" if cfg.loss.endswith("ap") else ""),

@@ -225,6 +225,15 @@ class TrainConfig:
         unit="threads",
         aliases=("--threads",),
     )
+    amp: str = _opt(
+        "run",
+        "off",
+        "mixed precision of the network's forward passes (the loss stays float32; fp16 adds "
+        "a dynamic loss scale)",
+        choices=("off", "bf16", "fp16"),
+    )
+    channels_last: bool = _opt("run", False, "channels-last memory layout (faster convolutions)")
+    compile: bool = _opt("run", False, "torch.compile the network (slow first steps)")
     image_cache_mb: int = _opt(
         "run", 2048, "decode a batch once if it fits, else stream it chunk by chunk", unit="MB"
     )

@@ -48,7 +48,8 @@ from apretrieval.models import (
     load_checkpoint,
     load_weights,
 )
-from apretrieval.multistage import StepResult, multistage_backward, multistage_step
+from apretrieval.multistage import StepResult, multistage_backward
+from apretrieval.precision import LossScale, fast_net
 from apretrieval.run_folder import (
     RunFolderInUse,
     SignalStop,
@@ -132,30 +133,40 @@ def train_step(
     *,
     ctx: DistContext | None = None,
     memory: MemoryBank | None = None,
+    net: torch.nn.Module | None = None,
+    loss_scale: LossScale | None = None,
 ) -> StepResult:
     """One multistage step + optimizer update; returns the step: loss, number of images used,
     and the batch's stage-1 descriptors and labels.
 
     With a ``ctx`` of several ranks, ``inputs``/``labels`` are this rank's shard and the step
     is that of the whole batch (see ``distributed``); ``memory``: rank against a memory bank.
+    ``net``: ``model`` as the forward passes run it (mixed precision, see ``precision``);
+    ``loss_scale``: float16 loss scaling, a step whose gradients overflow is skipped.
     """
     model.train()
     optimizer.zero_grad(set_to_none=True)
-    if ctx is None or ctx.world_size == 1:
-        step = multistage_step(
-            model, inputs, labels, loss_fn, chunk_size, memory=memory, num_workers=num_workers
-        )
-    else:
-        step = distributed_multistage_backward(
-            model,
-            inputs,
-            labels,
-            loss_fn,
-            chunk_size,
-            ctx=ctx,
-            memory=memory,
-            num_workers=num_workers,
-        )
+    scale = loss_scale.scale if loss_scale is not None else 1.0
+    step = distributed_multistage_backward(
+        net if net is not None else model,
+        inputs,
+        labels,
+        loss_fn,
+        chunk_size,
+        ctx=ctx,
+        memory=memory,
+        num_workers=num_workers,
+        grad_scale=scale,
+    )
+    if loss_scale is not None:
+        finite = loss_scale.unscale(model.parameters())
+        loss_scale.update(finite)
+        if not finite:
+            optimizer.zero_grad(set_to_none=True)
+            log.warning(
+                "float16 gradients overflowed: step skipped, loss scale now %g", loss_scale.scale
+            )
+            return step
     optimizer.step()
     return step
 
@@ -243,6 +254,8 @@ def _train(cfg: TrainConfig, resume: bool, callback: Callback | None, callback_e
             gem_p=cfg.gem_p,
             whiten=cfg.whiten,
         ).to(device)
+    net = fast_net(model, cfg.amp, cfg.channels_last, cfg.compile)
+    loss_scale = LossScale() if cfg.amp == "fp16" else None
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg))
     start = 0
@@ -251,6 +264,8 @@ def _train(cfg: TrainConfig, resume: bool, callback: Callback | None, callback_e
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         sampler.load_state_dict(state["sampler"])
+        if loss_scale is not None and "loss_scale" in state:
+            loss_scale.load_state_dict(state["loss_scale"])
         start = int(state["step"])
         warn_config_changes(state.get("train_config", {}), cfg)
         if ctx.is_main:
@@ -308,6 +323,7 @@ def _train(cfg: TrainConfig, resume: bool, callback: Callback | None, callback_e
             train_config=cfg.to_dict(),
             **({"memory": memory.state_dict()} if memory is not None else {}),
             **({"validation": validator.state_dict()} if validator is not None else {}),
+            **({"loss_scale": loss_scale.state_dict()} if loss_scale is not None else {}),
         )
 
     def validate(step: int) -> dict[str, float]:
@@ -352,6 +368,8 @@ def _train(cfg: TrainConfig, resume: bool, callback: Callback | None, callback_e
                 num_workers=0 if in_memory else cfg.num_workers,
                 ctx=ctx,
                 memory=memory,
+                net=net,
+                loss_scale=loss_scale,
             )
             loss, used = step.loss, step.images
             if not math.isfinite(loss) or not finite_parameters(model):
@@ -372,6 +390,7 @@ def _train(cfg: TrainConfig, resume: bool, callback: Callback | None, callback_e
                 "skipped": cfg.batch_size - used,
                 "images_per_s": used / (toc - tic),
                 "gem_p": model.gem_p,
+                **({"loss_scale": loss_scale.scale} if loss_scale is not None else {}),
                 # exact AP of the batch and the loss's AP_Q of it (same rankings)
                 **batch_ap_metrics(step.descriptors, step.labels, loss_fn),
             }
