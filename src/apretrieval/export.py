@@ -15,6 +15,7 @@ formats (dynamic axes), and so is B.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -54,8 +55,9 @@ class MultiScaleDescriptor(nn.Module):
         for s in self.scales:
             y = x
             if s != 1.0:
-                # extraction.scaled_size, written out: TorchScript scripts this method
-                size = [max(1, int(h * s + 0.5)), max(1, int(w * s + 0.5))]
+                # extraction.scaled_size, written out (TorchScript scripts this method); floor
+                # keeps the size symbolic in torch.export, where int() fixes it to the example's
+                size = [max(1, math.floor(h * s + 0.5)), max(1, math.floor(w * s + 0.5))]
                 y = F.interpolate(
                     x, size=size, mode="bilinear", align_corners=False, antialias=True
                 )

@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from apretrieval.data.decode import decode_rgb, oriented_size
 from apretrieval.descriptors import features_paths
+from apretrieval.precision import fast_net
 from apretrieval.threads import pin_worker
 
 __all__ = [
@@ -347,14 +348,17 @@ def extract_descriptors(
     sort_by_size: bool = True,
     progress: bool = True,
     desc: str = "extract",
+    amp: str = "off",
 ) -> np.ndarray:
     """Descriptors of ``images`` -> (N, D) float32, L2-normalised, in the images' order.
 
     ``images``: a Dataset/sequence yielding (3, H, W) tensors in [0, 1] or image paths
     (loaded with the longer side shrunk to ``max_side``), e.g. :class:`ImageFiles`.
     ``device`` defaults to the model's. The model is put in eval mode for the duration.
+    ``amp``: ``"bf16"`` / ``"fp16"`` run the network under autocast (see ``precision``).
     """
     scales = _check_scales(scales)
+    model = fast_net(model, amp)
     _prepare(model, images, batch_size, num_workers)
     dev = torch.device(device) if device is not None else _model_device(model)
     was_training = model.training

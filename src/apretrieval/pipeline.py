@@ -52,6 +52,7 @@ from apretrieval.postprocess import (
     learn_whitening,
     load_whitening,
 )
+from apretrieval.precision import amp_dtype
 from apretrieval.results import EvaluationSettings, RetrievalResults, check_writable
 from apretrieval.scoring import evaluate_descriptors
 
@@ -86,6 +87,7 @@ class ExtractionSettings:
     shard_size: int = 1024
     progress: bool = True
     skip_bad: bool = False  # extraction to files: leave unreadable images out, listed
+    amp: str = "off"  # off, bf16, fp16: autocast of the network (see precision)
 
     def __post_init__(self) -> None:
         scales = tuple(float(s) for s in self.scales)
@@ -98,6 +100,7 @@ class ExtractionSettings:
                 continue  # keep the images' own size
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        amp_dtype(self.amp)  # ValueError naming the modes
         if isinstance(self.num_workers, bool) or self.num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers!r}")
 
@@ -109,6 +112,7 @@ class ExtractionSettings:
             "device": device,
             "max_side": self.max_side,
             "progress": self.progress,
+            "amp": self.amp,
         }
 
 

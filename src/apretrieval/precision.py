@@ -48,6 +48,17 @@ class PrecisionNet(nn.Module):
     def __init__(self, net: nn.Module, dtype: torch.dtype | None, channels_last: bool) -> None:
         super().__init__()
         self.net, self.dtype, self.channels_last = net, dtype, channels_last
+        self.training = net.training  # a view reports its network's mode
+
+    def __getattr__(self, name: str) -> Any:
+        # The wrapped network's own attributes (gem_p, out_dim, config) read through.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            net = self.__dict__.get("_modules", {}).get("net")
+            if net is None:
+                raise
+            return getattr(net, name)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.channels_last and x.dim() == 4:

@@ -48,6 +48,7 @@ from apretrieval.extraction import (
 )
 from apretrieval.filekey import file_key, matches
 from apretrieval.locking import output_lock
+from apretrieval.precision import fast_net
 
 __all__ = ["extract_to_file"]
 
@@ -204,6 +205,7 @@ def extract_to_file(
     desc: str = "extract",
     checkpoint: str | os.PathLike | None = None,
     skip_bad: bool = False,
+    amp: str = "off",
 ) -> Path:
     """Extract to the descriptor file ``X.npy`` (N, D) float32 + ``X.json`` (``ids``, settings);
     resumable (see the module docstring). Returns the ``.npy`` path.
@@ -211,8 +213,11 @@ def extract_to_file(
     ``checkpoint``: the file the model was loaded from; recorded, and keyed by content.
     ``skip_bad``: unreadable images are left out (listed with their error in the manifest's
     ``skipped``, counted in ``num_skipped``) instead of stopping the extraction.
+    ``amp``: half-precision autocast of the network (recorded: a file made otherwise is not
+    reused).
     """
     scales = _check_scales(scales)
+    model = fast_net(model, amp)
     _prepare(model, images, batch_size, num_workers)
     ids = [str(i) for i in ids]
     if len(ids) != len(images):
@@ -224,6 +229,8 @@ def extract_to_file(
     npy, manifest_path = features_paths(out)
     with output_lock(npy.with_suffix("")):
         settings = {"scales": list(scales), "max_side": max_side, **(meta or {})}
+        if amp != "off":  # float32 files keep the settings (and reuse) they always had
+            settings["amp"] = amp
         if checkpoint is not None:
             settings.setdefault("checkpoint", str(checkpoint))
         settings = json.loads(json.dumps(settings))

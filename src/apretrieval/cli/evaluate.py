@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from apretrieval.cli.extract import add_extraction_args, check_extraction_args
+from apretrieval.cli.extract import add_extraction_args, extraction_settings
 
 
 def register(subparsers: Any) -> None:
@@ -100,21 +100,6 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=run)
 
 
-def _extraction_settings(args: argparse.Namespace) -> Any:
-    from apretrieval.pipeline import ExtractionSettings
-
-    check_extraction_args(args)
-    return ExtractionSettings(
-        scales=tuple(args.scales),
-        max_side=args.max_side,
-        batch_size=args.batch_size,
-        num_workers=args.workers,
-        device=args.device,
-        shard_size=args.shard_size,
-        progress=not args.no_progress,
-    )
-
-
 def requested_benchmarks(args: argparse.Namespace) -> list[tuple[str, Path]]:
     entries = [args.dataset] if args.dataset else [e for e in args.datasets.split(",") if e]
     if not entries:
@@ -135,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
     from apretrieval.results import benchmarks_table, check_writable, protocol_table, render_table
 
     # Everything a person typed is checked before the extraction (minutes to hours) starts.
-    settings = _extraction_settings(args)
+    settings = extraction_settings(args)
     post = PostProcessing(
         whiten=args.whiten,
         whiten_dim=args.whiten_dim,

@@ -45,6 +45,12 @@ def add_extraction_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--shard-size", type=int, default=1024, help="images per resumable shard (default 1024)"
     )
+    g.add_argument(
+        "--amp",
+        choices=("off", "bf16", "fp16"),
+        default="off",
+        help="run the network under autocast in half precision (default off: float32)",
+    )
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -96,6 +102,7 @@ def extraction_settings(args: argparse.Namespace) -> ExtractionSettings:
         shard_size=args.shard_size,
         progress=not args.no_progress,
         skip_bad=getattr(args, "skip_bad", False),
+        amp=args.amp,
     )
 
 
