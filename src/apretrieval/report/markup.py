@@ -204,6 +204,23 @@ def legend() -> str:
     )
 
 
+def _document(title: str, meta: str, metrics_table: str, body: str) -> str:
+    """A page: its title, a line of facts, the Easy / Medium / Hard table, then ``body``."""
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{esc(title)}</title><style>{CSS}</style></head>
+<body>
+<h1>{esc(title)}</h1>
+<p class="meta">{esc(meta)}</p>
+<h2>Easy / Medium / Hard</h2>
+{metrics_table}
+<p class="meta">Values in %. mP@k: precision at k, junk removed.</p>
+{body}
+</body></html>
+"""
+
+
 def page(
     *,
     title: str,
@@ -215,17 +232,7 @@ def page(
     curves: str,
 ) -> str:
     """The whole page; the arguments are HTML fragments (``title`` and ``meta`` are text)."""
-    return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>{esc(title)}</title><style>{CSS}</style></head>
-<body>
-<h1>{esc(title)}</h1>
-<p class="meta">{esc(meta)}</p>
-<h2>Easy / Medium / Hard</h2>
-{metrics_table}
-<p class="meta">Values in %. mP@k: precision at k, junk removed.</p>
-<h2>Top {top} results</h2>
+    body = f"""<h2>Top {top} results</h2>
 <p class="legend">Border: {legend()} (the query crop in black). Each query is shown under the
 Medium protocol (positives: easy + hard) and the Hard protocol (positives: hard; easy become
 junk). Junk images are ignored by the evaluation.</p>
@@ -233,9 +240,8 @@ junk). Junk images are ignored by the evaluation.</p>
 <h2>AP vs AP_Q</h2>
 {scatter}
 <h2>Training</h2>
-{curves}
-</body></html>
-"""
+{curves}"""
+    return _document(title, meta, metrics_table, body)
 
 
 def comparison_page(
@@ -251,21 +257,10 @@ def comparison_page(
     """The comparison page; ``metrics_table``, ``pairs`` and ``sections`` are HTML fragments,
     ``settings`` (model label, what produced its scores) text."""
     rows = "".join(f"<li><b>{esc(label)}</b>: {esc(text)}</li>" for label, text in settings)
-    return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>{esc(title)}</title><style>{CSS}</style></head>
-<body>
-<h1>{esc(title)}</h1>
-<p class="meta">{esc(meta)}</p>
-<h2>Easy / Medium / Hard</h2>
-{metrics_table}
-<p class="meta">Values in %. mP@k: precision at k, junk removed.</p>
-<ul class="meta">{rows}</ul>
+    body = f"""<ul class="meta">{rows}</ul>
 <h2>Per-query AP</h2>
 {pairs}
 <h2>Where the models differ most (top {top}, Medium protocol)</h2>
 <p class="legend">Border: {legend()} (the query crop in black). One row per model.</p>
-{"".join(sections) if sections else "<p>No query where the models differ.</p>"}
-</body></html>
-"""
+{"".join(sections) if sections else "<p>No query where the models differ.</p>"}"""
+    return _document(title, meta, metrics_table, body)
