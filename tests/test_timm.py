@@ -64,8 +64,13 @@ def test_multistage_gradients_equal_plain_backprop(name):
     for n in plain:
         # timm resamples a ViT's position embedding to the input's grid in float32 (whatever
         # the model's dtype): that gradient is exact to float32 rounding only.
-        rtol = 1e-5 if n.endswith("pos_embed") else 1e-9
-        torch.testing.assert_close(ms[n], plain[n], rtol=rtol, atol=1e-12, msg=n)
+        # the float32 rounding is relative to the tensor's scale: atol 1e-6 of its largest entry
+        # (measured: 2.6e-10 against a largest entry of 0.19).
+        if n.endswith("pos_embed"):
+            rtol, atol = 1e-5, 1e-6 * float(plain[n].abs().max())
+        else:
+            rtol, atol = 1e-9, 1e-12
+        torch.testing.assert_close(ms[n], plain[n], rtol=rtol, atol=atol, msg=n)
 
 
 @pytest.mark.parametrize("name", NAMES)
