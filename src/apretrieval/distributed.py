@@ -397,17 +397,9 @@ def distributed_multistage_backward(
     push this batch into the bank. ``ctx=None`` or one rank: ``multistage_step``.
     """
     ctx = ctx or DistContext()
+    step_options = {"memory": memory, "num_workers": num_workers, "grad_scale": grad_scale}
     if ctx.world_size == 1:
-        return multistage_step(
-            model,
-            inputs,
-            labels,
-            loss_fn,
-            chunk_size,
-            memory=memory,
-            num_workers=num_workers,
-            grad_scale=grad_scale,
-        )
+        return multistage_step(model, inputs, labels, loss_fn, chunk_size, **step_options)
     check_replayable(model)
     n = len(inputs)
     if labels.dim() != 1 or labels.shape[0] != n:

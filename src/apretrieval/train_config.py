@@ -193,15 +193,8 @@ class TrainConfig:
         "val_root/NAME) or the path of its gnd_NAME.pkl (none: no validation)",
     )
     val_root: str | None = _opt("validation", None, "folder of the validation benchmark")
-    val_every: int = _opt(
-        "validation", 0, "validate every N steps, and at the end (0: at the end only)", unit="steps"
-    )
-    val_max_side: int | None = _opt(
-        "validation",
-        None,
-        "longest image side for validation (none: max_side)",
-        unit="pixels",
-    )
+    val_every: int = _opt("validation", 0, "validate every N steps and at the end", unit="steps")
+    val_max_side: int | None = _opt("validation", None, "validation image side (none: max_side)")
     # Run.
     output_dir: str = _opt(
         "run",

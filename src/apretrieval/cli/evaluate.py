@@ -117,7 +117,8 @@ def run(args: argparse.Namespace) -> int:
     from apretrieval.apq_analysis import APQSettings
     from apretrieval.data.revisited import RevisitedDataset
     from apretrieval.pipeline import PostProcessing, evaluate_checkpoint
-    from apretrieval.results import benchmarks_table, check_writable, protocol_table, render_table
+    from apretrieval.results import check_writable
+    from apretrieval.tables import benchmarks_table, protocol_table, render_table
 
     # Everything a person typed is checked before the extraction (minutes to hours) starts.
     settings = extraction_settings(args)

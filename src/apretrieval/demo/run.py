@@ -28,7 +28,8 @@ from apretrieval.configs import recipe_path
 from apretrieval.demo.dataset import Benchmark, BenchmarkConfig, prepare_benchmark
 from apretrieval.jsonl import read_jsonl
 from apretrieval.pipeline import ExtractionSettings, evaluate_checkpoint
-from apretrieval.results import RetrievalResults, metrics_to_dict, model_table, render_table
+from apretrieval.results import RetrievalResults, metrics_to_dict
+from apretrieval.tables import model_table, render_table
 from apretrieval.train_config import TrainConfig, read_yaml_mapping
 
 METHODS: tuple[str, ...] = ("pretrained", "ap", "contrastive")
