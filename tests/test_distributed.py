@@ -287,7 +287,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(out: Path, folder: Path, timeout: float = 300.0) -> list[dict]:
+def launch(out: Path, folder: Path, timeout: float = 900.0) -> list[dict]:
     """Run the workers as torchrun would (env://), return each rank's results."""
     port = _free_port()
     procs = []
