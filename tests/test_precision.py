@@ -54,8 +54,9 @@ def test_half_precision_multistage_gradients_follow_float32(amp, bound):
     # 0.005-0.009 (8 and 11 mantissa bits); the bounds are 2-3x that.
     rel = ((g16 - g32).norm() / g32.norm()).item()
     assert rel < bound, rel
-    # ... and half precision did run: the gradients are not float32's to the last bit.
-    assert rel > 0
+    # ... and half precision did run: float32 with only the final re-normalisation differs
+    # by ~1e-7, far below what 8 or 11 mantissa bits leave.
+    assert rel > 1e-3, rel
 
 
 def test_loss_scale_multiplies_the_gradients_not_the_loss():
