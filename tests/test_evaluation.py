@@ -659,7 +659,8 @@ def test_cli_evaluate_several_benchmarks_in_one_table(tmp_path, monkeypatch, cap
     head = next(ln for ln in lines if "roxford5k E" in ln)
     columns = [f"{n} {p}" for n in ("roxford5k", "rparis6k") for p in "EMH"]
     assert [head.index(c) for c in columns] == sorted(head.index(c) for c in columns)
-    row = next(ln for ln in lines if ln.startswith("mAP")).split()[1:]
+    below = lines[lines.index(head) + 1 :]  # the title line above also starts with "mAP"
+    row = next(ln for ln in below if ln.startswith("mAP")).split()[1:]
     want = [
         f"{100 * single[n]['metrics'][p]['mAP']:.2f}"
         for n in ("roxford5k", "rparis6k")
