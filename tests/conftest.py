@@ -8,6 +8,15 @@ import torch
 torch.set_num_threads(1)  # tiny tensors: threads cost more than they give
 
 
+@pytest.fixture(autouse=True)
+def one_thread_after_each_test():
+    """Commands run in-process set their own thread count (``--threads``, cores minus workers):
+    put it back, so that a run compared bit for bit with an earlier one (same summation order)
+    uses the same count whichever test ran before."""
+    yield
+    torch.set_num_threads(1)
+
+
 # With APRETRIEVAL_REQUIRE_ALL=1 (CI), a test that would be skipped for a missing optional
 # piece (faiss, chromium, the demo's photographs or weights) fails instead: a green run then
 # means everything ran. Tests marked ``cuda`` are exempt: CI machines have no GPU

@@ -107,8 +107,9 @@ def tiny_train_config(folder: Path, out: Path, **kw) -> TrainConfig:
         num_workers=0,
         checkpoint_every=2,
         progress=False,
-        whiten_init="pca",
-        pca_images=6,
+        # PCA of 6 images into 16 dimensions leaves 11 directions to rounding (they differ
+        # between one process and two ranks): these runs compare the steps, not the whitening.
+        whiten_init="identity",
         memory_batches=2,
         dist_backend="gloo",
         dist_timeout=60.0,

@@ -4,6 +4,7 @@ change nothing."""
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -70,7 +71,8 @@ def per_image(model, img, scales, p):
     for s in scales:
         x = img[None]
         if s != 1.0:
-            size = (max(1, round(x.shape[-2] * s)), max(1, round(x.shape[-1] * s)))
+            # Sizes round half up: 33 * 0.5 = 16.5 -> 17 (Python's round() gives 16).
+            size = tuple(max(1, math.floor(n * s + 0.5)) for n in x.shape[-2:])
             x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
         descs.append(F.normalize(model(x), dim=-1)[0].double())
     d = torch.stack(descs)
