@@ -11,6 +11,7 @@ import pickle
 import re
 import shutil
 import subprocess
+import urllib.parse
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -121,6 +122,7 @@ class _Page(HTMLParser):
         self._cell = False
         self.pearson: str | None = None
         self._pearson = False
+        self._figure: dict | None = None  # the figure being read (its link goes into it)
 
     def handle_starttag(self, tag, attrs):
         a = dict(attrs)
@@ -136,9 +138,16 @@ class _Page(HTMLParser):
             self.sections[self._q][self._p] = []
         elif tag == "figure" and "result" in cls:
             label = [c for c in cls if c != "result"]
-            self.sections[self._q][self._p].append(
-                {"index": int(a["data-db-index"]), "class": label, "label": a["data-label"]}
-            )
+            self._figure = {
+                "index": int(a["data-db-index"]),
+                "class": label,
+                "label": a["data-label"],
+            }
+            self.sections[self._q][self._p].append(self._figure)
+        elif tag == "figure" and "query" in cls:
+            self._figure = {"query": self._q}
+        elif tag == "a" and self._figure is not None:
+            self._figure["href"] = a["href"]
         elif tag == "tr" and ("data-protocol" in a or "data-model" in a):
             self._row = a.get("data-protocol", a.get("data-model"))
             self.metrics[self._row] = []
@@ -148,6 +157,8 @@ class _Page(HTMLParser):
             self._pearson = True
 
     def handle_endtag(self, tag):
+        if tag == "figure":
+            self._figure = None
         if tag == "tr":
             self._row = None
         if tag == "td":
@@ -268,11 +279,41 @@ def test_thumbnails_are_the_crop_and_the_images(mini):
     assert {int(p.stem[2:]) for p in thumbs.glob("db*.jpg")} == shown
 
 
+def _linked_files(page: Path) -> list[tuple[int, Path]]:
+    """(database index, linked file) of every result thumbnail of the page."""
+    out = []
+    for grids in _parse(page).sections.values():
+        for figures in grids.values():
+            for f in figures:
+                href = urllib.parse.urlparse(f["href"])
+                if href.scheme == "file":
+                    path = Path(urllib.parse.unquote(href.path))
+                else:
+                    assert href.scheme == "", f["href"]
+                    path = page.parent / urllib.parse.unquote(f["href"])
+                out.append((f["index"], path))
+    return out
+
+
+def test_thumbnails_link_to_the_full_images(mini):
+    database = mini["res"]["database"]
+    linked = _linked_files(mini["page"])
+    assert linked
+    for j, path in linked:
+        assert path.resolve() == (mini["root"] / database[j]).resolve()
+    assert not any(str(p).startswith("/") for p in _parse(mini["page"]).refs)  # relative
+
+
 def test_embedded_page_is_a_single_file(mini, tmp_path):
     page = write_report(mini["results"], tmp_path / "emb", embed=True, num_worst=1)
-    refs = _parse(page).refs
-    assert refs and all(r.startswith("data:image/") for r in refs)
+    parsed = _parse(page)
+    srcs = [r for r in parsed.refs if not r.startswith("file:")]
+    assert srcs and all(r.startswith("data:image/") for r in srcs)
     assert not (tmp_path / "emb" / "thumbs").exists()
+    # The links to full images are absolute: the page is often moved on its own.
+    database = mini["res"]["database"]
+    for j, path in _linked_files(page):
+        assert path == (mini["root"] / database[j]).resolve()
 
 
 def test_missing_image_gets_a_placeholder(mini, tmp_path):

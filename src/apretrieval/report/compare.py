@@ -119,6 +119,9 @@ def write_comparison(
     def image_src(key: str, rel: str, bbx: Sequence[float] | None) -> str:
         return thumbs.src(key, resolve_path(root_dir, rel), bbx)
 
+    def image_href(rel: str) -> str:
+        return thumbs.href(resolve_path(root_dir, rel))
+
     sections = [
         comparison_section(
             i,
@@ -126,6 +129,7 @@ def write_comparison(
             [(label, query_view(res, entries, i, [], top)) for label, res in models],
             first.database,
             image_src,
+            image_href=image_href,
         )
         for i, tag in picks.items()
     ]

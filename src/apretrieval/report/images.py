@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import base64
 import io
+import os
+import urllib.parse
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -66,6 +68,19 @@ class Thumbnails:
                 src = name
             self.cache[cache_key] = src
         return self.cache[cache_key]
+
+    def href(self, path: Path) -> str:
+        """Link to the full image behind a thumbnail: relative to the page, so the report
+        folder and the images can move together; an absolute ``file:`` URI for a self-contained
+        (embedded) page, which is often moved alone."""
+        full = Path(os.path.abspath(path))
+        if self.embed:
+            return full.as_uri()
+        try:
+            rel = os.path.relpath(full, os.path.abspath(self.out_dir))
+        except ValueError:  # another drive (Windows)
+            return full.as_uri()
+        return urllib.parse.quote(Path(rel).as_posix())
 
 
 def file_src(path: Path, embed: bool) -> str:

@@ -55,6 +55,7 @@ table.metrics th:first-child, table.metrics td:first-child { text-align: left; }
             box-sizing: border-box; border: 4px solid transparent; background: #f3f3f3; }
 img.plot { max-width: 100%; height: auto; }
 .grid .model { font-size: 12px; padding-top: 20px; overflow-wrap: anywhere; }
+.grid figure a { display: block; }
 .grid figure.query img { border-color: #333; }
 .grid figure.query { margin-right: 8px; }
 figcaption { font-size: 11px; color: #444; overflow: hidden; text-overflow: ellipsis;
@@ -98,24 +99,35 @@ def _grid_row(
     database: Sequence[str],
     image_src: Callable[[str, str, Sequence[float] | None], str],
     model: str | None = None,
+    image_href: Callable[[str], str] | None = None,
 ) -> list[str]:
     """One grid row: ``head`` (HTML), the query crop (src, name, path), the top results with
-    their border class under ``protocol`` (of ``model``, on a comparison page)."""
+    their border class under ``protocol`` (of ``model``, on a comparison page). With
+    ``image_href(path)`` each thumbnail links to its full image."""
     q_src, name, image = query
+
+    def linked(img: str, rel: str) -> str:
+        if image_href is None:
+            return img
+        return f'<a href="{esc(image_href(rel))}" target="_blank" rel="noopener">{img}</a>'
+
     of = "" if model is None else f' data-model="{esc(model)}"'
+    q_img = f'<img src="{esc(q_src)}" alt="query {esc(name)}" title="{esc(image)}">'
     out = [
         f'<div class="grid" data-protocol="{protocol}"{of} style="--cols: {1 + len(top)}">',
         head,
-        f'<figure class="query"><img src="{esc(q_src)}" alt="query {esc(name)}" '
-        f'title="{esc(image)}"><figcaption>query</figcaption></figure>',
+        f'<figure class="query">{linked(q_img, image)}<figcaption>query</figcaption></figure>',
     ]
     for rank, (j, score, label) in enumerate(zip(top, scores, labels, strict=True), 1):
         rel = database[j]
         src = image_src(f"db{j}", rel, None)
-        out.append(
-            f'<figure class="result {label}" data-db-index="{j}" data-label="{label}">'
+        img = (
             f'<img src="{esc(src)}" alt="{label}: {esc(Path(rel).stem)}" '
             f'title="{rank}. {esc(rel)} ({label}, score {score:.4f})">'
+        )
+        out.append(
+            f'<figure class="result {label}" data-db-index="{j}" data-label="{label}">'
+            f"{linked(img, rel)}"
             f"<figcaption>{MARKS[label]} {rank}. {score:.3f}</figcaption></figure>"
         )
     out.append("</div>")
@@ -126,10 +138,12 @@ def query_section(
     view: QueryView,
     database: Sequence[str],
     image_src: Callable[[str, str, Sequence[float] | None], str],
+    image_href: Callable[[str], str] | None = None,
 ) -> str:
     """The block of one query: a grid per shown protocol, query crop then its top results.
 
-    ``image_src(key, relative_path, bbx)`` returns the ``src`` of an image.
+    ``image_src(key, relative_path, bbx)`` returns the ``src`` of an image (a thumbnail),
+    ``image_href(relative_path)`` the link to the full image (None: no links).
     """
     name = Path(view.image).stem
     q_src = image_src(f"q{view.index}", view.image, view.bbx)
@@ -155,6 +169,7 @@ def query_section(
             view.labels[protocol],
             database,
             image_src,
+            image_href=image_href,
         )
     out.append("</section>")
     return "\n".join(out)
@@ -167,6 +182,7 @@ def comparison_section(
     database: Sequence[str],
     image_src: Callable[[str, str, Sequence[float] | None], str],
     protocol: str = "medium",
+    image_href: Callable[[str], str] | None = None,
 ) -> str:
     """One query under several models: a grid row per (model label, its view of the query)."""
     first = views[0][1]
@@ -191,6 +207,7 @@ def comparison_section(
             database,
             image_src,
             model=label,
+            image_href=image_href,
         )
     out.append("</section>")
     return "\n".join(out)

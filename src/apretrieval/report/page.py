@@ -255,8 +255,11 @@ def write_report(
     def image_src(key: str, rel: str, bbx: Sequence[float] | None) -> str:
         return thumbs.src(key, resolve_path(root_dir, rel), bbx)
 
+    def image_href(rel: str) -> str:
+        return thumbs.href(resolve_path(root_dir, rel))
+
     views = _views(res, entries, chosen, worst, top, typical)
-    sections = [query_section(v, res.database, image_src) for v in views]
+    sections = [query_section(v, res.database, image_src, image_href) for v in views]
     text = page(
         title=f"Retrieval report: {res.dataset or 'results'}",
         meta=f"model: {res.model or '?'} · {len(res.queries)} queries · "
