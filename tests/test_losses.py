@@ -7,6 +7,7 @@ from functools import partial
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from apretrieval import APLoss, TieAwareAPLoss, average_precision, quantized_ap
 from apretrieval.losses import ContrastiveLoss, TripletLoss
@@ -371,6 +372,27 @@ def test_bad_input_raises_value_error():
         APLoss()(torch.full((5, 4), float("nan")), torch.zeros(5, dtype=torch.long))
     with pytest.raises(ValueError, match="dimension"):
         APLoss()(torch.zeros(2, 4), torch.zeros(2), torch.zeros(3, 5), torch.zeros(3))
+
+
+def test_query_database_form_argument_errors():
+    q, ql = F.normalize(torch.randn(3, 4), dim=1), torch.tensor([0, 1, 2])
+    db, dbl = F.normalize(torch.randn(5, 4), dim=1), torch.tensor([0, 1, 2, 0, 1])
+    loss = APLoss()
+    with pytest.raises(ValueError, match="both database and database_labels"):
+        loss(q, ql, db)  # a database without its labels
+    with pytest.raises(ValueError, match="both database and database_labels"):
+        loss(q, ql, None, dbl)
+    for bad in ([0, 1, 5], [-1, 0, 1], [0, 1]):  # past the end, negative, wrong length
+        with pytest.raises(ValueError, match="query_index"):
+            loss(q, ql, db, dbl, query_index=torch.tensor(bad))
+    with pytest.raises(ValueError, match="query/database form only"):
+        loss(q, ql, query_index=torch.tensor([0, 1, 2]))
+    assert torch.isfinite(loss(q, ql, db, dbl, query_index=torch.tensor([0, 1, 4])))
+    for bad in (0, -3, 2.5, "8"):
+        with pytest.raises(ValueError, match="chunk_size"):
+            APLoss(chunk_size=bad)
+    with pytest.raises(ValueError, match="memory_budget_mb"):
+        APLoss(memory_budget_mb=-1)
 
 
 # --- exact AP -------------------------------------------------------------------------------

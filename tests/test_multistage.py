@@ -13,6 +13,7 @@ from apretrieval.losses import APLoss, ContrastiveLoss, TripletLoss
 from apretrieval.models import ModelConfig, RetrievalNet
 from apretrieval.multistage import (
     backward_descriptor_grads,
+    check_replayable,
     compute_descriptors,
     descriptor_loss_grads,
     multistage_backward,
@@ -181,3 +182,24 @@ def test_bad_arguments():
         multistage_backward(model, x, LABELS[:3], APLoss(), 2)
     with pytest.raises(ValueError, match="none of the"):
         multistage_backward(model, [lambda: None] * B, LABELS, APLoss(), 2)
+
+
+def test_active_dropout_or_training_batchnorm_is_refused_and_bad_chunks_too():
+    """Stage 3 replays stage 1 chunk by chunk: a module whose output depends on randomness
+    (active Dropout) or on the chunk (BatchNorm in training mode) is refused before any work."""
+    model = tiny_model()
+    check_replayable(model)  # frozen BatchNorm: accepted
+    head = nn.Sequential(nn.Dropout(0.3))
+    check_replayable(head.eval())  # Dropout in eval mode: accepted
+    check_replayable(nn.Sequential(nn.Dropout(0.0)).train())  # p = 0 is the identity
+    with pytest.raises(ValueError, match="Dropout '0' is active"):
+        check_replayable(head.train())
+    imgs = torch.rand(B, 3, 12, 12, dtype=torch.float64)
+    dropout_model = tiny_model()
+    dropout_model.backbone.append(nn.Dropout(0.5))
+    with pytest.raises(ValueError, match="Dropout"):
+        multistage_backward(dropout_model, imgs, LABELS, APLoss(num_bins=10), chunk_size=4)
+    assert all(p.grad is None for p in dropout_model.parameters())  # refused before stage 1
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="chunk_size"):
+            multistage_backward(tiny_model(), imgs, LABELS, APLoss(num_bins=10), chunk_size=bad)
