@@ -334,3 +334,56 @@ def test_stale_destination_is_fetched_again(host, tmp_path):
     dest.write_bytes(b"truncated")
     download_file(f"{host.url}/f", dest, size=len(PAYLOAD), progress=False)
     assert dest.read_bytes() == PAYLOAD
+
+
+def test_rparis6k_two_archives_and_an_interrupted_extraction_resume(host, tmp_path, monkeypatch):
+    """rparis6k ships its images in two archives; extraction stopped inside the second one
+    keeps the first one's work (its marker) and no half-written image, and the next run
+    finishes without fetching the first archive again."""
+    import dataclasses
+
+    import apretrieval.data.download as download
+
+    files = download.DATASETS["rparis6k"]
+    assert [f.filename for f in files] == ["paris_1-v1.tgz", "paris_2-v1.tgz", "gnd_rparis6k.pkl"]
+    gnd = b"ground truth bytes"
+    sample = dataclasses.replace(files[2], size=len(gnd), sha256=sha(gnd))
+    monkeypatch.setitem(download.DATASETS, "rparis6k", (files[0], files[1], sample))
+    first = {f"paris/defense/paris_defense_{i:06d}.jpg": b"d%d" % i for i in range(3)}
+    second = {f"paris/eiffel/paris_eiffel_{i:06d}.jpg": b"e%d" % i for i in range(3)}
+    host.files["parisbuildings/paris_1-v1.tgz"] = tgz(first)
+    host.files["parisbuildings/paris_2-v1.tgz"] = tgz(second)
+    host.files["rparis6k/gnd_rparis6k.pkl"] = gnd
+
+    real_copy, copied = download.shutil.copyfileobj, []
+
+    def power_cut(src, dst, length=0):
+        if len(copied) == 4:  # the second image of the second archive
+            dst.write(b"half")
+            raise KeyboardInterrupt
+        copied.append(1)
+        return real_copy(src, dst, length)
+
+    monkeypatch.setattr(download.shutil, "copyfileobj", power_cut)
+    with pytest.raises(KeyboardInterrupt):
+        download_dataset("rparis6k", tmp_path, mirror=host.url, progress=False, log=None)
+    jpg = tmp_path / "jpg"
+    assert (tmp_path / ".paris_1-v1.tgz.done").read_text() == "3\n"
+    assert not (tmp_path / ".paris_2-v1.tgz.done").exists()
+    assert sorted(p.name for p in jpg.iterdir()) == [
+        "paris_defense_000000.jpg",
+        "paris_defense_000001.jpg",
+        "paris_defense_000002.jpg",
+        "paris_eiffel_000000.jpg",
+    ]  # flattened, and nothing half-written (no temporary left either)
+    assert (tmp_path / "paris_2-v1.tgz").exists()  # kept for the rerun
+
+    monkeypatch.setattr(download.shutil, "copyfileobj", real_copy)
+    fetched_before = [p for p, _ in host.requests]
+    download_dataset("rparis6k", tmp_path, mirror=host.url, progress=False, log=None)
+    fetched_after = [p for p, _ in host.requests][len(fetched_before) :]
+    assert not any("paris_1" in p for p in fetched_after)
+    want = {Path(k).name: v for k, v in {**first, **second}.items()}
+    assert {p.name: p.read_bytes() for p in jpg.iterdir()} == want
+    assert (tmp_path / "gnd_rparis6k.pkl").read_bytes() == gnd
+    assert not (tmp_path / "paris_1-v1.tgz").exists() and not (tmp_path / "paris_2-v1.tgz").exists()
