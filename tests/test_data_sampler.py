@@ -31,6 +31,25 @@ def test_every_class_once_per_epoch():
     assert sorted(seen.tolist()) == list(range(9))
 
 
+def test_epoch_boundary_never_repeats_a_class_and_rotates_who_sits_out():
+    # 9 drawable classes, 4 per batch: 2 batches per epoch, one class sits out each epoch.
+    s = ClassBalancedBatchSampler(LABELS, batch_size=8, images_per_class=2, seed=7)
+    drawable = np.array([c for c in range(10) if c != 6])  # batch_classes indexes these
+    out = []
+    for epoch in range(12):
+        steps = [s.batch_classes(2 * epoch + j) for j in range(2)]
+        for cls in steps:
+            assert len(set(cls.tolist())) == 4  # no class twice in a batch
+        in_epoch = np.concatenate(steps)
+        assert len(set(in_epoch.tolist())) == 8  # distinct within the epoch, boundary included
+        (missing,) = set(range(9)) - {int(c) for c in in_epoch}
+        out.append(missing)
+        for t in (2 * epoch, 2 * epoch + 1):  # the images follow the classes
+            want = np.sort(drawable[s.batch_classes(t)])
+            assert np.array_equal(np.unique(LABELS[s.batch(t)]), want)
+    assert len(set(out)) > 3  # a different class sits out from epoch to epoch
+
+
 def test_deterministic_and_seed_dependent():
     a = ClassBalancedBatchSampler(LABELS, 8, 2, seed=0)
     b = ClassBalancedBatchSampler(LABELS, 8, 2, seed=0)
