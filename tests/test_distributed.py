@@ -497,8 +497,12 @@ def test_resume_from_one_process_on_two_ranks(cluster):
     # Same batches and updates as the two-rank run; only the gradient's summation order differs.
     assert _losses(c) == pytest.approx(_losses(out / "A"), rel=1e-5, abs=1e-6)
     sa, sc = _state(out / "A"), _state(c)
-    for k in sa:
-        assert torch.allclose(sa[k], sc[k], rtol=1e-4, atol=1e-5), k
+    diff = torch.cat([(sa[k].double() - sc[k].double()).abs().flatten() for k in sa])
+    # Adam divides each gradient by its running RMS: an entry whose gradient is ~0 (its sign
+    # set by rounding) can move by up to lr per step either way; every other entry agrees to
+    # rounding. So: no entry beyond 2 lr x 4 steps, and the mean far below one such move.
+    assert diff.max() <= 2 * 1e-3 * 4
+    assert diff.mean() < 1e-6, diff.mean()  # i.e. at most ~0.1 % of the entries moved apart
 
 
 def test_broadcast_model_gives_every_rank_rank_0s_weights(cluster):

@@ -66,8 +66,10 @@ def tiny_config(folder: Path, out: Path, **kw) -> TrainConfig:
         num_workers=0,
         checkpoint_every=2,
         progress=False,
-        whiten_init="pca",
-        pca_images=6,
+        # Not PCA: from 6 images into 16 dimensions it leaves 11 directions to rounding, which
+        # differ with the BLAS thread count (a child process, another machine); these runs are
+        # compared bit for bit. init_whitening has its own tests (test_models).
+        whiten_init="identity",
     )
     base.update(kw)
     return TrainConfig(**base)
