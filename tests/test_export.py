@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 from apretrieval.cli import main
 from apretrieval.export import MultiScaleDescriptor, export_onnx, export_torchscript
 from apretrieval.extraction import multiscale_descriptors
-from apretrieval.models import ModelConfig, RetrievalNet, build_model, save_checkpoint
+from apretrieval.models import build_model, save_checkpoint
+from test_multistage import tiny_model
 
 SIZES = [(2, 64, 64), (1, 75, 61)]  # the second is not the export example's size
 
@@ -22,25 +22,10 @@ def model():
 
 @pytest.fixture(scope="module")
 def small():
-    """A small strided trunk (conv, BatchNorm with statistics, max-pool) under the same GeM,
+    """The unit tests' strided conv trunk (frozen BatchNorm with statistics) under the same GeM,
     whitening and normalisation: what export must carry over, at a fraction of the tracing
     time of a ResNet."""
-    torch.manual_seed(0)
-    trunk = nn.Sequential(
-        nn.Conv2d(3, 8, 3, stride=2, padding=1),
-        nn.BatchNorm2d(8),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Conv2d(8, 16, 3, stride=2, padding=1),
-        nn.BatchNorm2d(16),
-        nn.ReLU(),
-    )
-    with torch.no_grad():
-        for m in trunk:
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.2, 0.2)
-                m.running_var.uniform_(0.5, 1.5)
-    return RetrievalNet(trunk, 16, ModelConfig(name="small", out_dim=8)).eval()
+    return tiny_model().float().eval()
 
 
 def _images(b, h, w):

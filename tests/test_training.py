@@ -169,7 +169,7 @@ def test_streamed_batches_equal_decoded_batches(folder, tmp_path, reference_run)
 
 
 def test_callback_metrics_are_logged(folder, tmp_path):
-    cfg = tiny_config(folder, tmp_path / "run", steps=2, whiten_init="identity")
+    cfg = tiny_config(folder, tmp_path / "run", steps=2)
     calls = []
 
     def evaluate(step, model):
@@ -221,7 +221,7 @@ def test_sigterm_to_a_training_process_then_resume(folder, tmp_path, reference_r
 
 
 def test_a_second_sigint_stops_at_once(folder, tmp_path):
-    cfg = tiny_config(folder, tmp_path / "run", whiten_init="identity")
+    cfg = tiny_config(folder, tmp_path / "run")
     steps_done = []
 
     def two_ctrl_c(step, model):
@@ -246,7 +246,6 @@ def test_logged_lr_is_the_lr_of_that_step(folder, tmp_path):
         steps=5,
         warmup_steps=2,
         lr=1e-2,
-        whiten_init="identity",
         checkpoint_every=10,
     )
     seen = []  # the lr each optimizer step actually uses
