@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from apretrieval.evaluation import (
     PROTOCOLS,
@@ -622,6 +624,52 @@ def test_cli_evaluate_with_a_real_checkpoint(tmp_path, capsys, real_checkpoint, 
     monkeypatch.setattr(pipeline, "extract_to_file", counting)
     assert main(argv) == 0
     assert calls == [] and load_results(out)["metrics"] == res["metrics"]
+
+
+def test_cli_evaluate_with_r1m_distractors(tmp_path, monkeypatch, capsys):
+    """`evaluate --r1m`: the distractors join the database, rank like any image, are named."""
+    import apretrieval.pipeline as pipeline
+    from apretrieval.cli import main
+    from apretrieval.data.revisited import RevisitedDataset
+    from apretrieval.extraction import ImageFiles, extract_descriptors
+    from test_extraction import TinyNet, fake_benchmark
+
+    model = TinyNet()
+    monkeypatch.setattr(pipeline, "load_checkpoint_model", lambda path, device=None: model)
+    rng = np.random.default_rng(30)
+    root, r1m = tmp_path / "rox", tmp_path / "r1m"
+    fake_benchmark(root, rng, n_db=6)
+    (r1m / "jpg" / "0").mkdir(parents=True)
+    for i in range(3):
+        arr = rng.integers(0, 255, (48, 40, 3), dtype=np.uint8)
+        Image.fromarray(arr).save(r1m / "jpg" / "0" / f"d{i}.jpg")
+    # A distractor that is the first query's own crop (lossless): it must outrank everything.
+    with Image.open(root / "jpg" / "q_0.jpg") as im:
+        im.crop((2, 3, 30, 35)).save(r1m / "jpg" / "0" / "d3.png")
+    os.rename(r1m / "jpg" / "0" / "d3.png", r1m / "jpg" / "0" / "d3.jpg")
+    (r1m / "revisitop1m.txt").write_text("".join(f"0/d{i}.jpg\n" for i in range(4)))
+    common = ["--checkpoint", "m.pt", "--dataset", "roxford5k", "--root", str(root)]
+    common += ["--workers", "0", "--no-progress", "--device", "cpu", "--scales", "1"]
+    out = tmp_path / "res.json"
+    assert main(["evaluate", *common, "--r1m", str(r1m), "--out", str(out)]) == 0
+    assert "roxford5k+R1M" in capsys.readouterr().out
+    res = load_results(out)
+    distractors = [str((r1m / "jpg" / "0" / f"d{i}.jpg").resolve()) for i in range(4)]
+    assert res["database"][6:] == distractors and len(res["database"]) == 10
+    assert res["settings"]["r1m"] == str(r1m)
+    # Independent reference: descriptors of every file, ranked with the distractors appended.
+    ds = RevisitedDataset("roxford5k", root)
+    opts = dict(scales=(1.0,), num_workers=0, progress=False)
+    q = extract_descriptors(model, ImageFiles(ds.query_paths(), ds.query_boxes()), **opts)
+    db = extract_descriptors(model, ImageFiles([*ds.db_paths(), *distractors]), **opts)
+    scores = q.astype(np.float64) @ db.T.astype(np.float64)
+    want = reference_metrics(scores, _gnd_of(root))
+    for p in PROTOCOLS:
+        assert res["metrics"][p]["mAP"] == pytest.approx(want[p]["mAP"], abs=1e-6)
+    assert res["queries"][0]["topk"][0] == 9  # the copy of the query, ahead of its positives
+    # Without the distractors the same descriptors score strictly higher on that query.
+    alone = reference_metrics(scores[:, :6], _gnd_of(root))
+    assert alone["medium"]["mAP"] > want["medium"]["mAP"]
 
 
 def _gnd_of(root: Path) -> list:
