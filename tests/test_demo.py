@@ -105,6 +105,7 @@ def _run_shortened_demo(out: Path, capsys) -> None:
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "Medium mAP" in printed and "AP loss" in printed
+    assert printed.startswith("threads: 1 (from --threads)\n")  # the plan every command prints
 
     summary = json.loads((out / "results.json").read_text())
     assert summary["config"]["seed"] == 1 and summary["wall_time_s"] > 0
