@@ -89,7 +89,10 @@ def mini(tmp_path_factory) -> dict:
         topk=20,
     )
     log = base / "metrics.jsonl"
-    lines = [json.dumps({"step": s, "loss": 1 / s, "lr": 1e-4}) for s in range(1, 21)]
+    lines = [
+        json.dumps({"step": s, "loss": 1 / s, "lr": 1e-4, "batch_ap": 0.5, "batch_ap_q": 0.4})
+        for s in range(1, 21)
+    ]
     lines.insert(10, json.dumps({"step": 10, "val": {"mini/medium/mAP": 0.4}}))
     lines.append("")
     lines.append(json.dumps({"step": 20, "val": {"mini/medium/mAP": 0.55}}))
@@ -120,8 +123,9 @@ class _Page(HTMLParser):
         self.metrics: dict[str, list[str]] = {}
         self._row: str | None = None
         self._cell = False
-        self.pearson: str | None = None
-        self._pearson = False
+        self.pearson: str | None = None  # the paper's AP_Q
+        self.pearson_sharp: str | None = None  # the sharp AP_Q
+        self._pearson: str | None = None  # the attribute being read
         self._figure: dict | None = None  # the figure being read (its link goes into it)
         self.images = 0  # <img> elements
 
@@ -155,8 +159,8 @@ class _Page(HTMLParser):
             self.metrics[self._row] = []
         elif tag == "td" and self._row:
             self._cell = True
-        elif tag == "b" and a.get("id") == "pearson":
-            self._pearson = True
+        elif tag == "b" and a.get("id") in ("pearson", "pearson-sharp"):
+            self._pearson = a["id"].replace("-", "_")
 
     def handle_endtag(self, tag):
         if tag == "figure":
@@ -166,13 +170,13 @@ class _Page(HTMLParser):
         if tag == "td":
             self._cell = False
         if tag == "b":
-            self._pearson = False
+            self._pearson = None
 
     def handle_data(self, data):
         if self._cell and self._row:
             self.metrics[self._row].append(data.strip())
         if self._pearson:
-            self.pearson = data.strip()
+            setattr(self, self._pearson, data.strip())
 
 
 def _parse(path: Path) -> _Page:
@@ -197,6 +201,8 @@ def test_page_references_only_existing_local_files(mini):
         assert (mini["out"] / ref).is_file(), ref
     assert "ap_vs_apq.png" in page.refs and "training.png" in page.refs
     text = mini["page"].read_text()
+    # the curves: loss, validation mAP, the batch's exact AP beside its AP_Q, the lr
+    assert "metrics.jsonl: loss, val/mini/medium/mAP, batch_ap, batch_ap_q, lr." in text
     assert "http://" not in text and "https://" not in text and "<script" not in text
 
 
@@ -246,6 +252,9 @@ def test_metrics_table_and_pearson(mini):
     qs = mini["res"]["queries"]
     r = np.corrcoef([q["ap"]["medium"] for q in qs], [q["ap_q"] for q in qs])[0, 1]
     assert float(page.pearson) == pytest.approx(r, abs=5e-4)
+    # Both estimators on one scatter: the sharp one's correlation stated beside the plain one.
+    r = np.corrcoef([q["ap"]["medium"] for q in qs], [q["ap_q_sharp"] for q in qs])[0, 1]
+    assert float(page.pearson_sharp) == pytest.approx(r, abs=5e-4)
 
 
 def test_scatter_states_the_recorded_analysis(mini, tmp_path):
@@ -259,7 +268,7 @@ def test_scatter_states_the_recorded_analysis(mini, tmp_path):
     other = dataclasses.replace(res, apq=APQSettings("hard", 12, (-0.5, 1.0)))
     page = write_report(other, tmp_path / "o", num_worst=1)  # typed results work too
     text = page.read_text()
-    assert "Hard protocol, AP_Q with 12 bins over [-0.5, 1]" in text
+    assert "Hard protocol, the paper's AP_Q with 12 bins over [-0.5, 1]" in text
     assert "20 bins" not in text
     # The correlation is over the Hard AP of the queries now.
     qs = mini["res"]["queries"]

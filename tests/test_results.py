@@ -264,8 +264,44 @@ def test_results_record_the_ap_q_analysis(tmp_path):
     np.testing.assert_allclose(got, cmp.ap_q, atol=1e-12, equal_nan=True)
     ap, ap_q = res.apq_pairs()
     ok = ~np.isnan(cmp.ap)
-    np.testing.assert_allclose(ap, cmp.ap[ok]) and np.testing.assert_allclose(ap_q, cmp.ap_q[ok])
+    np.testing.assert_allclose(ap, cmp.ap[ok])
+    np.testing.assert_allclose(ap_q, cmp.ap_q[ok])
     assert res.apq_pearson() == pytest.approx(pearson(cmp.ap[ok], cmp.ap_q[ok]))
+
+
+def test_results_carry_the_sharp_ap_q_of_each_query(tmp_path):
+    """``ap_q_sharp``: the sharp estimator on the Medium ranking (junk out), beside ``ap_q``."""
+    from apretrieval.losses import quantized_ap
+
+    rng = np.random.default_rng(22)
+    q, n = 6, 300
+    gnd = []
+    scores = rng.normal(0.1, 0.1, (q, n))
+    for i in range(q):
+        easy, hard, junk = np.split(rng.choice(n, 30, replace=False), [12, 20])
+        scores[i, easy] += rng.uniform(0.2, 0.5)
+        scores[i, hard] += rng.uniform(0.0, 0.3)
+        gnd.append({"easy": easy.tolist(), "hard": hard.tolist(), "junk": junk.tolist()})
+    scores = np.clip(scores, -1, 1).astype(np.float32)
+    out = tmp_path / "r.json"
+    write_results_here(
+        out, scores=scores, gnd=gnd, dataset="roxford5k", root=tmp_path, model="m",
+        database=[f"d{j}" for j in range(n)], queries=[f"q{i}" for i in range(q)],
+    )  # fmt: skip
+    res = RetrievalResults.load(out)
+    assert json.loads(out.read_text())["queries"][0]["ap_q_sharp"] == res.queries[0].ap_q_sharp
+    for i, entry in enumerate(gnd):
+        keep = np.setdiff1d(np.arange(n), entry["junk"])  # Medium: easy + hard, junk removed
+        rel = np.isin(keep, entry["easy"] + entry["hard"])
+        row = torch.from_numpy(scores[i, keep].astype(np.float64))[None]
+        rel_t = torch.from_numpy(rel)[None]
+        want = float(quantized_ap(row, rel_t, 20, estimator="sharp")[0])
+        assert res.queries[i].ap_q_sharp == pytest.approx(want, abs=1e-9)
+    ap, sharp = res.apq_pairs("sharp")
+    _, plain = res.apq_pairs()
+    assert np.abs(sharp - ap).mean() < 0.25 * np.abs(plain - ap).mean()
+    with pytest.raises(ValueError, match="estimator"):
+        res.apq_pairs("tie_aware")
 
 
 def test_results_files_written_before_the_typed_format_load(tmp_path):
@@ -302,6 +338,7 @@ def test_results_files_written_before_the_typed_format_load(tmp_path):
         "jpg/q.jpg", (1, 0), (0.9, 0.1), {"easy": 0.5, "medium": 0.25, "hard": None}, 0.2
     )
     assert load_results(path)["settings"]["method"] == "ap"
+    assert res.apq_pairs("sharp")[0].size == 0  # no sharp AP_Q recorded then
 
 
 @pytest.mark.parametrize(

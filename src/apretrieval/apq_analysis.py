@@ -88,13 +88,13 @@ class APComparison:
 
 
 def quantized_ap_per_query(
-    scores: Any, gnd: Any, settings: APQSettings | None = None
+    scores: Any, gnd: Any, settings: APQSettings | None = None, estimator: str = "plain"
 ) -> np.ndarray:
     """AP_Q per query, junk of ``settings.protocol`` removed -> (Q,), NaN without a positive.
 
     scores (Q, N) numpy or torch; gnd: Q per-query ``{"easy", "hard", "junk"}`` dicts (or the
     pickle dict). Rows are evaluated one at a time, so ``scores`` may be one block of queries
-    with the matching slice of ``gnd``.
+    with the matching slice of ``gnd``. ``estimator``: that of :func:`quantized_ap`.
     """
     settings = settings or APQSettings()
     s = as_scores(scores)
@@ -114,7 +114,11 @@ def quantized_ap_per_query(
         rel[pos] = True
         row = torch.from_numpy(np.ascontiguousarray(s[i][keep], dtype=np.float64))[None]
         value = quantized_ap(
-            row, torch.from_numpy(rel[keep])[None], settings.num_bins, settings.score_range
+            row,
+            torch.from_numpy(rel[keep])[None],
+            settings.num_bins,
+            settings.score_range,
+            estimator=estimator,
         )
         out[i] = float(value[0])
     return out

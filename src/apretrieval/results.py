@@ -10,14 +10,17 @@ the demo (``results_<model>.json``) write it, ``apretrieval report`` reads it::
      "queries": [{"image": "jpg/<name>.jpg", "bbx": [x1, y1, x2, y2] | null,
                   "topk": [database indices, best first], "topk_scores": [...],
                   "ap": {"easy": float | null, "medium": ..., "hard": ...},
-                  "ap_q": float | null}, ...],              # Q entries, null: no positive
+                  "ap_q": float | null,                      # null: no positive
+                  "ap_q_sharp": float | null}, ...],         # Q entries
      "settings": {"scales": [...], "max_side": ..., ...},     # what produced the scores
      "apq_analysis": {"protocol": "medium", "num_bins": 20, "score_range": [-1.0, 1.0]}}
 
 Metrics are fractions in [0, 1]. In memory the ``mP@k`` keys are ints (as
 :func:`apretrieval.evaluation.evaluate_revisited` returns them); JSON turns them into strings;
 :meth:`ProtocolMetrics.from_dict` is the one place that reads either. Files written before
-``apq_analysis`` was recorded used the defaults of :class:`~apretrieval.apq_analysis.APQSettings`.
+``apq_analysis`` was recorded used the defaults of :class:`~apretrieval.apq_analysis.APQSettings`;
+``ap_q`` is the paper's estimator, ``ap_q_sharp`` (absent from older files) the sharp one, both
+with the bins of ``apq_analysis``.
 
 The tables people read are :mod:`apretrieval.tables` (re-exported here).
 """
@@ -111,7 +114,8 @@ def _opt_float(x: Any) -> float | None:
 class QueryResult:
     """One query: its image (and crop), top-k database indices and scores, AP and AP_Q.
 
-    ``ap[protocol]`` and ``ap_q`` are None when the query has no positive under the protocol.
+    ``ap[protocol]`` and ``ap_q`` are None when the query has no positive under the protocol;
+    ``ap_q`` is the plain (paper's) AP_Q, ``ap_q_sharp`` the sharp estimator's.
     """
 
     image: str
@@ -120,6 +124,7 @@ class QueryResult:
     ap: dict[str, float | None]
     ap_q: float | None = None
     bbx: tuple[float, ...] | None = None
+    ap_q_sharp: float | None = None
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], where: str = "query") -> QueryResult:
@@ -132,6 +137,7 @@ class QueryResult:
                 ap={str(p): _opt_float(v) for p, v in (d.get("ap") or {}).items()},
                 ap_q=_opt_float(d.get("ap_q")),
                 bbx=None if bbx is None else tuple(float(v) for v in bbx),
+                ap_q_sharp=_opt_float(d.get("ap_q_sharp")),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as err:
             raise ValueError(f"{where}: not a results query entry ({err!r})") from None
@@ -144,6 +150,7 @@ class QueryResult:
             "topk_scores": list(self.topk_scores),
             "ap": dict(self.ap),
             "ap_q": self.ap_q,
+            "ap_q_sharp": self.ap_q_sharp,
         }
 
 
@@ -222,10 +229,16 @@ class RetrievalResults:
         values = [q.ap.get(protocol) for q in self.queries]
         return np.array([np.nan if v is None else v for v in values], dtype=np.float64)
 
-    def apq_pairs(self) -> tuple[np.ndarray, np.ndarray]:
-        """(AP, AP_Q) of the queries that have both, under the analysis' protocol -> (n,), (n,)."""
+    def apq_pairs(self, estimator: str = "plain") -> tuple[np.ndarray, np.ndarray]:
+        """(AP, AP_Q) of the queries that have both, under the analysis' protocol -> (n,), (n,).
+
+        ``estimator``: ``"plain"`` (``ap_q``) or ``"sharp"`` (``ap_q_sharp``; none in older files).
+        """
+        if estimator not in ("plain", "sharp"):
+            raise ValueError(f"estimator must be 'plain' or 'sharp', got {estimator!r}")
+        values = [q.ap_q if estimator == "plain" else q.ap_q_sharp for q in self.queries]
         ap = self.ap(self.apq.protocol)
-        ap_q = np.array([np.nan if q.ap_q is None else q.ap_q for q in self.queries])
+        ap_q = np.array([np.nan if v is None else v for v in values], dtype=np.float64)
         ok = ~(np.isnan(ap) | np.isnan(ap_q))
         return ap[ok], ap_q[ok]
 

@@ -25,6 +25,7 @@ from apretrieval.evaluation import (
     gnd_entries,
     stable_topk,
 )
+from apretrieval.losses.sharp import MIN_BINS as SHARP_MIN_BINS
 from apretrieval.results import ProtocolMetrics, QueryResult, RetrievalResults
 
 __all__ = [
@@ -110,6 +111,11 @@ def evaluate_score_blocks(
         sub = entries[start : start + block.shape[0]]
         per = evaluate_revisited_per_query(block, sub, kappas)
         ap_q = quantized_ap_per_query(block, sub, apq)
+        ap_q_sharp = (
+            quantized_ap_per_query(block, sub, apq, estimator="sharp")
+            if apq.num_bins >= SHARP_MIN_BINS
+            else np.full(len(sub), np.nan)
+        )
         for i, entry in enumerate(sub):
             top = stable_topk(block[i], topk)
             bbx = entry.get("bbx")
@@ -121,6 +127,7 @@ def evaluate_score_blocks(
                     ap={p: _finite(per[p].ap[i]) for p in PROTOCOLS},
                     ap_q=_finite(ap_q[i]),
                     bbx=None if bbx is None else tuple(float(v) for v in np.ravel(bbx)),
+                    ap_q_sharp=_finite(ap_q_sharp[i]),
                 )
             )
         for p in PROTOCOLS:

@@ -44,17 +44,38 @@ def plot_ap_scatter(
     path: str | os.PathLike[str],
     title: str = "",
     apq: APQSettings | None = None,
+    sharp: tuple[Sequence[float], Sequence[float]] | None = None,
 ) -> float:
     """Scatter of exact AP vs quantized AP_Q per query (the supplementary's Fig. 1), with the
-    diagonal; ``apq`` names the protocol and bins on the axes. Returns the Pearson correlation
-    (NaN when undefined)."""
+    diagonal; ``apq`` names the protocol and bins on the axes; ``sharp``: (AP, AP_Q) pairs of
+    the sharp estimator, drawn beside the plain ones with another marker. Returns the Pearson
+    correlation of the plain pairs (NaN when undefined)."""
     apq = apq or APQSettings()
     x, y = np.asarray(ap, dtype=np.float64), np.asarray(ap_q, dtype=np.float64)
     r = pearson(x, y) if x.size else math.nan
     fig = Figure(figsize=(4.6, 4.4))
     ax = fig.add_subplot()
     _percent_square(ax)
-    ax.scatter(100 * x, 100 * y, s=18, color="#2c7bb6", alpha=0.8, edgecolors="none", clip_on=False)
+    series = [("plain", x, y, "o", "#2c7bb6")]
+    if sharp is not None and len(sharp[0]):
+        sx, sy = (np.asarray(v, dtype=np.float64) for v in sharp)
+        series.append(("sharp", sx, sy, "^", "#d95f02"))
+    for name, sx, sy, marker, colour in series:
+        label = f"{name} (r = {pearson(sx, sy):.3f})" if sx.size > 1 else name
+        # Shape and colour both tell the estimators apart (colour-blind readers).
+        ax.scatter(
+            100 * sx,
+            100 * sy,
+            s=18,
+            marker=marker,
+            color=colour,
+            alpha=0.75,
+            edgecolors="none",
+            clip_on=False,
+            label=label,
+        )
+    if len(series) > 1:
+        ax.legend(fontsize=8, loc="upper left", title="AP_Q estimator", title_fontsize=8)
     ax.set(
         xlabel=f"AP, exact ({apq.protocol.capitalize()}, %)",
         ylabel=f"AP_Q, {apq.num_bins} bins (%)",
@@ -124,7 +145,8 @@ def _series(records: list[dict[str, float]], xs: np.ndarray, key: str) -> tuple[
 def plot_training_curves(
     records: list[dict[str, float]], path: str | os.PathLike[str]
 ) -> list[str]:
-    """Loss (and every key naming a mAP, if logged) against the step; returns the plotted keys.
+    """Loss, every key naming a mAP, the batch's exact AP and AP_Q, lr and images/s (those
+    logged) against the step; returns the plotted keys.
 
     Raises ValueError when the log has no loss and no mAP to show.
     """
@@ -136,9 +158,11 @@ def plot_training_curves(
     maps = [k for k in keys if "map" in k.lower().replace("_", "").split("/")[-1]]
     if not losses and not maps:
         raise ValueError(f"training log has neither a loss nor a mAP (keys: {keys})")
+    # The exact AP of the batch beside the AP_Q the loss optimises: does the gap shrink?
+    batch = [k for k in ("batch_ap", "batch_ap_q") if k in keys]
     # The loss and validation mAP first; then, when logged, the schedule and the speed.
     extra = [[k] for k in ("lr", "images_per_s") if k in keys]
-    panels = [p for p in (losses, maps, *extra) if p]
+    panels = [p for p in (losses, maps, batch, *extra) if p]
     names = {"lr": "learning rate", "images_per_s": "images / s"}
     fig = Figure(figsize=(4.2 * len(panels), 3.4))
     for n, group in enumerate(panels):
@@ -148,11 +172,14 @@ def plot_training_curves(
             # Evaluations are sparse: markers make single points visible.
             ax.plot(x, y, marker="o" if len(x) < 30 else None, ms=3, lw=1.2, label=key)
         ax.set_xlabel(xname)
-        ylabel = "loss" if group is losses else "mAP" if group is maps else names[group[0]]
+        if group is losses or group is maps:
+            ylabel = "loss" if group is losses else "mAP"
+        else:
+            ylabel = "AP of the batch" if group is batch else names[group[0]]
         ax.set_ylabel(ylabel)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
         ax.grid(alpha=0.3)
-        if len(group) > 1 or group is maps:
+        if len(group) > 1 or group is maps or group is batch:
             ax.legend(fontsize=8)
     fig.tight_layout()
     _save_figure(fig, Path(path))
