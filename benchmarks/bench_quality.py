@@ -795,8 +795,9 @@ def plots(
     written = []
 
     def save(fig: Any, name: str) -> None:
+        fig.tight_layout()  # titles of one row clear of the axis labels of the row above
         with atomic_path(out / name) as tmp:
-            fig.savefig(tmp, format="png", dpi=90, bbox_inches="tight")
+            fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
         plt.close(fig)
         written.append(name)
 
@@ -870,7 +871,7 @@ def plots(
                 ax.scatter(d["ap"], d[e], s=6, alpha=0.6)
                 ax.plot([0, 1], [0, 1], "k--", lw=0.8)
                 r, bias, _ = ap_q_stats(rec, e)  # type: ignore[misc]
-                ax.set_title(f"{LABELS[name]}\n{e}: r={r:.3f}, bias={bias:+.3f}", fontsize=8)
+                ax.set_title(f"{LABELS[name]}\n{e}: r = {r:.4f}, bias {bias:+.3f}", fontsize=8)
                 ax.set_xlabel("exact AP")
                 ax.set_ylabel("AP_Q")
         save(fig, "quality_d_ap_vs_ap_q.png")
