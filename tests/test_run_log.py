@@ -20,6 +20,7 @@ FACTS = RunFacts(
     weights="imagenet pretrained",
     start_step=0,
     streamed=False,
+    out_dim=64,
 )
 
 
@@ -49,6 +50,7 @@ def test_start_summary_says_what_was_found_and_ignored():
     assert "cpu, 2 CPU threads, float32" in text
     assert "weights: imagenet pretrained" in text
     assert "50 steps of 32 images" in text and "from step 0" in text and "runs/x" in text
+    assert "out_dim 64," in text
     resumed = "\n".join(
         start_summary(config(), FACTS.__class__(**{**vars(FACTS), "start_step": 7}))
     )
@@ -67,6 +69,10 @@ def test_warnings_for_settings_that_cannot_work_as_meant():
     assert "warm-up (50 steps) is as long as the run (50 steps)" in w
     (w,) = setting_warnings(config(pca_images=40), FACTS)
     assert "64 dimensions from 40 images" in w and "at most 39 directions" in w
+    # out_dim: null (the backbone's width) is compared by the dimension the network has
+    wide = replace(FACTS, out_dim=1280)
+    (w,) = setting_warnings(config(out_dim=None, pca_images=300), wide)
+    assert "1280 dimensions from 120 images" in w
     # PCA is not learnt again on resume
     resumed = replace(FACTS, start_step=3)
     assert setting_warnings(config(pca_images=40), resumed) == []

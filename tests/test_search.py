@@ -424,6 +424,10 @@ def test_cli_search_a_folder_of_queries(image_index, capsys, tmp_path):
     # one block per image of the folder (sorted, sub-folders included), each finds itself
     assert [r["query"] for r in results] == [str(folder / "im1.png"), str(folder / "sub/im4.png")]
     assert [r["results"][0]["id"] for r in results] == ["im1.png", "im4.png"]
+    # the table: the same blocks, each headed by its image
+    assert main(["search", "--index", ix, "--query", str(folder), "--k", "2"]) == 0
+    heads = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("query: ")]
+    assert heads == [f"query: {folder / 'im1.png'}", f"query: {folder / 'sub/im4.png'}"]
     empty = tmp_path / "empty"
     empty.mkdir()
     assert main(["search", "--index", ix, "--query", str(empty)]) == 2

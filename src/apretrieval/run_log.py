@@ -40,6 +40,7 @@ class RunFacts:
     weights: str
     start_step: int
     streamed: bool
+    out_dim: int  # the network's descriptor dimension (``out_dim: null`` resolved: the width)
 
 
 def setting_warnings(cfg: TrainConfig, facts: RunFacts) -> list[str]:
@@ -59,9 +60,9 @@ def setting_warnings(cfg: TrainConfig, facts: RunFacts) -> list[str]:
         )
     if cfg.whiten and cfg.whiten_init == "pca" and facts.start_step == 0:
         n = min(cfg.pca_images, facts.images)
-        if n <= cfg.out_dim:
+        if n <= facts.out_dim:
             out.append(
-                f"PCA whitening learns {cfg.out_dim} dimensions from {n} images: at most "
+                f"PCA whitening learns {facts.out_dim} dimensions from {n} images: at most "
                 f"{max(n - 1, 0)} directions carry variance (raise --pca-images or lower "
                 "--out-dim)"
             )
@@ -88,7 +89,7 @@ def start_summary(cfg: TrainConfig, facts: RunFacts) -> list[str]:
         + (", channels-last" if cfg.channels_last else "")
         + (", compiled" if cfg.compile else ""),
         f"model: {cfg.backbone} (weights: {facts.weights}), GeM p={cfg.gem_p:g}, "
-        f"out_dim {cfg.out_dim}, loss {cfg.loss}"
+        f"out_dim {facts.out_dim}, loss {cfg.loss}"
         + (f" ({cfg.num_bins} bins)" if cfg.loss.endswith("ap") else ""),
         f"run: {cfg.steps} steps of {cfg.batch_size} images ({cfg.chunk_size} at a time, "
         f"max side {cfg.max_side} px, "

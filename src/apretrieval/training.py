@@ -298,6 +298,7 @@ def _train(cfg: TrainConfig, resume: bool, callback: Callback | None, callback_e
         weights=weights_source(cfg, start),
         start_step=start,
         streamed=not in_memory,
+        out_dim=model.out_dim,
     )
     if ctx.is_main and cfg.progress:
         for line in start_summary(cfg, facts):

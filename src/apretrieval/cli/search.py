@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
         json.dump(out, sys.stdout, indent=1)
         sys.stdout.write("\n")
         return 0
-    for n, (q, rows) in enumerate(zip(args.query, ranked, strict=True)):
+    for n, (q, rows) in enumerate(zip(queries, ranked, strict=True)):
         if n:
             print()
         print(f"query: {q}")
