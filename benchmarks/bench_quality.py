@@ -762,7 +762,7 @@ def table_d(runs: dict[str, dict], seeds: Sequence[int]) -> str:
             cols = list(zip(*stats, strict=True))
             rows.append(
                 f"| {LABELS[loss]} | {e} | {len(stats)} | "
-                f"{_fmt(*mean_ci(cols[0]), scale=1, digits=3)} | "
+                f"{_fmt(*mean_ci(cols[0]), scale=1, digits=4)} | "
                 f"{_fmt(*mean_ci(cols[1]), scale=1, digits=3)} | "
                 f"{_fmt(*mean_ci(cols[2]), scale=1, digits=3)} |"
             )

@@ -69,6 +69,9 @@ def test_warnings_for_settings_that_cannot_work_as_meant():
     assert "warm-up (50 steps) is as long as the run (50 steps)" in w
     (w,) = setting_warnings(config(pca_images=40), FACTS)
     assert "64 dimensions from 40 images" in w and "at most 39 directions" in w
+    (w,) = setting_warnings(config(amp="fp16"), FACTS)
+    assert "--amp fp16 on CPU is many times slower" in w
+    assert setting_warnings(config(amp="fp16"), replace(FACTS, device="cuda:0")) == []
     # out_dim: null (the backbone's width) is compared by the dimension the network has
     wide = replace(FACTS, out_dim=1280)
     (w,) = setting_warnings(config(out_dim=None, pca_images=300), wide)

@@ -58,6 +58,13 @@ def setting_warnings(cfg: TrainConfig, facts: RunFacts) -> list[str]:
             f"warm-up ({cfg.warmup_steps} steps) is as long as the run ({cfg.steps} steps): "
             "the learning rate never reaches --lr"
         )
+    if cfg.amp == "fp16" and facts.device.startswith("cpu"):
+        # CPU autocast has few float16 kernels: a MobileNetV2 step ran 29x slower than float32
+        # (benchmarks/bench_amp.py); bfloat16 runs at float32's speed or faster.
+        out.append(
+            "--amp fp16 on CPU is many times slower than float32 (few float16 CPU kernels): "
+            "use --amp bf16 or off on CPU; fp16 is for GPUs"
+        )
     if cfg.whiten and cfg.whiten_init == "pca" and facts.start_step == 0:
         n = min(cfg.pca_images, facts.images)
         if n <= facts.out_dim:
