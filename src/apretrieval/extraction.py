@@ -20,6 +20,7 @@ import importlib
 import math
 import os
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,7 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "ImageFiles",
     "combine_scales",
+    "eval_mode",
     "extract_descriptors",
     "extract_to_file",  # noqa: F822 (from apretrieval.resumable, see __getattr__)
     "features_paths",
@@ -54,6 +56,17 @@ DEFAULT_SCALES: tuple[float, ...] = (1.0, 2**-0.5, 0.5)
 # Longer image side before scaling, pixels (the size multi-scale test images start from).
 DEFAULT_MAX_SIDE = 1024
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode inside the block, back in the mode it had after (even on error)."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 def __getattr__(name: str) -> Any:
@@ -361,25 +374,20 @@ def extract_descriptors(
     model = fast_net(model, amp)
     _prepare(model, images, batch_size, num_workers)
     dev = torch.device(device) if device is not None else _model_device(model)
-    was_training = model.training
-    model.eval()
-    try:
-        n = len(images)
+    n = len(images)
+    with eval_mode(model), tqdm(total=n, desc=desc, unit="img", disable=not progress) as bar:
         out = np.zeros((n, _descriptor_dim(model, dev) if n else 0), dtype=np.float32)
-        with tqdm(total=n, desc=desc, unit="img", disable=not progress) as bar:
-            _extract_into(
-                out,
-                model,
-                images,
-                range(n),
-                scales=scales,
-                batch_size=batch_size,
-                num_workers=num_workers,
-                device=dev,
-                max_side=max_side,
-                sort_by_size=sort_by_size,
-                bar=bar,
-            )
-    finally:
-        model.train(was_training)
+        _extract_into(
+            out,
+            model,
+            images,
+            range(n),
+            scales=scales,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            device=dev,
+            max_side=max_side,
+            sort_by_size=sort_by_size,
+            bar=bar,
+        )
     return out

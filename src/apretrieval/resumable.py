@@ -45,6 +45,7 @@ from apretrieval.extraction import (
     _extract_into,
     _model_device,
     _prepare,
+    eval_mode,
 )
 from apretrieval.filekey import file_key, matches
 from apretrieval.locking import output_lock
@@ -131,6 +132,21 @@ def _committed_shards(parts: Path) -> dict[int, dict[str, Any]]:
         if isinstance(record, dict) and matches(record.get("data"), parts / f"{k:06d}.npy"):
             out[k] = record
     return out
+
+
+def _shard_contents(
+    shards: dict[int, dict[str, Any]],
+) -> tuple[dict[tuple[str, str], tuple[int, int]], dict[tuple[str, str], str]]:
+    """What the shards hold, keyed by (image id, stamp): (shard, row) of each descriptor, and
+    the error of each image skipped as unreadable. A later shard wins over an earlier one."""
+    have: dict[tuple[str, str], tuple[int, int]] = {}
+    bad: dict[tuple[str, str], str] = {}
+    for k, record in sorted(shards.items()):
+        for r, key in enumerate(zip(record["ids"], record["stamps"], strict=True)):
+            have[key] = (k, r)
+        for image_id, (stamp, err) in record["skipped"].items():
+            bad[(image_id, stamp)] = err
+    return have, bad
 
 
 def _extract_shards(
@@ -299,26 +315,13 @@ def _run(
 ) -> None:
     """Extract what the shards lack, then write the final pair."""
     shards = _committed_shards(parts)
-    have: dict[tuple[str, str], tuple[int, int]] = {}
-    bad: dict[tuple[str, str], str] = {}
-    for k, record in sorted(shards.items()):
-        for r, key in enumerate(zip(record["ids"], record["stamps"], strict=True)):
-            have[key] = (k, r)
-        for image_id, (stamp, err) in record["skipped"].items():
-            bad[(image_id, stamp)] = err
+    have, bad = _shard_contents(shards)
     keys = list(zip(ids, stamps, strict=True))
     todo = [i for i, key in enumerate(keys) if key not in have and key not in bad]
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):  # the dimension may take a forward pass: in eval mode too
         dim = _descriptor_dim(model, extract["device"])
-        with tqdm(
-            total=len(ids),
-            initial=len(ids) - len(todo),
-            desc=desc,
-            unit="img",
-            disable=not progress,
-        ) as bar:
+        done = len(ids) - len(todo)
+        with tqdm(total=len(ids), initial=done, desc=desc, unit="img", disable=not progress) as bar:
             _extract_shards(
                 model,
                 images,
@@ -333,15 +336,8 @@ def _run(
                 bar=bar,
                 **extract,
             )
-    finally:
-        model.train(was_training)
     if todo:
-        shards = _committed_shards(parts)
-        for k, record in shards.items():
-            for r, key in enumerate(zip(record["ids"], record["stamps"], strict=True)):
-                have[key] = (k, r)
-            for image_id, (stamp, err) in record["skipped"].items():
-                bad[(image_id, stamp)] = err
+        have, bad = _shard_contents(_committed_shards(parts))
     sources = [have[key] for key in keys if key in have]
     good = [key[0] for key in keys if key in have]
     skipped = [{"id": key[0], "error": bad[key]} for key in keys if key not in have]

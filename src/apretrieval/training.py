@@ -39,6 +39,7 @@ from apretrieval.distributed import (
     shard_bounds,
     sync_stop,
 )
+from apretrieval.extraction import eval_mode
 from apretrieval.jsonl import append_jsonl
 from apretrieval.losses import APLoss, ContrastiveLoss, MemoryBank, TieAwareAPLoss, TripletLoss
 from apretrieval.losses.batch_ap import batch_ap_metrics
@@ -183,14 +184,11 @@ def init_whitening_from_data(
     n = min(cfg.pca_images, len(images))
     chosen = np.sort(rng.choice(len(images), size=n, replace=False))
     pooled = []
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         for i in tqdm(chosen, desc="PCA whitening init", disable=not cfg.progress, leave=False):
             x = images.load(int(i), lambda img: resize_max_side(img, cfg.max_side))
             if x is not None:
                 pooled.append(model.pooled(x[None].to(device)).cpu())
-    model.train(was_training)
     if len(pooled) < 2:
         raise ValueError(f"PCA whitening needs at least 2 readable images, got {len(pooled)}")
     model.init_whitening(torch.cat(pooled).to(torch.float64))

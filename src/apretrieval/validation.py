@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from apretrieval.data.revisited import RevisitedDataset, locate_benchmark
+from apretrieval.extraction import eval_mode
 from apretrieval.pipeline import ExtractionSettings, check_benchmark_images, evaluate_checkpoint
 from apretrieval.train_config import TrainConfig
 
@@ -31,12 +32,8 @@ class Validator:
 
     def __call__(self, model: torch.nn.Module) -> tuple[dict[str, float], bool]:
         """({"<name>/medium/mAP": x, "<name>/hard/mAP": y}, whether x is the best so far)."""
-        was_training = model.training
-        model.eval()
-        try:
+        with eval_mode(model):
             res = evaluate_checkpoint(model, self.dataset, self.settings, topk=1)
-        finally:
-            model.train(was_training)
         name = self.dataset.name
         medium, hard = res.metrics["medium"].mAP, res.metrics["hard"].mAP
         improved = medium > self.best

@@ -340,35 +340,31 @@ def download_dataset(
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     say = log or (lambda _msg: None)
-    for i, rf in enumerate(files, 1):
-        if rf.extract is None:
-            target = root / rf.filename
-            if not target.exists():
-                say(f"[{i}/{len(files)}] {rf.url}")
-            download_file(
-                rf.url,
-                target,
-                size=rf.size,
-                sha256=rf.sha256,
-                retries=retries,
-                timeout=timeout,
-                progress=progress,
-            )
-            continue
-        marker = root / f".{rf.filename}.done"
-        if marker.exists():
-            continue
-        archive = root / rf.filename
-        say(f"[{i}/{len(files)}] {rf.url}")
+
+    def fetch(rf: RemoteFile, target: Path) -> None:
         download_file(
             rf.url,
-            archive,
+            target,
             size=rf.size,
             sha256=rf.sha256,
             retries=retries,
             timeout=timeout,
             progress=progress,
         )
+
+    for i, rf in enumerate(files, 1):
+        if rf.extract is None:  # a plain file (ground truth, image list): checked, kept
+            target = root / rf.filename
+            if not target.exists():
+                say(f"[{i}/{len(files)}] {rf.url}")
+            fetch(rf, target)
+            continue
+        marker = root / f".{rf.filename}.done"
+        if marker.exists():
+            continue
+        archive = root / rf.filename
+        say(f"[{i}/{len(files)}] {rf.url}")
+        fetch(rf, archive)
         n = extract_archive(
             archive, root / "jpg", flatten=rf.extract == "flatten", progress=progress
         )
