@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -262,11 +263,35 @@ def test_results_record_the_ap_q_analysis(tmp_path):
     cmp = ap_vs_quantized_ap(scores, gnd, "medium", 6)
     got = np.array([np.nan if q.ap_q is None else q.ap_q for q in res.queries])
     np.testing.assert_allclose(got, cmp.ap_q, atol=1e-12, equal_nan=True)
+    # AP_Q is set against the AP it estimates: non-interpolated, same ranking (junk out).
+    exact = np.array([_non_interpolated_ap(scores[i], e, "medium") for i, e in enumerate(gnd)])
+    assert res.apq_reference == "non-interpolated"
     ap, ap_q = res.apq_pairs()
-    ok = ~np.isnan(cmp.ap)
-    np.testing.assert_allclose(ap, cmp.ap[ok])
+    ok = ~np.isnan(exact)
+    np.testing.assert_allclose(ap, exact[ok], atol=1e-12)
     np.testing.assert_allclose(ap_q, cmp.ap_q[ok])
-    assert res.apq_pearson() == pytest.approx(pearson(cmp.ap[ok], cmp.ap_q[ok]))
+    assert res.apq_pearson() == pytest.approx(pearson(exact[ok], cmp.ap_q[ok]))
+    # ... which sits above the official trapezoid AP wherever a negative precedes a positive.
+    assert np.all(exact[ok] >= cmp.ap[ok] - 1e-12) and np.any(exact[ok] > cmp.ap[ok] + 1e-3)
+    # Files without it (written before) fall back to the official AP.
+    older = dataclasses.replace(
+        res, queries=tuple(dataclasses.replace(q, ap_exact=None) for q in res.queries)
+    )
+    assert older.apq_reference == "official"
+    np.testing.assert_allclose(older.apq_pairs()[0], cmp.ap[ok])
+
+
+def _non_interpolated_ap(row: np.ndarray, entry: dict, protocol: str) -> float:
+    """Mean over positives of the precision at their rank, junk removed; written out by hand."""
+    pos = set(entry["easy"]) | set(entry["hard"]) if protocol == "medium" else set()
+    junk = set(entry["junk"])
+    ranked = [j for j in sorted(range(len(row)), key=lambda j: (-row[j], j)) if j not in junk]
+    hits, precisions = 0, []
+    for rank, j in enumerate(ranked, 1):
+        if j in pos:
+            hits += 1
+            precisions.append(hits / rank)
+    return float(np.mean(precisions)) if precisions else math.nan
 
 
 def test_results_carry_the_sharp_ap_q_of_each_query(tmp_path):

@@ -11,7 +11,8 @@ the demo (``results_<model>.json``) write it, ``apretrieval report`` reads it::
                   "topk": [database indices, best first], "topk_scores": [...],
                   "ap": {"easy": float | null, "medium": ..., "hard": ...},
                   "ap_q": float | null,                      # null: no positive
-                  "ap_q_sharp": float | null}, ...],         # Q entries
+                  "ap_q_sharp": float | null,
+                  "ap_exact": float | null}, ...],           # Q entries
      "settings": {"scales": [...], "max_side": ..., ...},     # what produced the scores
      "apq_analysis": {"protocol": "medium", "num_bins": 20, "score_range": [-1.0, 1.0]}}
 
@@ -20,7 +21,8 @@ Metrics are fractions in [0, 1]. In memory the ``mP@k`` keys are ints (as
 :meth:`ProtocolMetrics.from_dict` is the one place that reads either. Files written before
 ``apq_analysis`` was recorded used the defaults of :class:`~apretrieval.apq_analysis.APQSettings`;
 ``ap_q`` is the paper's estimator, ``ap_q_sharp`` (absent from older files) the sharp one, both
-with the bins of ``apq_analysis``.
+with the bins of ``apq_analysis``; ``ap_exact`` (absent from older files) is the non-interpolated
+AP of the same ranking, the quantity they estimate (``ap`` holds the official, trapezoid AP).
 
 The tables people read are :mod:`apretrieval.tables` (re-exported here).
 """
@@ -115,7 +117,8 @@ class QueryResult:
     """One query: its image (and crop), top-k database indices and scores, AP and AP_Q.
 
     ``ap[protocol]`` and ``ap_q`` are None when the query has no positive under the protocol;
-    ``ap_q`` is the plain (paper's) AP_Q, ``ap_q_sharp`` the sharp estimator's.
+    ``ap_q`` is the plain (paper's) AP_Q, ``ap_q_sharp`` the sharp estimator's, ``ap_exact``
+    the non-interpolated AP they estimate (analysis protocol, junk removed).
     """
 
     image: str
@@ -125,6 +128,7 @@ class QueryResult:
     ap_q: float | None = None
     bbx: tuple[float, ...] | None = None
     ap_q_sharp: float | None = None
+    ap_exact: float | None = None
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], where: str = "query") -> QueryResult:
@@ -138,6 +142,7 @@ class QueryResult:
                 ap_q=_opt_float(d.get("ap_q")),
                 bbx=None if bbx is None else tuple(float(v) for v in bbx),
                 ap_q_sharp=_opt_float(d.get("ap_q_sharp")),
+                ap_exact=_opt_float(d.get("ap_exact")),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as err:
             raise ValueError(f"{where}: not a results query entry ({err!r})") from None
@@ -151,6 +156,7 @@ class QueryResult:
             "ap": dict(self.ap),
             "ap_q": self.ap_q,
             "ap_q_sharp": self.ap_q_sharp,
+            "ap_exact": self.ap_exact,
         }
 
 
@@ -229,15 +235,27 @@ class RetrievalResults:
         values = [q.ap.get(protocol) for q in self.queries]
         return np.array([np.nan if v is None else v for v in values], dtype=np.float64)
 
+    @property
+    def apq_reference(self) -> str:
+        """The exact AP that :meth:`apq_pairs` sets against AP_Q: ``"non-interpolated"`` (what
+        AP_Q estimates) when recorded, else ``"official"`` (files written before it was)."""
+        recorded = [q.ap_exact is not None for q in self.queries if q.ap_q is not None]
+        return "non-interpolated" if recorded and all(recorded) else "official"
+
     def apq_pairs(self, estimator: str = "plain") -> tuple[np.ndarray, np.ndarray]:
         """(AP, AP_Q) of the queries that have both, under the analysis' protocol -> (n,), (n,).
 
-        ``estimator``: ``"plain"`` (``ap_q``) or ``"sharp"`` (``ap_q_sharp``; none in older files).
+        ``estimator``: ``"plain"`` (``ap_q``) or ``"sharp"`` (``ap_q_sharp``; none in older
+        files). AP: see :attr:`apq_reference`.
         """
         if estimator not in ("plain", "sharp"):
             raise ValueError(f"estimator must be 'plain' or 'sharp', got {estimator!r}")
         values = [q.ap_q if estimator == "plain" else q.ap_q_sharp for q in self.queries]
-        ap = self.ap(self.apq.protocol)
+        if self.apq_reference == "non-interpolated":
+            exact = [q.ap_exact for q in self.queries]
+            ap = np.array([np.nan if v is None else v for v in exact], dtype=np.float64)
+        else:
+            ap = self.ap(self.apq.protocol)
         ap_q = np.array([np.nan if v is None else v for v in values], dtype=np.float64)
         ok = ~(np.isnan(ap) | np.isnan(ap_q))
         return ap[ok], ap_q[ok]

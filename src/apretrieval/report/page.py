@@ -179,7 +179,8 @@ def _scatter(res: RetrievalResults, out: Path, embed: bool) -> str:
         return "<p>No per-query AP_Q in the results.</p>"
     apq = res.apq
     sharp = res.apq_pairs("sharp")
-    r = plot_ap_scatter(ap, ap_q, out / SCATTER_FILE, apq=apq, sharp=sharp)
+    reference = res.apq_reference
+    r = plot_ap_scatter(ap, ap_q, out / SCATTER_FILE, apq=apq, sharp=sharp, reference=reference)
     lo, hi = apq.score_range
     sharp_text = ""
     if sharp[0].size:
@@ -192,14 +193,15 @@ def _scatter(res: RetrievalResults, out: Path, embed: bool) -> str:
         f"{plot_img(out / SCATTER_FILE, 'ap-scatter', 'AP vs AP_Q scatter', embed)}"
         f'<p>Pearson correlation r = <b id="pearson">{_r_text(r)}</b> over {ap.size} queries '
         f"({apq.protocol.capitalize()} protocol, the paper's AP_Q with {apq.num_bins} bins over "
-        f"[{lo:g}, {hi:g}]); mean AP_Q - AP = {100 * float(np.mean(ap_q - ap)):+.2f} points."
-        f"{sharp_text}</p>"
+        f"[{lo:g}, {hi:g}], against the {reference} AP of the same ranking); mean AP_Q - AP = "
+        f"{100 * float(np.mean(ap_q - ap)):+.2f} points.{sharp_text}</p>"
         '<p class="meta">Why AP_Q sits below AP: the quantized AP counts every item that falls '
         "in a positive's score bin as ranked above it, so coarse bins lower the estimate; a "
         "query whose scores spread over few bins is hit hardest. The training loss uses the "
         'same estimate; <code>estimator="sharp"</code> (bins from just below each query\'s '
         "lowest positive to its top score, counts read at each positive's own score) narrows "
-        "the gap.</p>"
+        "the gap. AP_Q estimates the non-interpolated AP; the official AP of the table (trapezoid "
+        "rule) is lower wherever a negative precedes a positive.</p>"
     )
 
 

@@ -45,11 +45,13 @@ def plot_ap_scatter(
     title: str = "",
     apq: APQSettings | None = None,
     sharp: tuple[Sequence[float], Sequence[float]] | None = None,
+    reference: str = "exact",
 ) -> float:
     """Scatter of exact AP vs quantized AP_Q per query (the supplementary's Fig. 1), with the
     diagonal; ``apq`` names the protocol and bins on the axes; ``sharp``: (AP, AP_Q) pairs of
-    the sharp estimator, drawn beside the plain ones with another marker. Returns the Pearson
-    correlation of the plain pairs (NaN when undefined)."""
+    the sharp estimator, drawn beside the plain ones with another marker; ``reference`` names
+    the exact AP on the x axis. Returns the Pearson correlation of the plain pairs (NaN when
+    undefined)."""
     apq = apq or APQSettings()
     x, y = np.asarray(ap, dtype=np.float64), np.asarray(ap_q, dtype=np.float64)
     r = pearson(x, y) if x.size else math.nan
@@ -77,7 +79,7 @@ def plot_ap_scatter(
     if len(series) > 1:
         ax.legend(fontsize=8, loc="upper left", title="AP_Q estimator", title_fontsize=8)
     ax.set(
-        xlabel=f"AP, exact ({apq.protocol.capitalize()}, %)",
+        xlabel=f"AP, {reference} ({apq.protocol.capitalize()}, %)",
         ylabel=f"AP_Q, {apq.num_bins} bins (%)",
     )
     if title:
