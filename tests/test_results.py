@@ -281,6 +281,17 @@ def test_results_record_the_ap_q_analysis(tmp_path):
     np.testing.assert_allclose(older.apq_pairs()[0], cmp.ap[ok])
 
 
+def test_exact_ap_per_query_with_ties_follows_database_order():
+    from apretrieval.apq_analysis import exact_ap_per_query
+
+    rng = np.random.default_rng(23)
+    scores = np.round(rng.uniform(-1, 1, (6, 80)), 1)  # about 4 items share every score
+    gnd = random_gnd(rng, 6, 80, max_items=10)
+    got = exact_ap_per_query(scores, gnd, "medium")
+    want = [_non_interpolated_ap(scores[i], e, "medium") for i, e in enumerate(gnd)]
+    np.testing.assert_allclose(got, want, atol=1e-12, equal_nan=True)
+
+
 def _non_interpolated_ap(row: np.ndarray, entry: dict, protocol: str) -> float:
     """Mean over positives of the precision at their rank, junk removed; written out by hand."""
     pos = set(entry["easy"]) | set(entry["hard"]) if protocol == "medium" else set()

@@ -33,8 +33,9 @@ from apretrieval.evaluation import (
     gnd_entries,
     protocol_sets,
     query_sets,
+    stable_ranks,
 )
-from apretrieval.losses import average_precision, quantized_ap
+from apretrieval.losses import quantized_ap
 
 __all__ = [
     "APComparison",
@@ -133,10 +134,26 @@ def quantized_ap_per_query(
 
 def exact_ap_per_query(scores: Any, gnd: Any, protocol: str = "medium") -> np.ndarray:
     """Non-interpolated AP per query (the quantity AP_Q estimates), junk of ``protocol``
-    removed -> (Q,), NaN without a positive. Ties: database order, as the official ranking."""
-    out = np.full(len(gnd_entries(gnd)), np.nan)
-    for i, row, rel in _protocol_rows(scores, gnd, protocol):
-        out[i] = float(average_precision(row, rel)[0])
+    removed -> (Q,), NaN without a positive. Ties: database order, as the official ranking.
+
+    From the ranks of the positives and junk alone (:func:`stable_ranks`, no sort of the
+    database): with ``r_k`` the 0-based rank of the k-th positive once junk is removed,
+    ``AP = mean_k (k + 1) / (r_k + 1)``.
+    """
+    s = as_scores(scores)
+    entries = gnd_entries(gnd)
+    q, n = s.shape
+    if len(entries) != q:
+        raise ValueError(f"scores has {q} query rows but gnd has {len(entries)} entries")
+    out = np.full(q, np.nan)
+    for i, entry in enumerate(entries):
+        pos, junk = protocol_sets(query_sets(entry, i, n), protocol)
+        if pos.size == 0:
+            continue
+        ranks = stable_ranks(s[i], np.concatenate([pos, junk]))
+        r = np.sort(ranks[: pos.size])
+        r = r - np.searchsorted(np.sort(ranks[pos.size :]), r)  # junk ahead moves it up
+        out[i] = float(np.mean(np.arange(1, r.size + 1) / (r + 1.0)))
     return out
 
 
