@@ -834,6 +834,8 @@ def plots(
                 label=LABELS[loss],
             )
         ax.set_xscale("log", base=2)
+        ax.set_xticks(BATCH_SIZES, [str(b) for b in BATCH_SIZES])  # the sizes run, not 2^k
+        ax.minorticks_off()
         ax.set_xlabel("batch size (equal images seen)")
         ax.set_ylabel("Medium mAP (%)")
         ax.set_title("(b) batch size")
@@ -851,6 +853,8 @@ def plots(
             capsize=3,
         )
         ax.set_xscale("log", base=2)
+        ax.set_xticks(ms, [str(m) for m in ms])
+        ax.minorticks_off()
         ax.set_xlabel("number of bins (score range [-1, 1])")
         ax.set_ylabel("Medium mAP (%)")
         ax.set_title("(c) bins")
