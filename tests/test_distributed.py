@@ -40,6 +40,7 @@ from apretrieval.losses import APLoss, ContrastiveLoss, TieAwareAPLoss
 from apretrieval.models import ModelConfig, RetrievalNet, load_checkpoint
 from apretrieval.multistage import multistage_backward
 from apretrieval.train_config import TrainConfig
+from test_training import tiny_config
 
 WORLD = 2
 CHUNK = 2
@@ -90,33 +91,20 @@ def grads(model: nn.Module) -> dict[str, torch.Tensor | None]:
 
 
 def tiny_train_config(folder: Path, out: Path, **kw) -> TrainConfig:
+    """test_training's tiny run (random ResNet-18, 32 px, identity whitening), as the
+    distributed tests take it: chunks of 2, a memory bank, gloo on CPU."""
     base = dict(
-        data=str(folder),
-        backbone="resnet18",
-        pretrained=None,
-        out_dim=16,
-        batch_size=8,
-        images_per_class=2,
         chunk_size=2,
-        max_side=32,
-        steps=4,
-        lr=1e-3,
         schedule="exponential",
         lr_decay=0.9,
-        output_dir=str(out),
-        num_workers=0,
-        checkpoint_every=2,
-        progress=False,
-        # PCA of 6 images into 16 dimensions leaves 11 directions to rounding (they differ
-        # between one process and two ranks): these runs compare the steps, not the whitening.
-        whiten_init="identity",
+        warmup_steps=0,
         memory_batches=2,
         dist_backend="gloo",
         dist_timeout=60.0,
         device="cpu",
     )
     base.update(kw)
-    return TrainConfig(**base)
+    return tiny_config(folder, out, **base)
 
 
 def make_folder(root: Path) -> Path:
