@@ -10,7 +10,8 @@ query's AP averaged over seeds) measures how much the test set's own sampling co
     and triplet; the baselines' margin and every loss's learning rate are chosen on a
     held-out split of the *training* landmarks of seed 0, never on a test set;
 (b) batch size 32 -> 1024 at an equal number of images seen, AP vs contrastive, the batch
-    processed through multistaged backpropagation in chunks;
+    processed through multistaged backpropagation in chunks; and at an equal number of steps
+    (the steps of batch 128), where a larger batch also means more images seen;
 (c) AP loss with 5, 10, 20, 40 bins on [-1, 1], and 20 bins on [0, 1];
 (d) exact AP vs AP_Q per query on the test set (Medium protocol, junk removed), Pearson r and
     mean bias of each estimator, for the pretrained network and every trained one.
@@ -160,7 +161,7 @@ class Budget:
 class RunSpec:
     """One training (or, with loss="pretrained", evaluation-only) run."""
 
-    study: str  # "tune", "a", "b", "c"
+    study: str  # "tune", "a", "b" (equal images), "b2" (equal steps), "c"
     loss: str  # pretrained, ap, tie_aware_ap, sharp_ap, contrastive, triplet
     seed: int
     lr: float = 0.0
@@ -168,12 +169,15 @@ class RunSpec:
     batch_size: int = 128
     num_bins: int = 20
     score_range: tuple[float, float] = (-1.0, 1.0)
+    steps: int = 0  # 0: the budget's images seen / batch size
 
     @property
     def id(self) -> str:
         parts = [self.study, self.loss, f"s{self.seed}"]
         if self.loss != "pretrained":
             parts += [f"lr{self.lr:g}", f"B{self.batch_size}"]
+        if self.steps:
+            parts.append(f"T{self.steps}")
         if self.loss in ("contrastive", "triplet"):
             parts.append(f"m{self.margin:g}")
         if self.loss.endswith("ap"):
@@ -185,6 +189,7 @@ LOSSES_A = ("ap", "tie_aware_ap", "sharp_ap", "contrastive", "triplet")
 LR_GRID = (3e-4, 1e-3, 3e-3)
 MARGIN_GRID = {"contrastive": (0.7, 1.0, 1.4), "triplet": (0.1, 0.3)}
 BATCH_SIZES = (32, 128, 512, 1024)
+EQUAL_STEPS = Budget.images_seen // Budget.batch_size  # (b2): batch 128's number of steps
 BINS = (5, 10, 20, 40)
 RANGES = ((-1.0, 1.0), (0.0, 1.0))
 ESTIMATORS = ("plain", "tie_aware", "sharp")
@@ -242,12 +247,23 @@ def study_specs(runs: dict[str, dict], seeds: Sequence[int], with_sharp: bool) -
                 lr, m = hp[loss]  # type: ignore[misc]
                 if b != 128:
                     specs.append(RunSpec("b", loss, s, lr=lr, margin=m, batch_size=b))
+    for s in seeds:
+        for b in BATCH_SIZES:
+            for loss in ("ap", "contrastive"):
+                lr, m = hp[loss]  # type: ignore[misc]
+                if b != 128:
+                    specs.append(b2_spec(loss, s, lr, m, b))
     return specs
 
 
+def b2_spec(loss: str, seed: int, lr: float, margin: float, batch_size: int) -> RunSpec:
+    """Study (b2): ``batch_size`` for the number of steps that batch 128 takes."""
+    return RunSpec("b2", loss, seed, lr=lr, margin=margin, batch_size=batch_size, steps=EQUAL_STEPS)
+
+
 def same_as(spec: RunSpec) -> RunSpec:
-    """Runs shared between studies: (b) and (c) at the default setting are (a)'s runs."""
-    return dataclasses.replace(spec, study="a")
+    """Runs shared between studies: (b), (b2) and (c) at the default setting are (a)'s runs."""
+    return dataclasses.replace(spec, study="a", steps=0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -383,8 +399,9 @@ def split_classes(labels: Tensor, seed: int, fraction: float, stream: int) -> Te
 
 
 def train_head(head: Head, x: Tensor, labels: Tensor, spec: RunSpec, budget: Budget) -> list[float]:
-    """Adam, cosine schedule, ``budget.images_seen`` images in batches of ``spec.batch_size``."""
-    steps = max(1, budget.images_seen // spec.batch_size)
+    """Adam, cosine schedule, ``budget.images_seen`` images in batches of ``spec.batch_size``
+    (or ``spec.steps`` batches when set)."""
+    steps = spec.steps or max(1, budget.images_seen // spec.batch_size)
     k = budget.images_per_class
     sampler = ClassBalancedBatchSampler(
         labels.numpy(), spec.batch_size, k, seed=spec.seed, steps=steps
@@ -403,7 +420,7 @@ def train_head(head: Head, x: Tensor, labels: Tensor, spec: RunSpec, budget: Bud
         else:  # one chunk: multistaged backpropagation would equal this, with an extra pass
             out = loss_fn(head(xb), yb)
             out.backward()
-            loss = float(out)
+            loss = float(out.detach())
         opt.step()
         losses.append(loss)
     head.eval()
@@ -653,11 +670,12 @@ def per_query_tests(runs: dict[str, dict], seeds: Sequence[int]) -> list[str]:
     return out
 
 
-def table_b(runs: dict[str, dict], seeds: Sequence[int]) -> tuple[str, dict]:
+def table_b(runs: dict[str, dict], seeds: Sequence[int], equal: str = "images") -> tuple[str, dict]:
+    """Study (b) at equal images seen (``equal="images"``) or equal steps (``"steps"``)."""
     rows = [
-        "| batch | steps | AP: Medium | contrastive: Medium | AP - contrastive (paired) "
-        "| t | p | AP: Hard | contrastive: Hard |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| batch | steps | images seen | AP: Medium | contrastive: Medium | AP - contrastive "
+        "(paired) | t | p | AP: Hard | contrastive: Hard |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     curves: dict[str, dict[int, list[float]]] = {"ap": {}, "contrastive": {}}
     budget = Budget()
@@ -668,10 +686,13 @@ def table_b(runs: dict[str, dict], seeds: Sequence[int]) -> tuple[str, dict]:
         vals = {}
         for loss in ("ap", "contrastive"):
             lr, m = hp[loss]  # type: ignore[misc]
-            study = "a" if b == 128 else "b"
 
-            def spec_of(s: int, loss=loss, lr=lr, m=m, study=study, b=b) -> RunSpec:
-                return RunSpec(study, loss, s, lr=lr, margin=m, batch_size=b)
+            def spec_of(s: int, loss=loss, lr=lr, m=m, b=b) -> RunSpec:
+                if b == 128:
+                    return RunSpec("a", loss, s, lr=lr, margin=m)
+                if equal == "steps":
+                    return b2_spec(loss, s, lr, m, b)
+                return RunSpec("b", loss, s, lr=lr, margin=m, batch_size=b)
 
             vals[loss] = (
                 _by_seed(runs, spec_of, seeds, _medium),
@@ -688,8 +709,9 @@ def table_b(runs: dict[str, dict], seeds: Sequence[int]) -> tuple[str, dict]:
             if len(common) > 1
             else None
         )
+        steps = EQUAL_STEPS if equal == "steps" else budget.images_seen // b
         rows.append(
-            f"| {b} | {budget.images_seen // b} | "
+            f"| {b} | {steps} | {steps * b} | "
             f"{_fmt(*mean_ci(list(vals['ap'][0].values())))} | "
             f"{_fmt(*mean_ci(list(vals['contrastive'][0].values())))} | "
             + (f"{_fmt(r['diff'], r['ci'])} | {r['t']:.2f} | {_p(r['p'])}" if r else "- | - | -")
@@ -786,6 +808,7 @@ def plots(
     per_loss: dict,
     curves_b: dict,
     curve_c: dict,
+    curves_b2: dict | None = None,
 ) -> list[str]:
     import matplotlib
 
@@ -820,26 +843,30 @@ def plots(
             ax.grid(axis="y", alpha=0.3)
         fig.suptitle("(a) losses: mean and 95% interval over seeds", fontsize=10)
         save(fig, "quality_a_losses.png")
-    if any(curves_b.values()):
-        fig, ax = plt.subplots(figsize=(5, 3.2))
-        for loss, c in curves_b.items():
-            bs = [b for b in BATCH_SIZES if c.get(b)]
-            stats = [mean_ci(c[b]) for b in bs]
-            ax.errorbar(
-                bs,
-                [100 * m for m, _ in stats],
-                yerr=[100 * (h if not math.isnan(h) else 0) for _, h in stats],
-                marker="o",
-                capsize=3,
-                label=LABELS[loss],
-            )
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(BATCH_SIZES, [str(b) for b in BATCH_SIZES])  # the sizes run, not 2^k
-        ax.minorticks_off()
-        ax.set_xlabel("batch size (equal images seen)")
-        ax.set_ylabel("Medium mAP (%)")
-        ax.set_title("(b) batch size")
-        ax.legend()
+    panels_b = [("equal images seen", curves_b), ("equal steps", curves_b2 or {})]
+    panels_b = [(t, c) for t, c in panels_b if any(c.values())]
+    if panels_b:
+        fig, axes = plt.subplots(1, len(panels_b), figsize=(5 * len(panels_b), 3.4), squeeze=False)
+        for ax, (title, curves) in zip(axes[0], panels_b, strict=True):
+            for loss, c in curves.items():
+                bs = [b for b in BATCH_SIZES if c.get(b)]
+                stats = [mean_ci(c[b]) for b in bs]
+                ax.errorbar(
+                    bs,
+                    [100 * m for m, _ in stats],
+                    yerr=[100 * (h if not math.isnan(h) else 0) for _, h in stats],
+                    marker="o",
+                    capsize=3,
+                    label=LABELS[loss],
+                )
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(BATCH_SIZES, [str(b) for b in BATCH_SIZES])  # the sizes run, not 2^k
+            ax.minorticks_off()
+            ax.set_xlabel(f"batch size ({title})")
+            ax.set_ylabel("Medium mAP (%)")
+            ax.set_title(f"(b) batch size, {title}", fontsize=10)
+            ax.grid(alpha=0.3)
+            ax.legend()
         save(fig, "quality_b_batch.png")
     if curve_c:
         fig, ax = plt.subplots(figsize=(5, 3.2))
@@ -888,8 +915,9 @@ def write_report(out: Path, seeds: Sequence[int], size: str, with_plots: bool = 
     runs = load_runs(out)
     ta, per_loss = table_a(runs, seeds)
     tb, curves_b = table_b(runs, seeds)
+    tb2, curves_b2 = table_b(runs, seeds, equal="steps")
     tc, curve_c = table_c(runs, seeds)
-    pngs = plots(out, runs, seeds, per_loss, curves_b, curve_c) if with_plots else []
+    pngs = plots(out, runs, seeds, per_loss, curves_b, curve_c, curves_b2) if with_plots else []
     counts = [r.get("counts") for r in runs.values() if r.get("counts")]
     text = (
         "\n\n".join(
@@ -903,6 +931,8 @@ def write_report(out: Path, seeds: Sequence[int], size: str, with_plots: bool = 
                 ta,
                 "## (b) batch size, equal images seen",
                 tb,
+                f"## (b2) batch size, equal steps ({EQUAL_STEPS}, those of batch 128)",
+                tb2,
                 "## (c) bins and score range (AP loss)",
                 tc,
                 "## (d) exact AP vs AP_Q per query (test set, Medium, 20 bins on [-1, 1])",

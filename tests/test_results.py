@@ -264,7 +264,7 @@ def test_results_record_the_ap_q_analysis(tmp_path):
     got = np.array([np.nan if q.ap_q is None else q.ap_q for q in res.queries])
     np.testing.assert_allclose(got, cmp.ap_q, atol=1e-12, equal_nan=True)
     # AP_Q is set against the AP it estimates: non-interpolated, same ranking (junk out).
-    exact = np.array([_non_interpolated_ap(scores[i], e, "medium") for i, e in enumerate(gnd)])
+    exact = np.array([_medium_ap(scores[i], e) for i, e in enumerate(gnd)])
     assert res.apq_reference == "non-interpolated"
     ap, ap_q = res.apq_pairs()
     ok = ~np.isnan(exact)
@@ -288,14 +288,14 @@ def test_exact_ap_per_query_with_ties_follows_database_order():
     scores = np.round(rng.uniform(-1, 1, (6, 80)), 1)  # about 4 items share every score
     gnd = random_gnd(rng, 6, 80, max_items=10)
     got = exact_ap_per_query(scores, gnd, "medium")
-    want = [_non_interpolated_ap(scores[i], e, "medium") for i, e in enumerate(gnd)]
+    want = [_medium_ap(scores[i], e) for i, e in enumerate(gnd)]
     np.testing.assert_allclose(got, want, atol=1e-12, equal_nan=True)
 
 
-def _non_interpolated_ap(row: np.ndarray, entry: dict, protocol: str) -> float:
-    """Mean over positives of the precision at their rank, junk removed; written out by hand."""
-    pos = set(entry["easy"]) | set(entry["hard"]) if protocol == "medium" else set()
-    junk = set(entry["junk"])
+def _medium_ap(row: np.ndarray, entry: dict) -> float:
+    """Non-interpolated AP under Medium (easy + hard positives, junk removed), by hand: the mean
+    over positives of the precision at their rank, ties by database order."""
+    pos, junk = set(entry["easy"]) | set(entry["hard"]), set(entry["junk"])
     ranked = [j for j in sorted(range(len(row)), key=lambda j: (-row[j], j)) if j not in junk]
     hits, precisions = 0, []
     for rank, j in enumerate(ranked, 1):
