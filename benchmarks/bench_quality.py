@@ -801,6 +801,22 @@ def table_tuning(runs: dict[str, dict]) -> str:
     return "\n".join(rows)
 
 
+def _ci_curve(ax: Any, xs: Sequence[int], samples: Sequence[Sequence[float]], **kw: Any) -> None:
+    """Mean and 95% interval (in %) of each x's samples, on a log2 axis ticked at the xs."""
+    stats = [mean_ci(list(v)) for v in samples]
+    ax.errorbar(
+        xs,
+        [100 * m for m, _ in stats],
+        yerr=[100 * (h if not math.isnan(h) else 0) for _, h in stats],
+        marker="o",
+        capsize=3,
+        **kw,
+    )
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(xs, [str(x) for x in xs])  # the values run, not powers of 2
+    ax.minorticks_off()
+
+
 def plots(
     out: Path,
     runs: dict[str, dict],
@@ -850,18 +866,7 @@ def plots(
         for ax, (title, curves) in zip(axes[0], panels_b, strict=True):
             for loss, c in curves.items():
                 bs = [b for b in BATCH_SIZES if c.get(b)]
-                stats = [mean_ci(c[b]) for b in bs]
-                ax.errorbar(
-                    bs,
-                    [100 * m for m, _ in stats],
-                    yerr=[100 * (h if not math.isnan(h) else 0) for _, h in stats],
-                    marker="o",
-                    capsize=3,
-                    label=LABELS[loss],
-                )
-            ax.set_xscale("log", base=2)
-            ax.set_xticks(BATCH_SIZES, [str(b) for b in BATCH_SIZES])  # the sizes run, not 2^k
-            ax.minorticks_off()
+                _ci_curve(ax, bs, [c[b] for b in bs], label=LABELS[loss])
             ax.set_xlabel(f"batch size ({title})")
             ax.set_ylabel("Medium mAP (%)")
             ax.set_title(f"(b) batch size, {title}", fontsize=10)
@@ -871,17 +876,7 @@ def plots(
     if curve_c:
         fig, ax = plt.subplots(figsize=(5, 3.2))
         ms = sorted(curve_c)
-        stats = [mean_ci(curve_c[m]) for m in ms]
-        ax.errorbar(
-            ms,
-            [100 * m for m, _ in stats],
-            yerr=[100 * (h if not math.isnan(h) else 0) for _, h in stats],
-            marker="o",
-            capsize=3,
-        )
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(ms, [str(m) for m in ms])
-        ax.minorticks_off()
+        _ci_curve(ax, ms, [curve_c[m] for m in ms])
         ax.set_xlabel("number of bins (score range [-1, 1])")
         ax.set_ylabel("Medium mAP (%)")
         ax.set_title("(c) bins")
