@@ -33,7 +33,6 @@ from apretrieval.evaluation import (
     gnd_entries,
     protocol_sets,
     query_sets,
-    stable_ranks,
 )
 from apretrieval.losses import quantized_ap
 
@@ -136,25 +135,14 @@ def exact_ap_per_query(scores: Any, gnd: Any, protocol: str = "medium") -> np.nd
     """Non-interpolated AP per query (the quantity AP_Q estimates), junk of ``protocol``
     removed -> (Q,), NaN without a positive. Ties: database order, as the official ranking.
 
-    From the ranks of the positives and junk alone (:func:`stable_ranks`, no sort of the
-    database): with ``r_k`` the 0-based rank of the k-th positive once junk is removed,
-    ``AP = mean_k (k + 1) / (r_k + 1)``.
+    The evaluation's own pass (:func:`evaluate_revisited_per_query`), which ranks only the
+    positives and junk and keeps both APs of that ranking.
     """
-    s = as_scores(scores)
-    entries = gnd_entries(gnd)
-    q, n = s.shape
-    if len(entries) != q:
-        raise ValueError(f"scores has {q} query rows but gnd has {len(entries)} entries")
-    out = np.full(q, np.nan)
-    for i, entry in enumerate(entries):
-        pos, junk = protocol_sets(query_sets(entry, i, n), protocol)
-        if pos.size == 0:
-            continue
-        ranks = stable_ranks(s[i], np.concatenate([pos, junk]))
-        r = np.sort(ranks[: pos.size])
-        r = r - np.searchsorted(np.sort(ranks[pos.size :]), r)  # junk ahead moves it up
-        out[i] = float(np.mean(np.arange(1, r.size + 1) / (r + 1.0)))
-    return out
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    result = evaluate_revisited_per_query(scores, gnd)[protocol]
+    assert result.ap_exact is not None  # the evaluation always fills it
+    return result.ap_exact
 
 
 def ap_vs_quantized_ap(

@@ -226,8 +226,9 @@ def stable_topk(row: np.ndarray, k: int) -> np.ndarray:
 
 def _ap_and_precision(
     pos_ranks: np.ndarray, junk_ranks: np.ndarray, kappas: tuple[int, ...]
-) -> tuple[float, np.ndarray]:
-    """Official AP and P@k from full-ranking ranks of the positives and junk (0-based)."""
+) -> tuple[float, float, np.ndarray]:
+    """Official AP, non-interpolated AP and P@k from full-ranking ranks of the positives and
+    junk (0-based)."""
     r = np.sort(pos_ranks)
     # Remove junk from the ranking: each positive moves up by the junk ranked before it.
     r = r - np.searchsorted(np.sort(junk_ranks), r)
@@ -237,15 +238,18 @@ def _ap_and_precision(
         before = np.where(r > 0, k / rf, 1.0)
     after = (k + 1.0) / (rf + 1.0)
     ap = float(np.sum((before + after) / 2.0) / r.size)
+    ap_exact = float(np.mean(after))  # precision at each positive: what AP_Q estimates
     one_based = r + 1
     last = int(one_based[-1])
     prec = np.array([np.count_nonzero(one_based <= min(last, kk)) / min(last, kk) for kk in kappas])
-    return ap, prec
+    return ap, ap_exact, prec
 
 
 @dataclass(frozen=True)
 class ProtocolResult:
-    """Per-query results of one protocol: ``ap`` (Q,), ``precision`` (Q, len(kappas)).
+    """Per-query results of one protocol: ``ap`` (Q,), ``precision`` (Q, len(kappas)), and
+    ``ap_exact`` (Q,), the non-interpolated AP of the same ranking (the official ``ap`` uses
+    the trapezoid rule; AP_Q estimates ``ap_exact``).
 
     Queries without a positive hold NaN and are left out of ``mAP`` / ``mP``.
     """
@@ -253,6 +257,7 @@ class ProtocolResult:
     ap: np.ndarray
     precision: np.ndarray
     kappas: tuple[int, ...]
+    ap_exact: np.ndarray | None = None
 
     @classmethod
     def concatenate(cls, parts: Sequence[ProtocolResult]) -> ProtocolResult:
@@ -262,10 +267,12 @@ class ProtocolResult:
         kappas = parts[0].kappas
         if any(p.kappas != kappas for p in parts):
             raise ValueError(f"results with different kappas: {[p.kappas for p in parts]}")
+        exact = [p.ap_exact for p in parts if p.ap_exact is not None]
         return cls(
             np.concatenate([p.ap for p in parts]),
             np.concatenate([p.precision for p in parts]),
             kappas,
+            np.concatenate(exact) if len(exact) == len(parts) else None,
         )
 
     @property
@@ -309,7 +316,7 @@ def evaluate_protocol(
     q, n = s.shape
     if len(positives) != q or len(junk) != q:
         raise ValueError(f"{q} score rows but {len(positives)} positive / {len(junk)} junk lists")
-    ap = np.full(q, np.nan)
+    ap, exact = np.full(q, np.nan), np.full(q, np.nan)
     prec = np.full((q, len(ks)), np.nan)
     ranker = _Ranker(n, s.dtype)
     for i in range(q):
@@ -321,8 +328,8 @@ def evaluate_protocol(
             continue
         row = _finite_row(s, i)
         ranks = ranker(row, np.concatenate([pos, jnk]))
-        ap[i], prec[i] = _ap_and_precision(ranks[: pos.size], ranks[pos.size :], ks)
-    return ProtocolResult(ap, prec, ks)
+        ap[i], exact[i], prec[i] = _ap_and_precision(ranks[: pos.size], ranks[pos.size :], ks)
+    return ProtocolResult(ap, prec, ks, exact)
 
 
 def _finite_row(s: np.ndarray, i: int) -> np.ndarray:
@@ -347,6 +354,7 @@ def evaluate_revisited_per_query(
     if len(entries) != q:
         raise ValueError(f"scores has {q} query rows but gnd has {len(entries)} entries")
     ap = {p: np.full(q, np.nan) for p in PROTOCOLS}
+    exact = {p: np.full(q, np.nan) for p in PROTOCOLS}
     prec = {p: np.full((q, len(ks)), np.nan) for p in PROTOCOLS}
     ranker = _Ranker(n, s.dtype)
     for i, entry in enumerate(entries):
@@ -365,8 +373,8 @@ def evaluate_revisited_per_query(
         }
         for p, (pos_r, junk_r) in groups.items():
             if pos_r.size:
-                ap[p][i], prec[p][i] = _ap_and_precision(pos_r, junk_r, ks)
-    return {p: ProtocolResult(ap[p], prec[p], ks) for p in PROTOCOLS}
+                ap[p][i], exact[p][i], prec[p][i] = _ap_and_precision(pos_r, junk_r, ks)
+    return {p: ProtocolResult(ap[p], prec[p], ks, exact[p]) for p in PROTOCOLS}
 
 
 def evaluate_revisited(

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from apretrieval.apq_analysis import APQSettings, exact_ap_per_query, quantized_ap_per_query
+from apretrieval.apq_analysis import APQSettings, quantized_ap_per_query
 from apretrieval.evaluation import (
     PROTOCOLS,
     ProtocolResult,
@@ -116,7 +116,6 @@ def evaluate_score_blocks(
             if apq.num_bins >= SHARP_MIN_BINS
             else np.full(len(sub), np.nan)
         )
-        ap_exact = exact_ap_per_query(block, sub, apq.protocol)  # what the AP_Qs estimate
         for i, entry in enumerate(sub):
             top = stable_topk(block[i], topk)
             bbx = entry.get("bbx")
@@ -129,7 +128,7 @@ def evaluate_score_blocks(
                     ap_q=_finite(ap_q[i]),
                     bbx=None if bbx is None else tuple(float(v) for v in np.ravel(bbx)),
                     ap_q_sharp=_finite(ap_q_sharp[i]),
-                    ap_exact=_finite(ap_exact[i]),
+                    ap_exact=_finite(per[apq.protocol].ap_exact[i]),  # what AP_Q estimates
                 )
             )
         for p in PROTOCOLS:
