@@ -160,29 +160,30 @@ def plot_training_curves(
     maps = [k for k in keys if "map" in k.lower().replace("_", "").split("/")[-1]]
     if not losses and not maps:
         raise ValueError(f"training log has neither a loss nor a mAP (keys: {keys})")
-    # The exact AP of the batch beside the AP_Q the loss optimises: does the gap shrink?
     batch = [k for k in ("batch_ap", "batch_ap_q") if k in keys]
-    # The loss and validation mAP first; then, when logged, the schedule and the speed.
-    extra = [[k] for k in ("lr", "images_per_s") if k in keys]
-    panels = [p for p in (losses, maps, batch, *extra) if p]
-    names = {"lr": "learning rate", "images_per_s": "images / s"}
+    # (keys, y label, legend): the loss and validation mAP first; the batch's exact AP beside
+    # the AP_Q the loss optimises (does the gap shrink?); then the schedule and the speed.
+    single = (("lr", "learning rate"), ("images_per_s", "images / s"))
+    panels = [
+        (losses, "loss", len(losses) > 1),
+        (maps, "mAP", True),
+        (batch, "AP of the batch", True),
+        *(([k], label, False) for k, label in single if k in keys),
+    ]
+    panels = [p for p in panels if p[0]]
     fig = Figure(figsize=(4.2 * len(panels), 3.4))
-    for n, group in enumerate(panels):
+    for n, (group, ylabel, legend) in enumerate(panels):
         ax = fig.add_subplot(1, len(panels), n + 1)
         for key in group:
             x, y = _series(records, xs, key)
             # Evaluations are sparse: markers make single points visible.
             ax.plot(x, y, marker="o" if len(x) < 30 else None, ms=3, lw=1.2, label=key)
         ax.set_xlabel(xname)
-        if group is losses or group is maps:
-            ylabel = "loss" if group is losses else "mAP"
-        else:
-            ylabel = "AP of the batch" if group is batch else names[group[0]]
         ax.set_ylabel(ylabel)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
         ax.grid(alpha=0.3)
-        if len(group) > 1 or group is maps or group is batch:
+        if legend:
             ax.legend(fontsize=8)
     fig.tight_layout()
     _save_figure(fig, Path(path))
-    return [k for group in panels for k in group]
+    return [k for group, _, _ in panels for k in group]
