@@ -1,23 +1,34 @@
-"""The listwise AP loss on descriptors: ``1 - mean_q AP_Q(q)`` (Revaud et al., ICCV 2019).
+"""The listwise loss machinery on descriptors, and the AP loss ``1 - mean_q AP_Q(q)``.
 
-Scores are inner products of L2-normalised descriptors, ``S = Q X^T`` (Q queries, N database
-items), and AP_Q is the histogram-binned AP of ``histogram``. The score matrix is never held
-whole: it is formed ``chunk_size`` queries at a time, each block's dL/dS is computed with its
-AP (analytic, ``histogram._ap_and_grad``) and turned at once into descriptor gradients
-(Eq. 10), ``dL/dQ = dL/dS X`` and ``dL/dX = dL/dS^T Q``, so the backward pass is a rescaling.
+A loss of the listwise family (:class:`ListwiseLoss`) is one function of a block of score rows,
+``_rows``: (c, N) scores, (c, N) relevance, the column each row must not rank -> the per-query
+value (c,) and ``dL/dS`` for the block. Everything else is written once, here. Scores are inner
+products of L2-normalised descriptors, ``S = Q X^T`` (Q queries, N database items), formed
+``chunk_size`` queries at a time; each block's dL/dS is turned at once into descriptor
+gradients (Eq. 10 of Revaud et al.), ``dL/dQ = dL/dS X`` and ``dL/dX = dL/dS^T Q``, so the
+backward pass is a rescaling. The batch form may instead hold the symmetric (B, B) matrix whole
+(``dL/dX = (G + G^T) X``). The loss is ``1 - sum_q value_q / n_valid`` over the n_valid queries
+that have a positive; the memory bank, multistaged and distributed training use any member.
+
+``APLoss``: value = AP_Q, the histogram-binned AP of ``histogram`` (Revaud et al., ICCV 2019).
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
 from apretrieval.losses._checks import check_descriptors
-from apretrieval.losses.histogram import _ap_and_grad, _Bins, _compute_dtype, _make_bins
+from apretrieval.losses.histogram import _ap_and_grad, _compute_dtype, _make_bins
 
-__all__ = ["APLoss", "TieAwareAPLoss"]
+__all__ = ["APLoss", "ListwiseLoss", "TieAwareAPLoss"]
+
+# (scores (c, N), relevance (c, N) bool, exclude (c,) int64 | None, need_grad, grad_scale (c,),
+#  out (c, N) | None) -> (value (c,), grad (c, N) | None); see ListwiseLoss._rows.
+RowFunction = Callable[..., tuple[Tensor, Tensor | None]]
 
 
 def _positives_per_query(
@@ -33,19 +44,41 @@ def _positives_per_query(
     return n
 
 
+def _blocks(n: int, chunk_size: int) -> list[tuple[int, int]]:
+    return [(i, min(i + chunk_size, n)) for i in range(0, n, chunk_size)]
+
+
+def _totals(
+    loss: ListwiseLoss, q: Tensor, ql: Tensor, x: Tensor, xl: Tensor,
+    query_index: Tensor | None, chunk_size: int, s: Tensor | None = None,
+) -> Tensor | None:  # fmt: skip
+    """The loss's batch-wide statistics (``ListwiseLoss._row_totals``) summed over row blocks,
+    read from the held matrix ``s`` or from blocks formed again; None when it has none."""
+    if not loss.needs_totals:
+        return None
+    total = None
+    for start, stop in _blocks(q.shape[0], chunk_size):
+        block = s[start:stop] if s is not None else q[start:stop] @ x.T
+        rel = ql[start:stop, None] == xl[None, :]
+        exclude = None if query_index is None else query_index[start:stop]
+        t = loss._row_totals(block, rel, exclude)
+        total = t if total is None else total + t
+    return total
+
+
 def _ap_loss_and_grads(
     queries: Tensor,
     query_labels: Tensor,
     database: Tensor,
     database_labels: Tensor,
-    bins: _Bins,
+    loss: ListwiseLoss,
     chunk_size: int,
     self_db: bool,
     need_grad: bool,
     query_index: Tensor | None = None,
     whole: bool = False,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """1 - mean AP_Q over queries with a positive; and dL/dqueries, dL/ddatabase.
+    """1 - sum of ``loss``'s per-query values / n_valid; and dL/dqueries, dL/ddatabase.
 
     queries (Q, D), database (N, D); labels (Q,), (N,). Peak extra memory O(chunk_size * N)
     plus the gradients. ``self_db``: queries *are* the database (batch form): query i does not
@@ -61,33 +94,33 @@ def _ap_loss_and_grads(
     n_valid = int((n_pos > 0).sum())
     if n_valid == 0:
         raise ValueError(
-            "no query has a positive in the database: the AP loss is undefined "
+            f"no query has a positive in the database: {type(loss).__name__} is undefined "
             f"({q.shape[0]} queries, labels e.g. {query_labels[:8].tolist()})"
         )
     if self_db and whole:
-        loss, g = _whole_batch_loss_and_grad(q, query_labels, bins, chunk_size, need_grad, n_valid)
-        return loss, g, None
+        value, g = _whole_batch_loss_and_grad(q, query_labels, loss, chunk_size, need_grad, n_valid)
+        return value, g, None
+    totals = _totals(loss, q, query_labels, x, database_labels, query_index, chunk_size)
     gq = torch.zeros_like(q) if need_grad else None
     gx = (gq if self_db else torch.zeros_like(x)) if need_grad else None
-    # dL/dAP_q = -1 / n_valid for every query with a positive (the others get no gradient).
+    # dL/dvalue_q = -1 / n_valid for every query (those without a positive get no gradient).
     scale = torch.full((min(chunk_size, q.shape[0]),), -1.0 / n_valid, dtype=dtype, device=q.device)
-    ap_sum = q.new_zeros(())
-    for start in range(0, q.shape[0], chunk_size):
-        stop = min(start + chunk_size, q.shape[0])
+    value_sum = q.new_zeros(())
+    for start, stop in _blocks(q.shape[0], chunk_size):
         s = q[start:stop] @ x.T
         rel = query_labels[start:stop, None] == database_labels[None, :]
         exclude = None if query_index is None else query_index[start:stop]
-        ap, g, _ = _ap_and_grad(
-            s, rel, bins, need_grad, exclude=exclude, grad_scale=scale[: stop - start], inplace=True
+        value, g = loss._rows(
+            s, rel, exclude, need_grad, scale[: stop - start], out=None, totals=totals
         )
-        ap_sum += ap.sum()  # queries without a positive contribute AP 0
+        value_sum += value.sum()
         if need_grad:
             # S = Q X^T: dL/dQ = dL/dS X and dL/dX = dL/dS^T Q (Eq. 10).
             gq[start:stop].addmm_(g, x)
             gx.addmm_(g.T, q[start:stop])
             del g
-    loss = 1.0 - ap_sum / n_valid
-    return loss, gq, (None if self_db else gx)
+    result = 1.0 - value_sum / n_valid
+    return result, gq, (None if self_db else gx)
 
 
 def _panels(n: int) -> list[tuple[int, int]]:
@@ -119,34 +152,36 @@ def _symmetrize_(g: Tensor) -> Tensor:
 
 
 def _whole_batch_loss_and_grad(
-    x: Tensor, labels: Tensor, bins: _Bins, chunk_size: int, need_grad: bool, n_valid: int
+    x: Tensor, labels: Tensor, loss: ListwiseLoss, chunk_size: int, need_grad: bool, n_valid: int
 ) -> tuple[Tensor, Tensor | None]:
-    """Batch form with the (B, B) matrix held whole: 1 - mean AP_Q and dL/dX (B, D).
+    """Batch form with the (B, B) matrix held whole: 1 - sum value / n_valid and dL/dX (B, D).
 
     S = X X^T is symmetric, so only its upper panels are multiplied out (about half of one
-    B x B x D product). Each row block of S is binned and overwritten by its dL/dS (G), and
+    B x B x D product). Each row block of S is overwritten by its dL/dS (G), and
     dL/dX = G X + G^T X = (G + G^T) X is one product. Together about 1.5 products instead of
     the 3 of the chunked form, for B^2 floats of memory.
     """
     s = _symmetric_scores(x)
-    ap_sum = x.new_zeros(())
+    self_cols = torch.arange(x.shape[0], device=x.device)
+    totals = _totals(loss, x, labels, x, labels, self_cols, chunk_size, s=s)
+    value_sum = x.new_zeros(())
     scale = torch.full((min(chunk_size, x.shape[0]),), -1.0 / n_valid, dtype=x.dtype)
     scale = scale.to(x.device)
-    for start in range(0, x.shape[0], chunk_size):
-        stop = min(start + chunk_size, x.shape[0])
+    for start, stop in _blocks(x.shape[0], chunk_size):
         block = s[start:stop]  # whole rows: contiguous
         rel = labels[start:stop, None] == labels[None, :]
-        self_col = torch.arange(start, stop, device=x.device)
-        ap, _, _ = _ap_and_grad(
-            block, rel, bins, need_grad, exclude=self_col, grad_scale=scale[: stop - start],
-            inplace=True, out=block if need_grad else None,
+        value, g = loss._rows(
+            block, rel, self_cols[start:stop], need_grad, scale[: stop - start],
+            out=block if need_grad else None, totals=totals,
         )  # fmt: skip
-        ap_sum += ap.sum()
-    loss = 1.0 - ap_sum / n_valid
-    return loss, (_symmetrize_(s) @ x if need_grad else None)
+        if g is not None and g.data_ptr() != block.data_ptr():
+            block.copy_(g)
+        value_sum += value.sum()
+    result = 1.0 - value_sum / n_valid
+    return result, (_symmetrize_(s) @ x if need_grad else None)
 
 
-class _APLossFunction(torch.autograd.Function):
+class _ListwiseFunction(torch.autograd.Function):
     """Fused forward/backward: the gradient is computed with the loss, chunk by chunk."""
 
     @staticmethod
@@ -156,7 +191,7 @@ class _APLossFunction(torch.autograd.Function):
         query_labels,
         database,
         database_labels,
-        bins,
+        loss,
         chunk,
         self_db,
         query_index,
@@ -165,12 +200,12 @@ class _APLossFunction(torch.autograd.Function):
     ):
         # Grad mode is off inside forward; the caller's mode says whether autograd records us.
         need = grad_enabled and (ctx.needs_input_grad[0] or ctx.needs_input_grad[2])
-        loss, gq, gx = _ap_loss_and_grads(
+        value, gq, gx = _ap_loss_and_grads(
             queries,
             query_labels,
             database,
             database_labels,
-            bins,
+            loss,
             chunk,
             self_db,
             need,
@@ -181,7 +216,7 @@ class _APLossFunction(torch.autograd.Function):
         ctx.dtypes = (queries.dtype, database.dtype)
         empty = queries.new_empty(0)
         ctx.save_for_backward(gq if gq is not None else empty, gx if gx is not None else empty)
-        return loss.to(queries.dtype)
+        return value.to(queries.dtype)
 
     @staticmethod
     def backward(ctx, grad_loss):  # type: ignore[override]
@@ -192,8 +227,8 @@ class _APLossFunction(torch.autograd.Function):
         return dq, None, dx, None, None, None, None, None, None, None
 
 
-class APLoss(nn.Module):
-    """Listwise AP loss: ``1 - mean_q AP_Q(q)`` over the queries that have a positive.
+class ListwiseLoss(nn.Module):
+    """Base of the listwise losses: ``1 - sum_q value_q / n_valid`` over the queries.
 
     ``loss_fn(descriptors, labels)``: (B, D), (B,) -> scalar; every item is a query ranking the
     other B - 1 (itself excluded). ``loss_fn(queries, query_labels, database, database_labels)``:
@@ -201,11 +236,10 @@ class APLoss(nn.Module):
     queries are also in the database (batch + bank), ``query_index`` (Q,) int64 gives each
     query's own column, which it does not rank; gradients reach both roles through autograd.
 
-    Descriptors are expected L2-normalised, so that scores lie in ``score_range``: a score
-    beyond it sits fully in the end bin and gets an exactly zero gradient (descriptors x 10
-    give a zero gradient almost everywhere). Rows whose norm is not 1 (within 1e-3) raise one
-    warning per loss object; ``normalize=True`` L2-normalises the inputs first (the
-    normalisation is part of the autograd graph).
+    A subclass writes ``_rows`` (and, for a batch-wide statistic, ``_row_totals`` with
+    ``needs_totals = True``). Descriptors are expected L2-normalised; rows whose norm is not 1
+    (within 1e-3) raise one warning per loss object; ``normalize=True`` L2-normalises the
+    inputs first (inside the autograd graph).
 
     Memory and speed: the gradient is computed with the loss, so backward is a rescaling. The
     batch form holds the (B, B) matrix whole when it fits in ``memory_budget_mb`` (MiB): S is
@@ -213,27 +247,18 @@ class APLoss(nn.Module):
     about 1.5 B x B x D products instead of 3, for B^2 floats. Otherwise (and for the
     query/database form) scores are formed ``chunk_size`` queries at a time: peak extra memory
     O(chunk_size * N + N * D). ``chunk_size=None`` picks about 2M scores per block.
-
-    ``estimator``: the AP_Q (``"plain"``, the paper's; ``"tie_aware"``; ``"sharp"``, see
-    :func:`apretrieval.losses.quantized_ap`); None: the class's own (plain here).
     """
 
-    tie_aware = False
+    needs_totals = False  # whether _rows reads batch-wide statistics (one more pass over S)
 
     def __init__(
         self,
-        num_bins: int = 20,
-        score_range: tuple[float, float] = (-1.0, 1.0),
         chunk_size: int | None = None,
-        estimator: str | None = None,
         *,
         normalize: bool = False,
         memory_budget_mb: float = 1536.0,
     ) -> None:
         super().__init__()
-        if estimator is None:
-            estimator = "tie_aware" if self.tie_aware else "plain"
-        self.bins = _make_bins(num_bins, score_range, estimator)
         if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
             raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
         self.chunk_size = chunk_size
@@ -242,24 +267,33 @@ class APLoss(nn.Module):
         self.normalize, self.memory_budget_mb = bool(normalize), float(memory_budget_mb)
         self._warned = False
 
-    @property
-    def num_bins(self) -> int:
-        return self.bins.num_bins
+    def _rows(
+        self,
+        scores: Tensor,
+        relevance: Tensor,
+        exclude: Tensor | None,
+        need_grad: bool,
+        grad_scale: Tensor,
+        *,
+        out: Tensor | None = None,
+        totals: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
+        """Per-query value (c,) and ``grad_scale[:, None] * dvalue/dscores`` (c, N) or None.
 
-    @property
-    def score_range(self) -> tuple[float, float]:
-        return (self.bins.low, self.bins.high)
+        scores (c, N) float32/float64, which may be overwritten; relevance (c, N) bool;
+        exclude (c,) int64: the column each row does not rank (or None); ``out``: where the
+        gradient may be written (it may be ``scores``); ``totals``: ``_row_totals`` summed
+        over all rows. A query without a positive contributes its value (0 for a ranking
+        metric) and no ranking gradient.
+        """
+        raise NotImplementedError
 
-    @property
-    def estimator(self) -> str:
-        return self.bins.estimator
+    def _row_totals(self, scores: Tensor, relevance: Tensor, exclude: Tensor | None) -> Tensor:
+        """Batch-wide statistics of a block of rows (summed over blocks); see ``needs_totals``."""
+        raise NotImplementedError
 
-    def extra_repr(self) -> str:
-        return (
-            f"num_bins={self.num_bins}, score_range={self.score_range}, "
-            f"chunk_size={self.chunk_size}, estimator={self.estimator!r}, "
-            f"normalize={self.normalize}, memory_budget_mb={self.memory_budget_mb:g}"
-        )
+    def _scale_note(self) -> str:
+        return "their gradients are distorted"
 
     def _prepare(self, x: Tensor) -> Tensor:
         """L2-normalise (``normalize``) or warn once about rows whose norm is not 1."""
@@ -271,9 +305,8 @@ class APLoss(nn.Module):
                 self._warned = True
                 warnings.warn(
                     f"{type(self).__name__}: descriptors are not L2-normalised (row norms "
-                    f"{float(norms.min()):.3g}..{float(norms.max()):.3g}); scores outside "
-                    f"score_range={self.score_range} get a zero gradient. Normalise them or "
-                    "pass normalize=True",
+                    f"{float(norms.min()):.3g}..{float(norms.max()):.3g}); "
+                    f"{self._scale_note()}. Normalise them or pass normalize=True",
                     stacklevel=3,
                 )
         return x
@@ -322,10 +355,70 @@ class APLoss(nn.Module):
         n = queries.shape[0]
         itemsize = 8 if queries.dtype == torch.float64 else 4
         whole = self_db and n * n * itemsize <= self.memory_budget_mb * 2**20
-        return _APLossFunction.apply(
-            queries, query_labels, database, database_labels, self.bins, chunk, self_db,
+        return _ListwiseFunction.apply(
+            queries, query_labels, database, database_labels, self, chunk, self_db,
             query_index, grad_enabled, whole,
         )  # fmt: skip
+
+
+class APLoss(ListwiseLoss):
+    """Listwise AP loss: ``1 - mean_q AP_Q(q)`` over the queries that have a positive.
+
+    The call forms, memory and speed are those of :class:`ListwiseLoss`. Scores are expected
+    in ``score_range``: a score beyond it sits fully in the end bin and gets an exactly zero
+    gradient (descriptors x 10 give a zero gradient almost everywhere).
+
+    ``estimator``: the AP_Q (``"plain"``, the paper's; ``"tie_aware"``; ``"sharp"``, see
+    :func:`apretrieval.losses.quantized_ap`); None: the class's own (plain here).
+    """
+
+    tie_aware = False
+
+    def __init__(
+        self,
+        num_bins: int = 20,
+        score_range: tuple[float, float] = (-1.0, 1.0),
+        chunk_size: int | None = None,
+        estimator: str | None = None,
+        *,
+        normalize: bool = False,
+        memory_budget_mb: float = 1536.0,
+    ) -> None:
+        super().__init__(chunk_size, normalize=normalize, memory_budget_mb=memory_budget_mb)
+        if estimator is None:
+            estimator = "tie_aware" if self.tie_aware else "plain"
+        self.bins = _make_bins(num_bins, score_range, estimator)
+
+    @property
+    def num_bins(self) -> int:
+        return self.bins.num_bins
+
+    @property
+    def score_range(self) -> tuple[float, float]:
+        return (self.bins.low, self.bins.high)
+
+    @property
+    def estimator(self) -> str:
+        return self.bins.estimator
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_bins={self.num_bins}, score_range={self.score_range}, "
+            f"chunk_size={self.chunk_size}, estimator={self.estimator!r}, "
+            f"normalize={self.normalize}, memory_budget_mb={self.memory_budget_mb:g}"
+        )
+
+    def _scale_note(self) -> str:
+        return f"scores outside score_range={self.score_range} get a zero gradient"
+
+    def _rows(  # type: ignore[override]
+        self, scores, relevance, exclude, need_grad, grad_scale, *, out=None, totals=None
+    ):
+        ap, g, _ = _ap_and_grad(
+            scores, relevance, self.bins, need_grad, exclude=exclude, grad_scale=grad_scale,
+            inplace=True, out=out,
+        )  # fmt: skip
+        return ap, g  # queries without a positive: AP 0
 
 
 class TieAwareAPLoss(APLoss):

@@ -1,4 +1,4 @@
-"""A memory bank of past descriptors for the AP loss (cross-batch negatives).
+"""A memory bank of past descriptors for the listwise losses (cross-batch negatives).
 
 The detached descriptors of the last K batches are kept, and each query of the current batch
 ranks the other B - 1 batch items *and* the (M, D) bank, so its AP sees (K + 1) times more
@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from apretrieval.losses.ap import APLoss
+from apretrieval.losses.ap import ListwiseLoss
 
 __all__ = ["MemoryBank", "ap_loss_with_memory"]
 
@@ -66,16 +66,20 @@ class MemoryBank:
 
 
 def ap_loss_with_memory(
-    loss_fn: APLoss, descriptors: Tensor, labels: Tensor, memory: Tensor, memory_labels: Tensor
+    loss_fn: ListwiseLoss,
+    descriptors: Tensor,
+    labels: Tensor,
+    memory: Tensor,
+    memory_labels: Tensor,
 ) -> tuple[float, Tensor]:
     """Loss value and dL/dD (B, D): each query ranks the batch (minus itself) and the (M, D)
     ``memory`` (no gradient: it is detached). An empty memory gives the plain batch loss.
 
-    The database is [batch; memory] and ``query_index`` tells APLoss each query's own column,
+    The database is [batch; memory] and ``query_index`` tells the loss each query's own column,
     which it does not rank; autograd sums a batch item's two roles (query and database item).
     """
-    if not isinstance(loss_fn, APLoss):
-        raise ValueError(f"a memory bank needs an AP loss, got {type(loss_fn).__name__}")
+    if not isinstance(loss_fn, ListwiseLoss):
+        raise ValueError(f"a memory bank needs a listwise loss, got {type(loss_fn).__name__}")
     d = descriptors.detach().requires_grad_(True)
     labels = labels.to(d.device)
     with torch.enable_grad():
