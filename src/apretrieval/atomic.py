@@ -55,7 +55,7 @@ def _temporary_prefix(path: Path) -> str:
 
 
 @contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; it replaces ``path`` if the block succeeds.
 
     The block may write the temporary file however it likes (even reopen it by name); on any
@@ -78,8 +78,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 @contextmanager
 def atomic_open(
-    path: str | os.PathLike, mode: str = "wb", *, fsync: bool = True, **kwargs: Any
-) -> Iterator[IO]:
+    path: str | os.PathLike[str], mode: str = "wb", *, fsync: bool = True, **kwargs: Any
+) -> Iterator[IO[Any]]:
     """``open(path, mode)`` through :func:`atomic_path`.
 
     ``fsync``: flush the data to disk before the rename, so that a power cut cannot leave an
@@ -95,7 +95,7 @@ def atomic_open(
             os.fsync(f.fileno())
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically; returns ``path``."""
     path = Path(path)
     with atomic_open(path, "wb") as f:
@@ -103,7 +103,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     return path
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
     """Write ``text`` (UTF-8) to ``path`` atomically; returns ``path``."""
     path = Path(path)
     with atomic_open(path, "w", encoding="utf-8") as f:
@@ -111,7 +111,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return path
 
 
-def atomic_write_json(path: str | os.PathLike, obj: Any, **dump_kwargs: Any) -> Path:
+def atomic_write_json(path: str | os.PathLike[str], obj: Any, **dump_kwargs: Any) -> Path:
     """``json.dump(obj)`` to ``path`` atomically (UTF-8); ``dump_kwargs`` go to json.dump.
 
     The text is built before the file is opened, so a value JSON cannot hold raises before
@@ -120,7 +120,7 @@ def atomic_write_json(path: str | os.PathLike, obj: Any, **dump_kwargs: Any) -> 
     return atomic_write_text(path, json.dumps(obj, **dump_kwargs))
 
 
-def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
+def remove_stale_temporaries(path: str | os.PathLike[str]) -> list[Path]:
     """Delete the temporary files that writes of ``path`` left behind; returns them.
 
     Only ``.NAME.*.tmp`` siblings of ``path`` are touched: call this where no other process

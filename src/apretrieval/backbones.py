@@ -86,7 +86,7 @@ def timm_trunk(
     name: str,
     *,
     pretrained: str | None = None,
-    weights: str | os.PathLike | None = None,
+    weights: str | os.PathLike[str] | None = None,
 ) -> tuple[TimmTrunk, int, tuple[float, ...], tuple[float, ...]]:
     """(trunk, feature width, input mean, input std) for ``timm/<arch>``.
 

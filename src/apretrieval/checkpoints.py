@@ -64,7 +64,7 @@ def require_finite_weights(state_dict: dict[str, Any], what: str) -> None:
         )
 
 
-def safe_load(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
+def safe_load(path: str | os.PathLike[str], map_location: Any = "cpu") -> Any:
     """``torch.load(weights_only=True)``: tensors, containers, numbers; never runs code.
 
     A file that needs more (arbitrary pickled objects) raises UnsafeCheckpointError without
@@ -134,7 +134,7 @@ def load_weights(module: nn.Module, state_dict: dict[str, Tensor], source: str) 
     module.load_state_dict(state_dict, strict=True)
 
 
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
+def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> Path:
     """torch.save to a temporary file in the same folder, then os.replace: never half-written."""
     path = Path(path)
     with atomic_open(path, "wb") as f:

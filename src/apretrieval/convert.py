@@ -104,7 +104,7 @@ def _allowed_globals() -> list[Any]:
     return allowed
 
 
-def load_untrusted_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+def load_untrusted_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     """A released checkpoint, loaded without executing code (see the module docstring)."""
     p = Path(path)
     if not p.is_file():
@@ -336,7 +336,9 @@ def convert_cirtorch(ckpt: Mapping[str, Any]) -> ConvertedModel:
 # Entry points
 
 
-def convert(source: str, path: str | os.PathLike, whiten_power: float = 0.25) -> ConvertedModel:
+def convert(
+    source: str, path: str | os.PathLike[str], whiten_power: float = 0.25
+) -> ConvertedModel:
     """Load a released checkpoint (restricted loader) and convert it."""
     if source not in SOURCES:
         raise ValueError(f"unknown source {source!r}; choose from {SOURCES}")
@@ -350,7 +352,7 @@ def _safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
 
 
-def save_converted(out: str | os.PathLike, converted: ConvertedModel) -> dict[str, Path]:
+def save_converted(out: str | os.PathLike[str], converted: ConvertedModel) -> dict[str, Path]:
     """Write the checkpoint to ``out`` and each whitening to ``<out stem>.whiten-<name>.npz``.
 
     Returns {"model": path, <whitening name>: path, ...}.

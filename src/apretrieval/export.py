@@ -85,7 +85,7 @@ def _example(model: nn.Module, size: int) -> Tensor:
 
 def export_torchscript(
     model: nn.Module,
-    path: str | os.PathLike,
+    path: str | os.PathLike[str],
     *,
     scales: Sequence[float] = DEFAULT_SCALES,
     p: float | None = None,
@@ -107,7 +107,7 @@ def export_torchscript(
 
 def export_onnx(
     model: nn.Module,
-    path: str | os.PathLike,
+    path: str | os.PathLike[str],
     *,
     scales: Sequence[float] = DEFAULT_SCALES,
     p: float | None = None,

@@ -98,7 +98,7 @@ class ImageFiles(Dataset):
 
     def __init__(
         self,
-        paths: Sequence[str | os.PathLike],
+        paths: Sequence[str | os.PathLike[str]],
         boxes: Sequence[Sequence[float] | None] | None = None,
         max_side: int | None = DEFAULT_MAX_SIDE,
     ) -> None:
@@ -137,7 +137,7 @@ class ImageFiles(Dataset):
         return TF.to_dtype(TF.pil_to_tensor(img), torch.float32, scale=True)
 
 
-def list_images(folder: str | os.PathLike) -> list[Path]:
+def list_images(folder: str | os.PathLike[str]) -> list[Path]:
     """Image files under ``folder`` (recursive), sorted by relative path."""
     folder = Path(folder)
     if not folder.is_dir():

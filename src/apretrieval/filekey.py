@@ -56,4 +56,4 @@ def matches(key: Any, path: str | os.PathLike[str], *, verify: bool = False) -> 
         return False
     if not verify and (st.st_mtime_ns, st.st_ino) == (key.get("mtime_ns"), key.get("ino")):
         return True
-    return sha256_file(path) == key["sha256"]
+    return bool(sha256_file(path) == key["sha256"])

@@ -284,7 +284,7 @@ def build_model(
     name: str,
     *,
     pretrained: str | None = None,
-    weights: str | os.PathLike | None = None,
+    weights: str | os.PathLike[str] | None = None,
     out_dim: int | None = None,
     gem_p: float = 3.0,
     frozen_bn: bool = True,
@@ -329,7 +329,7 @@ def build_model(
 def _build_timm_model(
     name: str,
     pretrained: str | None,
-    weights: str | os.PathLike | None,
+    weights: str | os.PathLike[str] | None,
     out_dim: int | None,
     gem_p: float,
     frozen_bn: bool,
@@ -351,7 +351,7 @@ def _build_timm_model(
     return model.train()
 
 
-def _load_file(path: str | os.PathLike) -> dict[str, Any]:
+def _load_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"weights file not found: {p}")
@@ -365,7 +365,7 @@ def _load_file(path: str | os.PathLike) -> dict[str, Any]:
 # Checkpoints: a plain dict of tensors / containers / numbers, loadable with weights_only=True.
 
 
-def save_checkpoint(path: str | os.PathLike, model: RetrievalNet, **extra: Any) -> Path:
+def save_checkpoint(path: str | os.PathLike[str], model: RetrievalNet, **extra: Any) -> Path:
     """Write the model (config as a plain dict + state dict) and ``extra`` entries atomically.
 
     ``extra`` must itself be weights_only-safe (tensors, containers, numbers, strings).
@@ -383,7 +383,7 @@ def save_checkpoint(path: str | os.PathLike, model: RetrievalNet, **extra: Any) 
     return atomic_torch_save(obj, path)
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
+def load_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu") -> dict[str, Any]:
     """The raw checkpoint dict (torch.load with weights_only=True: it can never run code)."""
     p = Path(path)
     if not p.is_file():
@@ -394,7 +394,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
     return obj
 
 
-def load_model(path: str | os.PathLike, map_location: Any = "cpu") -> RetrievalNet:
+def load_model(path: str | os.PathLike[str], map_location: Any = "cpu") -> RetrievalNet:
     """Rebuild a RetrievalNet from a checkpoint written by ``save_checkpoint``."""
     ckpt = load_checkpoint(path, map_location)
     config = ModelConfig.from_dict(ckpt["config"])

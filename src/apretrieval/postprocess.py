@@ -137,7 +137,7 @@ def apply_whitening(x: np.ndarray, whitening: Whitening) -> np.ndarray:
     return l2_normalize(y)
 
 
-def save_whitening(path: str | os.PathLike, whitening: Whitening) -> Path:
+def save_whitening(path: str | os.PathLike[str], whitening: Whitening) -> Path:
     """Write ``whitening`` to an ``.npz`` file atomically."""
     path = Path(path)
     with atomic_open(path, "wb") as f:
@@ -150,7 +150,7 @@ def save_whitening(path: str | os.PathLike, whitening: Whitening) -> Path:
     return path
 
 
-def load_whitening(path: str | os.PathLike) -> Whitening:
+def load_whitening(path: str | os.PathLike[str]) -> Whitening:
     """Read a whitening written by :func:`save_whitening` (no pickles are loaded)."""
     try:
         with np.load(path, allow_pickle=False) as z:

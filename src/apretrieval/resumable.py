@@ -207,7 +207,7 @@ def extract_to_file(
     model: nn.Module,
     images: Any,
     ids: Sequence[str],
-    out: str | os.PathLike,
+    out: str | os.PathLike[str],
     *,
     scales: Sequence[float] = DEFAULT_SCALES,
     batch_size: int = 8,
@@ -219,7 +219,7 @@ def extract_to_file(
     meta: dict[str, Any] | None = None,
     progress: bool = True,
     desc: str = "extract",
-    checkpoint: str | os.PathLike | None = None,
+    checkpoint: str | os.PathLike[str] | None = None,
     skip_bad: bool = False,
     amp: str = "off",
 ) -> Path:

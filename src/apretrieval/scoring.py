@@ -162,12 +162,12 @@ def evaluate_descriptors(
 
 
 def write_results(
-    path: str | os.PathLike,
+    path: str | os.PathLike[str],
     *,
     scores: Any,
     gnd: Any,
     dataset: str,
-    root: str | os.PathLike,
+    root: str | os.PathLike[str],
     database: Sequence[str],
     queries: Sequence[str],
     model: str,

@@ -47,7 +47,7 @@ def available_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def _env_threads(env: dict[str, str] | os._Environ) -> int | None:
+def _env_threads(env: dict[str, str] | os._Environ[str]) -> int | None:
     value = env.get("OMP_NUM_THREADS", "").strip()
     if not value:
         return None
@@ -64,7 +64,7 @@ def plan_threads(
     requested: int | None = None,
     workers: int = 0,
     cores: int | None = None,
-    env: dict[str, str] | os._Environ | None = None,
+    env: dict[str, str] | os._Environ[str] | None = None,
 ) -> ThreadPlan:
     """Choose the intra-op thread count (see the module docstring for the rule).
 

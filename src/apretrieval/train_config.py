@@ -268,7 +268,7 @@ class TrainConfig:
     @classmethod
     def from_yaml(
         cls,
-        path: str | os.PathLike,
+        path: str | os.PathLike[str],
         overrides: dict[str, Any] | None = None,
         *,
         require_data: bool = True,
@@ -413,7 +413,7 @@ def _type_name(hint: Any) -> str:
     return hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
 
 
-def read_yaml_mapping(path: str | os.PathLike) -> dict[str, Any]:
+def read_yaml_mapping(path: str | os.PathLike[str]) -> dict[str, Any]:
     """A YAML file holding a mapping of settings (safe loader: plain values, no tags).
 
     ValueError naming the file and the line for a syntax error or a ``!!python`` tag.
@@ -440,7 +440,7 @@ def read_yaml_mapping(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
-def write_yaml_atomic(path: str | os.PathLike, data: dict[str, Any]) -> Path:
+def write_yaml_atomic(path: str | os.PathLike[str], data: dict[str, Any]) -> Path:
     """Write ``data`` as YAML through :func:`apretrieval.atomic.atomic_open`."""
     path = Path(path)
     with atomic_open(path, "w", encoding="utf-8") as f:

@@ -17,6 +17,7 @@ import os
 import sys
 import traceback
 from collections.abc import Iterable, Sequence
+from typing import NoReturn
 
 from apretrieval.cli.errors import describe
 
@@ -96,7 +97,9 @@ def _command_in(argv: Sequence[str]) -> str | None:
     return next((a for a in argv if not a.startswith("-")), None)
 
 
-def _command_parser(parser: argparse.ArgumentParser, argv: Sequence[str]):
+def _command_parser(
+    parser: argparse.ArgumentParser, argv: Sequence[str]
+) -> argparse.ArgumentParser:
     """The deepest (sub)parser the words of ``argv`` select, for its usage line."""
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
@@ -106,7 +109,9 @@ def _command_parser(parser: argparse.ArgumentParser, argv: Sequence[str]):
     return parser
 
 
-def _reject_unknown(parser: argparse.ArgumentParser, argv: Sequence[str], extra: list[str]):
+def _reject_unknown(
+    parser: argparse.ArgumentParser, argv: Sequence[str], extra: list[str]
+) -> NoReturn:
     """Usage error from the command's own parser, with a "did you mean" for option typos."""
     target = _command_parser(parser, argv)
     msg = f"unrecognized arguments: {' '.join(extra)}"

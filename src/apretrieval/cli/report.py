@@ -13,7 +13,7 @@ def _query_list(text: str) -> list[str]:
     return items
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser(
         "report",
         help="write an HTML report of a results file, or a comparison page of several",

@@ -41,7 +41,7 @@ def _yaml_value(text: str) -> Any:
         return text  # not a YAML scalar: TrainConfig validates it as typed text
 
 
-def _metavar(f: dataclasses.Field, hint: Any) -> str:
+def _metavar(f: dataclasses.Field[Any], hint: Any) -> str:
     choices = f.metadata.get("choices")
     if choices:
         return "{" + ",".join("none" if c is None else str(c) for c in choices) + "}"
@@ -65,14 +65,14 @@ def _shown(value: Any) -> str:
     return repr(value) if value == "" else str(value)
 
 
-def option_help(f: dataclasses.Field) -> str:
+def option_help(f: dataclasses.Field[Any]) -> str:
     """One field's help: meaning [unit]; default (the TrainConfig default, before a recipe)."""
     unit = f.metadata.get("unit")
     text = f.metadata["doc"] + (f" [{unit}]" if unit else "")
     return f"{text} (default: {_shown(f.default)})".replace("%", "%%")
 
 
-def option_names(f: dataclasses.Field) -> list[str]:
+def option_names(f: dataclasses.Field[Any]) -> list[str]:
     """``--num-bins`` for ``num_bins``, then the field's other accepted spellings."""
     return ["--" + f.name.replace("_", "-"), *f.metadata.get("aliases", ())]
 

@@ -23,7 +23,7 @@ def bundled_recipes() -> dict[str, Path]:
     return {p.stem: p for p in sorted(RECIPES_DIR.glob("*.yaml"))}
 
 
-def recipe_path(name_or_path: str | os.PathLike) -> Path:
+def recipe_path(name_or_path: str | os.PathLike[str]) -> Path:
     """The recipe file ``name_or_path`` means: an existing file, else a bundled recipe.
 
     ValueError listing the bundled names when it is neither.

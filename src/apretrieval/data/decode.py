@@ -127,4 +127,4 @@ def decode_rgb(
     scaled = (box[0] * fx, box[1] * fy, box[2] * fx, box[3] * fy)
     if tuple(size) == rgb.size and scaled == (0, 0, *rgb.size):
         return rgb
-    return rgb.resize(tuple(size), Image.BILINEAR, box=scaled)
+    return rgb.resize((size[0], size[1]), Image.Resampling.BILINEAR, box=scaled)

@@ -27,6 +27,7 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 from tqdm import tqdm
 
@@ -146,7 +147,7 @@ def _check_complete(path: Path, size: int | None, sha256: str | None, url: str) 
         raise DownloadError(f"{url}: SHA-256 mismatch (file removed; try again or check the URL)")
 
 
-def _total_from_headers(resp, offset: int) -> int | None:
+def _total_from_headers(resp: http.client.HTTPResponse, offset: int) -> int | None:
     if resp.status == 206:
         rng = resp.headers.get("Content-Range", "")  # "bytes a-b/total"
         total = rng.rsplit("/", 1)[-1]
@@ -156,7 +157,7 @@ def _total_from_headers(resp, offset: int) -> int | None:
 
 
 def _fetch_once(
-    url: str, part: Path, expected: int | None, timeout: float, bar: tqdm, chunk: int
+    url: str, part: Path, expected: int | None, timeout: float, bar: tqdm[NoReturn], chunk: int
 ) -> int | None:
     """Append the missing bytes of ``url`` to ``part``; returns the total size if known."""
     offset = part.stat().st_size if part.exists() else 0
@@ -197,7 +198,7 @@ def _fetch_once(
 
 def download_file(
     url: str,
-    dest: str | os.PathLike,
+    dest: str | os.PathLike[str],
     *,
     size: int | None = None,
     sha256: str | None = None,
@@ -271,8 +272,8 @@ def _safe_member_path(name: str) -> str | None:
 
 
 def extract_archive(
-    archive: str | os.PathLike,
-    dest: str | os.PathLike,
+    archive: str | os.PathLike[str],
+    dest: str | os.PathLike[str],
     *,
     flatten: bool = False,
     progress: bool = True,
@@ -322,7 +323,7 @@ def extract_archive(
 
 def download_dataset(
     name: str,
-    root: str | os.PathLike,
+    root: str | os.PathLike[str],
     *,
     mirror: str | None = None,
     keep_archives: bool = False,

@@ -41,7 +41,9 @@ _MAX_REPORTED = 10
 class ImageList:
     """Images with class labels. ``paths[i]`` (absolute), ``labels`` (N,) int64 in [0, C)."""
 
-    def __init__(self, paths: Sequence[str], labels: Sequence[int], classes: Sequence[str]):
+    def __init__(
+        self, paths: Sequence[str], labels: Sequence[int] | np.ndarray, classes: Sequence[str]
+    ) -> None:
         labels_arr = np.asarray(labels, dtype=np.int64).reshape(-1)
         if len(paths) != labels_arr.shape[0]:
             raise ValueError(f"{len(paths)} paths but {labels_arr.shape[0]} labels")
@@ -132,7 +134,7 @@ def _natural_key(name: str) -> tuple[int, int | str]:
 
 
 def image_folder(
-    root: str | os.PathLike, extensions: Sequence[str] = IMAGE_EXTENSIONS
+    root: str | os.PathLike[str], extensions: Sequence[str] = IMAGE_EXTENSIONS
 ) -> ImageList:
     """``root/<class>/<image>``: one sub-folder per class (nested folders are searched too)."""
     root = Path(root)
@@ -157,7 +159,7 @@ def gldv2_path(image_root: Path, image_id: str) -> str:
 
 
 def gldv2_csv(
-    csv_path: str | os.PathLike, image_root: str | os.PathLike | None = None
+    csv_path: str | os.PathLike[str], image_root: str | os.PathLike[str] | None = None
 ) -> ImageList:
     """A Google Landmarks v2 style CSV.
 
@@ -194,7 +196,7 @@ def gldv2_csv(
 
 
 def landmarks_clean_list(
-    list_path: str | os.PathLike, image_root: str | os.PathLike | None = None
+    list_path: str | os.PathLike[str], image_root: str | os.PathLike[str] | None = None
 ) -> ImageList:
     """Landmarks-clean text list: one ``relative/image/path label`` per line (space-separated).
 
@@ -218,9 +220,9 @@ def landmarks_clean_list(
 
 
 def open_image_list(
-    path: str | os.PathLike,
+    path: str | os.PathLike[str],
     data_format: str = "auto",
-    image_root: str | os.PathLike | None = None,
+    image_root: str | os.PathLike[str] | None = None,
     check: str = "exists",
 ) -> ImageList:
     """Read a training list: ``folder`` (directory), ``csv`` (GLDv2) or ``list`` (text).

@@ -104,7 +104,7 @@ def _check_plain(obj: Any, source: str, depth: int = 0) -> None:
     raise ValueError(f"{source}: unexpected {type(obj).__name__} in a ground-truth file")
 
 
-def load_gnd(path: str | os.PathLike) -> dict[str, Any]:
+def load_gnd(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Load a ground-truth pickle (``gnd_<name>.pkl``) safely.
 
     Returns the dict as stored (``imlist``, ``qimlist``, ``gnd`` and, in the old protocol,
@@ -146,7 +146,7 @@ def crop_box(bbx: Any, size: tuple[int, int]) -> tuple[int, int, int, int]:
     return box
 
 
-def read_r1m_list(r1m_root: str | os.PathLike) -> list[str]:
+def read_r1m_list(r1m_root: str | os.PathLike[str]) -> list[str]:
     """Image paths of the R1M distractors, relative to ``<r1m_root>/jpg`` (``.jpg`` added
     where a line has no extension)."""
     path = Path(r1m_root) / R1M_LIST
@@ -168,7 +168,7 @@ class _Query:
     bbx: tuple[float, float, float, float]
 
 
-def locate_benchmark(entry: str, root: str | os.PathLike | None) -> tuple[str, Path]:
+def locate_benchmark(entry: str, root: str | os.PathLike[str] | None) -> tuple[str, Path]:
     """(name, folder) of a benchmark given as NAME (in ROOT or ROOT/NAME) or a gnd_NAME.pkl."""
     path = Path(entry)
     if path.suffix == ".pkl":
@@ -197,8 +197,8 @@ class RevisitedDataset:
     def __init__(
         self,
         name: str,
-        root: str | os.PathLike,
-        r1m_root: str | os.PathLike | None = None,
+        root: str | os.PathLike[str],
+        r1m_root: str | os.PathLike[str] | None = None,
     ) -> None:
         self.name = name
         self.root = Path(root)
@@ -217,8 +217,7 @@ class RevisitedDataset:
         raw = load_gnd(self.gnd_path)
         self.images: list[str] = [str(n) for n in raw["imlist"]]
         self._queries = [
-            _Query(str(q), tuple(float(v) for v in np.asarray(g["bbx"], dtype=float).ravel()))
-            for q, g in zip(raw["qimlist"], raw["gnd"], strict=True)
+            _Query(str(q), _bbx(g["bbx"])) for q, g in zip(raw["qimlist"], raw["gnd"], strict=True)
         ]
         self.gnd: list[dict[str, Any]] = [_plain_entry(g, i) for i, g in enumerate(raw["gnd"])]
         self.r1m_root = Path(r1m_root) if r1m_root is not None else None
@@ -282,6 +281,14 @@ class RevisitedDataset:
         """Image files the lists name but the disk lacks (empty when complete)."""
         paths = self.query_paths() + self.db_paths()
         return [p for p in paths if not p.is_file()]
+
+
+def _bbx(value: Any) -> tuple[float, float, float, float]:
+    """``[x1, y1, x2, y2]`` of a ground-truth entry as four floats."""
+    v = [float(x) for x in np.asarray(value, dtype=float).ravel()]
+    if len(v) != 4:
+        raise ValueError(f"bbx must hold 4 numbers (x1, y1, x2, y2), got {value!r}")
+    return v[0], v[1], v[2], v[3]
 
 
 def _plain_entry(g: Mapping[str, Any], i: int) -> dict[str, Any]:

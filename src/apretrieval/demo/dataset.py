@@ -232,7 +232,7 @@ def _render_test_set(
 
 
 def prepare_benchmark(
-    out_dir: str | os.PathLike, cfg: BenchmarkConfig | None = None, *, progress: bool = True
+    out_dir: str | os.PathLike[str], cfg: BenchmarkConfig | None = None, *, progress: bool = True
 ) -> Benchmark:
     """Generate the benchmark under ``out_dir/data`` unless the same one is already cached."""
     cfg = cfg or BenchmarkConfig()

@@ -151,7 +151,7 @@ class DemoConfig:
         return cfg.with_seed(cfg.seed)
 
     @classmethod
-    def from_yaml(cls, path: str | os.PathLike) -> DemoConfig:
+    def from_yaml(cls, path: str | os.PathLike[str]) -> DemoConfig:
         """A demo recipe file, or the name of a bundled one (``demo``)."""
         return cls.from_dict(read_yaml_mapping(recipe_path(path)))
 
@@ -297,7 +297,7 @@ def machine_info() -> dict[str, Any]:
 
 
 def run_demo(
-    out_dir: str | os.PathLike = "demo-output",
+    out_dir: str | os.PathLike[str] = "demo-output",
     cfg: DemoConfig | None = None,
     *,
     progress: bool = True,
