@@ -2,22 +2,33 @@
 
 - ``histogram``: AP_Q of a score matrix (histogram-binned, triangular kernel) and its analytic
   gradient; ``quantized_ap``.
-- ``ap``: ``APLoss`` / ``TieAwareAPLoss`` on descriptors (scores formed block by block).
+- ``ap``: ``ListwiseLoss``, the machinery of every listwise loss (scores formed block by
+  block, or whole), and ``APLoss`` / ``TieAwareAPLoss``.
+- ``smooth_ap``, ``supap``, ``recall_at_k``: ``SmoothAPLoss``, ``SupAPLoss`` / ``RoadmapLoss``
+  and ``RecallAtKLoss``, from the ranks of the positives (``_pairs``), O(B^2 P).
 - ``baselines``: contrastive and triplet losses with in-batch mining.
 - ``memory_bank``: ``MemoryBank`` of past batches and ``ap_loss_with_memory``.
 - ``exact``: ``average_precision``, the exact (non-binned) metric.
 """
 
-from apretrieval.losses.ap import APLoss, TieAwareAPLoss
+from apretrieval.losses.ap import APLoss, ListwiseLoss, TieAwareAPLoss
 from apretrieval.losses.baselines import ContrastiveLoss, TripletLoss
 from apretrieval.losses.exact import average_precision
 from apretrieval.losses.histogram import quantized_ap
 from apretrieval.losses.memory_bank import MemoryBank, ap_loss_with_memory
+from apretrieval.losses.recall_at_k import RecallAtKLoss
+from apretrieval.losses.smooth_ap import SmoothAPLoss
+from apretrieval.losses.supap import RoadmapLoss, SupAPLoss
 
 __all__ = [
     "APLoss",
     "ContrastiveLoss",
+    "ListwiseLoss",
     "MemoryBank",
+    "RecallAtKLoss",
+    "RoadmapLoss",
+    "SmoothAPLoss",
+    "SupAPLoss",
     "TieAwareAPLoss",
     "TripletLoss",
     "ap_loss_with_memory",
