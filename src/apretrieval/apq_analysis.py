@@ -156,7 +156,7 @@ def ap_vs_quantized_ap(
 
     scores (Q, N), gnd as :func:`apretrieval.evaluation.evaluate_revisited` takes them.
     """
-    settings = APQSettings(protocol, num_bins, tuple(score_range))
+    settings = APQSettings(protocol, num_bins, score_range)
     s = as_scores(scores)
     entries: Sequence[Mapping[str, Any]] = gnd_entries(gnd)
     exact = evaluate_revisited_per_query(s, entries)[settings.protocol].ap

@@ -65,16 +65,16 @@ class TimmTrunk(nn.Module):
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
-        self.model = model
+        self.model: Any = model  # forward_intermediates is timm's, not nn.Module's
 
     def forward(self, x: Tensor) -> Tensor:
-        feats = self.model.forward_intermediates(
+        feats: list[Tensor] = self.model.forward_intermediates(
             x, indices=1, norm=True, output_fmt="NCHW", intermediates_only=True
         )
         return feats[-1]
 
 
-def _create(timm: Any, arch: str, **kwargs: Any) -> nn.Module:
+def _create(timm: Any, arch: str, **kwargs: Any) -> Any:
     """timm.create_model, with the ViT options for any image size when the model takes them."""
     try:
         return timm.create_model(arch, dynamic_img_size=True, dynamic_img_pad=True, **kwargs)

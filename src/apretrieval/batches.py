@@ -10,6 +10,7 @@ that multistage calls in stage 1 and again in stage 3.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -22,7 +23,7 @@ from apretrieval.train_config import TrainConfig
 __all__ = ["AugmentedImages", "fits_in_memory", "step_batches"]
 
 
-class AugmentedImages(torch.utils.data.Dataset):
+class AugmentedImages(torch.utils.data.Dataset[Tensor | None]):
     """Item (index, seed) -> augmented (3, H, W) tensor, or None if the file is unreadable."""
 
     def __init__(self, images: ImageList, transform: TrainTransform) -> None:
@@ -68,7 +69,7 @@ class _StepItems:
             yield [(int(i), s) for i, s in zip(idx, seeds, strict=True)][self.shard]
 
 
-def _keep_list(batch: list) -> list:
+def _keep_list(batch: list[Any]) -> list[Any]:
     return batch  # variable-size images: no stacking (the collate default would fail)
 
 
@@ -79,7 +80,7 @@ def step_batches(
     start: int,
     in_memory: bool,
     shard: slice = slice(None),
-) -> Iterator[tuple[list, Tensor]]:
+) -> Iterator[tuple[list[Any], Tensor]]:
     """(inputs, labels) for steps start..steps-1: decoded tensors (prefetched by DataLoader
     workers, each image decoded once per step) or, for batches too large for memory, loaders.
     ``shard``: this rank's positions in the batch (augmentation seeds stay those of the batch)."""

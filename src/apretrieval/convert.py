@@ -31,6 +31,7 @@ scikit-learn code runs, none needs to be installed). Anything else is refused.
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
 from collections.abc import Mapping
@@ -88,7 +89,9 @@ class _PickledObject:
 
 def _allowed_globals() -> list[Any]:
     """(object, pickled name) pairs for torch.serialization.safe_globals."""
-    core = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
+    core = importlib.import_module(
+        f"numpy.{'_core' if hasattr(np, '_core') else 'core'}.multiarray"
+    )
     allowed: list[Any] = [(np.ndarray, "numpy.ndarray"), (np.dtype, "numpy.dtype")]
     for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
         allowed += [
@@ -163,7 +166,7 @@ def _triple(values: Any, what: str) -> tuple[float, float, float]:
     out = tuple(float(v) for v in np.asarray(values, dtype=np.float64).reshape(-1))
     if len(out) != 3:
         raise ValueError(f"{what} must have 3 values (RGB), got {values!r}")
-    return out  # type: ignore[return-value]
+    return out[0], out[1], out[2]
 
 
 def _build(

@@ -154,8 +154,8 @@ class _Ranker:
         self.buckets = int(num_buckets or max(1, min(_MAX_BUCKETS, n // 4)))
         # float32 rows are bucketed in float32 (half the memory traffic); others in float64.
         self.ftype = np.float32 if dtype == np.float32 else np.float64
-        self.x = np.empty(n, dtype=self.ftype)
-        self.b = np.empty(n, dtype=np.intp)
+        self.x: np.ndarray = np.empty(n, dtype=self.ftype)
+        self.b: np.ndarray = np.empty(n, dtype=np.intp)
 
     def __call__(self, row: np.ndarray, items: np.ndarray) -> np.ndarray:
         if items.size == 0:
@@ -185,7 +185,8 @@ class _Ranker:
         above = np.cumsum(hist[::-1])[::-1]  # above[k] = count in buckets >= k
         above = np.append(above[1:], 0)  # -> count in buckets > k
         cand = np.flatnonzero(is_item_bucket[b])
-        return above[item_b] + _sorted_positions(row, cand, items)
+        ranks: np.ndarray = above[item_b] + _sorted_positions(row, cand, items)
+        return ranks
 
 
 def stable_ranks(row: np.ndarray, items: np.ndarray, num_buckets: int | None = None) -> np.ndarray:
@@ -277,7 +278,8 @@ class ProtocolResult:
 
     @property
     def valid(self) -> np.ndarray:
-        return ~np.isnan(self.ap)
+        valid: np.ndarray = ~np.isnan(self.ap)
+        return valid
 
     @property
     def num_queries(self) -> int:
@@ -333,7 +335,7 @@ def evaluate_protocol(
 
 
 def _finite_row(s: np.ndarray, i: int) -> np.ndarray:
-    row = s[i]
+    row: np.ndarray = s[i]
     if not np.isfinite(row).all():
         raise ValueError(f"scores row {i} contains NaN/inf values")
     return row

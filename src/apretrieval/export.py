@@ -139,5 +139,6 @@ def export_onnx(
             opset_version=opset,
             dynamo=True,
         )
+        assert program is not None  # dynamo=True always returns the program
         program.save(str(tmp))
     return path

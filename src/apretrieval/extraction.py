@@ -88,7 +88,7 @@ def _fit_size(w: int, h: int, max_side: int | None) -> tuple[int, int]:
     return max(1, round(w * scale)), max(1, round(h * scale))
 
 
-class ImageFiles(Dataset):
+class ImageFiles(Dataset[Tensor]):
     """Image files -> (3, H, W) float32 RGB in [0, 1].
 
     ``boxes`` (optional, one per image or None): crop ``[x1, y1, x2, y2]`` in pixels, applied
@@ -131,10 +131,10 @@ class ImageFiles(Dataset):
             with Image.open(self.paths[i]) as img:
                 box = self._box(i, oriented_size(img))
                 size = _fit_size(box[2] - box[0], box[3] - box[1], self.max_side)
-                img = decode_rgb(img, box, size)
+                rgb = decode_rgb(img, box, size)
         except OSError as err:
             raise ValueError(f"cannot read image {self.paths[i]}: {err}") from None
-        return TF.to_dtype(TF.pil_to_tensor(img), torch.float32, scale=True)
+        return TF.to_dtype(TF.pil_to_tensor(rgb), torch.float32, scale=True)
 
 
 def list_images(folder: str | os.PathLike[str]) -> list[Path]:
@@ -148,7 +148,7 @@ def list_images(folder: str | os.PathLike[str]) -> list[Path]:
     return sorted(files, key=lambda p: p.relative_to(folder).as_posix())
 
 
-class _AsTensor(Dataset):
+class _AsTensor(Dataset[tuple[int, Tensor | str]]):
     """Items of ``base`` as (index, tensor): tensors pass through, paths are loaded.
 
     ``skip_bad``: an item that cannot be loaded comes as (index, error message) instead of
@@ -292,7 +292,7 @@ def _extract_into(
     device: torch.device,
     max_side: int | None,
     sort_by_size: bool,
-    bar: tqdm,
+    bar: tqdm[Any],
     skipped: dict[int, str] | None = None,
 ) -> None:
     """Fill ``out[j]`` with the descriptor of ``images[indices[j]]``.

@@ -127,6 +127,8 @@ class RetrievalNet(nn.Module):
             raise ValueError(f"out_dim={config.out_dim} needs whiten=True (width {self.width})")
         # Non-persistent: constants, not weights, so checkpoints hold only learned tensors.
         mean, std = config.mean or _IMAGENET_MEAN, config.std or _IMAGENET_STD
+        self.mean: Tensor
+        self.std: Tensor
         self.register_buffer("mean", torch.tensor(mean).float().view(1, 3, 1, 1), False)
         self.register_buffer("std", torch.tensor(std).float().view(1, 3, 1, 1), False)
 
@@ -211,7 +213,7 @@ def _torchvision_backbone(name: str) -> tuple[nn.Module, nn.Module]:
     return net, trunk
 
 
-def _imagenet_weights_enum(name: str):
+def _imagenet_weights_enum(name: str) -> Any:
     import torchvision
 
     enum_name = {"mobilenet_v2": "MobileNet_V2_Weights"}.get(
@@ -265,7 +267,8 @@ def imagenet_state_dict(name: str, download: bool = True) -> dict[str, Tensor]:
             raise MissingWeightsError(_missing_message(name, url, cached, err)) from err
     if path is None:
         raise MissingWeightsError(_missing_message(name, url, cached, None))
-    return safe_load(path)
+    state: dict[str, Tensor] = safe_load(path)
+    return state
 
 
 def _missing_message(name: str, url: str, cached: Path, err: Exception | None) -> str:
@@ -398,6 +401,7 @@ def load_model(path: str | os.PathLike[str], map_location: Any = "cpu") -> Retri
     """Rebuild a RetrievalNet from a checkpoint written by ``save_checkpoint``."""
     ckpt = load_checkpoint(path, map_location)
     config = ModelConfig.from_dict(ckpt["config"])
+    trunk: nn.Module
     if is_timm_name(config.name):
         trunk, width, _, _ = timm_trunk(config.name)
     elif config.name in BACKBONES:

@@ -51,7 +51,8 @@ def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
     """Rows scaled to unit L2 norm, float32: (N, D) -> (N, D). All-zero rows stay zero."""
     x = np.asarray(x, dtype=np.float64)
     norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return (x / np.maximum(norms, eps)).astype(np.float32)
+    unit: np.ndarray = (x / np.maximum(norms, eps)).astype(np.float32)
+    return unit
 
 
 @dataclass(frozen=True)

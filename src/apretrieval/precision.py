@@ -64,7 +64,8 @@ class PrecisionNet(nn.Module):
         if self.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         if self.dtype is None:
-            return self.net(x)
+            out: Tensor = self.net(x)
+            return out
         with torch.autocast(x.device.type, dtype=self.dtype):
             y = self.net(x)
         # Every network here ends with an L2 normalisation; redone in float32, so that the
@@ -83,7 +84,9 @@ def fast_net(
         net if dtype is None and not channels_last else PrecisionNet(net, dtype, channels_last)
     )
     if compile:
-        out = torch.compile(out)  # the wrapper is compiled; the saved weights are net's
+        compiled = torch.compile(out)  # the wrapper is compiled; the saved weights are net's
+        assert isinstance(compiled, nn.Module)  # a module in, an OptimizedModule out
+        out = compiled
     return out
 
 

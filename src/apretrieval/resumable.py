@@ -88,7 +88,9 @@ def _stamps(images: Any, n: int) -> list[str]:
     return out
 
 
-def _checkpoint_key(checkpoint: str | None, known: Sequence[Any]) -> dict[str, Any] | None:
+def _checkpoint_key(
+    checkpoint: str | None, known: Sequence[dict[str, Any] | None]
+) -> dict[str, Any] | None:
     """Content key of the checkpoint: a recorded one that still matches (no hashing when size
     and mtime agree), else computed. None without a checkpoint file."""
     if checkpoint is None or not Path(checkpoint).is_file():
@@ -161,7 +163,7 @@ def _extract_shards(
     dim: int,
     shard_size: int,
     skip_bad: bool,
-    bar: tqdm,
+    bar: tqdm[Any],
     **extract: Any,
 ) -> None:
     """Extract images ``todo`` into new shards ``first, first + 1, ...`` of ``parts``."""

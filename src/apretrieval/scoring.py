@@ -116,6 +116,8 @@ def evaluate_score_blocks(
             if apq.num_bins >= SHARP_MIN_BINS
             else np.full(len(sub), np.nan)
         )
+        exact = per[apq.protocol].ap_exact
+        assert exact is not None  # the evaluation always fills it
         for i, entry in enumerate(sub):
             top = stable_topk(block[i], topk)
             bbx = entry.get("bbx")
@@ -128,7 +130,7 @@ def evaluate_score_blocks(
                     ap_q=_finite(ap_q[i]),
                     bbx=None if bbx is None else tuple(float(v) for v in np.ravel(bbx)),
                     ap_q_sharp=_finite(ap_q_sharp[i]),
-                    ap_exact=_finite(per[apq.protocol].ap_exact[i]),  # what AP_Q estimates
+                    ap_exact=_finite(exact[i]),  # what AP_Q estimates
                 )
             )
         for p in PROTOCOLS:

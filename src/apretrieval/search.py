@@ -16,7 +16,7 @@ import importlib
 import math
 import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 import torch
@@ -125,6 +125,22 @@ def _tie_cols(s: Tensor, kth: Tensor, k: int) -> Tensor:
     return keep.nonzero()[:, 1].view(s.shape[0], k)  # row-major: exactly k per row, in order
 
 
+@overload
+def knn(
+    queries: np.ndarray,
+    database: np.ndarray | Tensor,
+    k: int,
+    *,
+    block_elements: int = _BLOCK_ELEMENTS,
+) -> tuple[np.ndarray, np.ndarray]: ...
+@overload
+def knn(
+    queries: Tensor,
+    database: np.ndarray | Tensor,
+    k: int,
+    *,
+    block_elements: int = _BLOCK_ELEMENTS,
+) -> tuple[Tensor, Tensor]: ...
 def knn(
     queries: np.ndarray | Tensor,
     database: np.ndarray | Tensor,
@@ -191,19 +207,21 @@ def _scan(
 ) -> tuple[Tensor, Tensor]:
     """Running top-k of one query block over the database, chunk by chunk (scores descending,
     ties by database index)."""
-    best_s = best_i = None
+    best_s: Tensor | None = None
+    best_i: Tensor | None = None
     n = database.shape[0]
     for start in range(0, n, n_chunk):
         chunk = _chunk_to_torch(database[start : start + n_chunk], device, dtype)
         s = q @ chunk.T  # (q, c): the only score matrix, bounded by the block budget
         s, i = _topk_first(s, k)
         i = i + start
-        if best_s is not None:
+        if best_s is not None and best_i is not None:
             # Kept entries stay in index order, and every earlier chunk precedes this one, so
             # "leftmost wins ties" in the merge is "lowest index wins ties".
             s, cols = _topk_first(torch.cat([best_s, s], dim=1), k)
             i = torch.cat([best_i, i], dim=1).gather(1, cols)
         best_s, best_i = s, i
+    assert best_s is not None and best_i is not None  # knn scans only a non-empty database
     order = best_s.argsort(dim=1, descending=True, stable=True)
     return best_s.gather(1, order), best_i.gather(1, order)
 

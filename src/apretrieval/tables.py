@@ -91,7 +91,9 @@ def benchmarks_table(
     ms = {name: metrics_from_dict(m) for name, m in benchmarks.items()}
     columns = tuple(f"{name} {p[0].upper()}" for name in ms for p in PROTOCOLS)
 
-    def row(stat: str, value: Callable[[ProtocolMetrics], float | None]) -> tuple:
+    def row(
+        stat: str, value: Callable[[ProtocolMetrics], float | None]
+    ) -> tuple[str, str, tuple[str, ...]]:
         cells = [
             _pct(value(m[p]) if p in m else None, decimals) for m in ms.values() for p in PROTOCOLS
         ]

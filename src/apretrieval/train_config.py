@@ -46,7 +46,7 @@ def _opt(
     doc: str,
     *,
     unit: str = "",
-    choices: tuple | None = None,
+    choices: tuple[Any, ...] | None = None,
     aliases: tuple[str, ...] = (),
 ) -> Any:
     """A TrainConfig field with its documentation (``--help`` and validation read it)."""
@@ -260,8 +260,8 @@ class TrainConfig:
             raise ValueError(
                 f"unknown config keys {unknown}: {', '.join(hints)}; known keys: {sorted(known)}"
             )
-        hints = typing.get_type_hints(cls)
-        cfg = cls(**{k: _coerce(k, v, hints[k]) for k, v in d.items()})
+        types = typing.get_type_hints(cls)
+        cfg = cls(**{k: _coerce(k, v, types[k]) for k, v in d.items()})
         cfg.validate(require_data=require_data)
         return cfg
 
@@ -355,7 +355,7 @@ class TrainConfig:
         self.augment_config()  # validates the augmentation settings
 
 
-def _choice(name: str, value: Any, allowed: tuple) -> None:
+def _choice(name: str, value: Any, allowed: tuple[Any, ...]) -> None:
     if value not in allowed:
         shown = ["null" if a is None else a for a in allowed]
         raise ValueError(f"{name} must be one of {shown}, got {value!r}")

@@ -327,6 +327,7 @@ def _train(cfg: TrainConfig, resume: bool, callback: Callback | None, callback_e
 
     def validate(step: int) -> dict[str, float]:
         """Validation metrics of the model now; a new best Medium mAP is saved as best.pt."""
+        assert validator is not None  # called only when validation is on
         metrics, improved = validator(model)
         if improved and ctx.is_main:
             save_finite(run_dir / "best.pt", model, step=step, train_config=cfg.to_dict())

@@ -27,7 +27,7 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn
+from typing import Any
 
 from tqdm import tqdm
 
@@ -157,7 +157,7 @@ def _total_from_headers(resp: http.client.HTTPResponse, offset: int) -> int | No
 
 
 def _fetch_once(
-    url: str, part: Path, expected: int | None, timeout: float, bar: tqdm[NoReturn], chunk: int
+    url: str, part: Path, expected: int | None, timeout: float, bar: tqdm[Any], chunk: int
 ) -> int | None:
     """Append the missing bytes of ``url`` to ``part``; returns the total size if known."""
     offset = part.stat().st_size if part.exists() else 0

@@ -77,7 +77,7 @@ def batch_seeds(seed: int, step: int, n: int) -> list[int]:
 
     Position p always gets the same seed whatever ``n`` (the words are a stable stream).
     """
-    return np.random.SeedSequence([seed, step]).generate_state(n).tolist()
+    return [int(v) for v in np.random.SeedSequence([seed, step]).generate_state(n)]
 
 
 def sample_seed(seed: int, step: int, position: int) -> int:

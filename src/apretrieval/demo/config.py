@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -72,7 +73,7 @@ class BenchmarkConfig:
 
 
 # Named sizes: overrides of the BenchmarkConfig defaults ("default" changes nothing).
-BENCHMARK_SIZES: dict[str, dict] = {
+BENCHMARK_SIZES: dict[str, dict[str, Any]] = {
     "default": {},
     "large": {
         "cell_size": 112,

@@ -27,6 +27,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -84,10 +85,10 @@ class Benchmark:
     test_dir: Path  # Revisited layout
     gnd_file: Path
     name: str = DATASET_NAME
-    info: dict = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
 
 
-def generate(root: Path, cfg: BenchmarkConfig, *, progress: bool = True) -> dict:
+def generate(root: Path, cfg: BenchmarkConfig, *, progress: bool = True) -> dict[str, Any]:
     """Write the benchmark into the empty folder ``root``; returns the manifest (also written)."""
     photos = available_photos(cfg.photos)
     landmarks = plan_landmarks(photos, cfg)
@@ -141,7 +142,7 @@ def _distractor_views(cfg: BenchmarkConfig) -> int:
 
 
 def _write_train_set(
-    root: Path, cfg: BenchmarkConfig, renderer: Renderer, train: list[Landmark], bar: tqdm
+    root: Path, cfg: BenchmarkConfig, renderer: Renderer, train: list[Landmark], bar: tqdm[Any]
 ) -> None:
     """``train/<landmark>/<k>.jpg``: an image folder, one class per landmark."""
     tsize = (cfg.train_image_size, cfg.train_image_size)
@@ -160,11 +161,12 @@ def _render_test_set(
     renderer: Renderer,
     query_lms: list[Landmark],
     distractor_lms: list[Landmark],
-    bar: tqdm,
-) -> tuple[list[dict], list[dict]]:
+    bar: tqdm[Any],
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Queries, database views labelled against each query, distractors (in memory)."""
-    queries: list[dict] = []  # image, bbx, landmark, canonical samples of the query region
-    db: list[dict] = []
+    # Queries: image, bbx, landmark, canonical samples of the query region.
+    queries: list[dict[str, Any]] = []
+    db: list[dict[str, Any]] = []
     for li, lm in enumerate(query_lms):
         lm_queries = []
         for k in range(cfg.queries_per_landmark):
@@ -196,7 +198,7 @@ def _render_test_set(
                     break
                 vrng = cfg.rng(8, li, qi, extra)
                 views.append(db_view(renderer, vrng, lm, cfg, vrng.uniform(0.0, 0.2), lm_queries))
-                bar.total += 1
+                bar.total = (bar.total or 0) + 1
                 bar.update()
         db.extend(views)
         queries.extend(lm_queries)
@@ -256,7 +258,7 @@ def prepare_benchmark(
     return _benchmark(root, info)
 
 
-def _benchmark(root: Path, info: dict) -> Benchmark:
+def _benchmark(root: Path, info: dict[str, Any]) -> Benchmark:
     test = root / "test"
     return Benchmark(
         root=root,

@@ -73,9 +73,10 @@ def plan_landmarks(photos: dict[str, np.ndarray], cfg: BenchmarkConfig) -> list[
         if source.role != LANDMARK or source.key not in photos:
             continue
         photo = photos[source.key]
+        height, width = photo.shape[:2]
         cells = [
             c
-            for c in grid_cells(*photo.shape[:2], cfg.cell_size)
+            for c in grid_cells(height, width, cfg.cell_size)
             if has_content(photo, shrink(c, cfg.core_fraction))
         ]
         chosen = sorted(rng.permutation(len(cells))[: cfg.max_landmarks_per_photo].tolist())

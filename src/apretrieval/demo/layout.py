@@ -12,6 +12,7 @@ import dataclasses
 import json
 import pickle
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -31,9 +32,9 @@ def write_test_set(
     root: Path,
     cfg: BenchmarkConfig,
     landmarks: list[Landmark],
-    queries: list[dict],
-    db: list[dict],
-) -> dict:
+    queries: list[dict[str, Any]],
+    db: list[dict[str, Any]],
+) -> dict[str, Any]:
     """Write the Revisited-layout test set, the manifest and the README; returns the manifest."""
     jpg = root / "test" / "jpg"
     jpg.mkdir(parents=True)
@@ -45,7 +46,7 @@ def write_test_set(
     qimlist = [f"query_{i:03d}" for i in range(len(queries))]
     for name, item in zip(imlist + qimlist, db + queries, strict=True):
         save_jpeg(jpg / f"{name}.jpg", item["image"], item["rng"])
-    gnd = []
+    gnd: list[dict[str, list[float] | list[int]]] = []
     for q in queries:
         lists: dict[str, list[int]] = {"easy": [], "hard": [], "junk": []}
         for j, item in enumerate(db):
@@ -104,10 +105,11 @@ def write_test_set(
     # Written last: a folder with a manifest is complete.
     text = json.dumps(manifest, indent=1)
     (root / "manifest.json").write_text(text, encoding="utf-8")
-    return json.loads(text)  # the cached form (tuples as lists), same as a later cache hit
+    cached: dict[str, Any] = json.loads(text)
+    return cached  # the cached form (tuples as lists), same as a later cache hit
 
 
-def _readme(manifest: dict, photos: set[str]) -> str:
+def _readme(manifest: dict[str, Any], photos: set[str]) -> str:
     c = manifest["counts"]
     return f"""# apretrieval demo benchmark (generated)
 

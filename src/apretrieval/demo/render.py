@@ -37,7 +37,7 @@ def apply_h(h: np.ndarray, points: np.ndarray) -> np.ndarray:
     p = np.c_[points, np.ones(len(points))] @ h.T
     w = p[:, 2:3]
     with np.errstate(divide="ignore", invalid="ignore"):
-        out = p[:, :2] / w
+        out: np.ndarray = p[:, :2] / w
     out[(w[:, 0] <= 1e-9)] = np.inf
     return out
 
@@ -56,7 +56,8 @@ def fit_quad(quad: np.ndarray, box: tuple[float, float, float, float]) -> np.nda
     quad = centre + (quad - centre) * scale
     lo, hi = quad.min(0), quad.max(0)
     shift = np.maximum(0.0, [x0, y0] - lo) - np.maximum(0.0, hi - [x1, y1])
-    return quad + shift
+    fitted: np.ndarray = quad + shift
+    return fitted
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ region it shows, and how hard the view is): see :func:`label_view`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -142,8 +143,8 @@ def db_view(
     lm: Landmark,
     cfg: BenchmarkConfig,
     difficulty: float,
-    lm_queries: list[dict],
-) -> dict:
+    lm_queries: list[dict[str, Any]],
+) -> dict[str, Any]:
     """A database view of ``lm`` with the visible fraction of each of its queries' regions."""
     view = renderer.view(rng, lm, frame_size(rng, cfg.image_size), difficulty)
     visible = [
