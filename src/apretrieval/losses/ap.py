@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -114,7 +115,8 @@ def _ap_loss_and_grads(
             s, rel, exclude, need_grad, scale[: stop - start], out=None, totals=totals
         )
         value_sum += value.sum()
-        if need_grad:
+        if gq is not None and gx is not None:  # need_grad
+            assert g is not None  # _rows returns the gradient when asked for it
             # S = Q X^T: dL/dQ = dL/dS X and dL/dX = dL/dS^T Q (Eq. 10).
             gq[start:stop].addmm_(g, x)
             gx.addmm_(g.T, q[start:stop])
@@ -185,19 +187,19 @@ class _ListwiseFunction(torch.autograd.Function):
     """Fused forward/backward: the gradient is computed with the loss, chunk by chunk."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
-        ctx,
-        queries,
-        query_labels,
-        database,
-        database_labels,
-        loss,
-        chunk,
-        self_db,
-        query_index,
-        grad_enabled,
-        whole,
-    ):
+    def forward(
+        ctx: Any,
+        queries: Tensor,
+        query_labels: Tensor,
+        database: Tensor,
+        database_labels: Tensor,
+        loss: ListwiseLoss,
+        chunk: int,
+        self_db: bool,
+        query_index: Tensor | None,
+        grad_enabled: bool,
+        whole: bool,
+    ) -> Tensor:
         # Grad mode is off inside forward; the caller's mode says whether autograd records us.
         need = grad_enabled and (ctx.needs_input_grad[0] or ctx.needs_input_grad[2])
         value, gq, gx = _ap_loss_and_grads(
@@ -219,7 +221,7 @@ class _ListwiseFunction(torch.autograd.Function):
         return value.to(queries.dtype)
 
     @staticmethod
-    def backward(ctx, grad_loss):  # type: ignore[override]
+    def backward(ctx: Any, grad_loss: Tensor) -> tuple[Tensor | None, ...]:
         gq, gx = ctx.saved_tensors
         scale = grad_loss.to(gq.dtype) if gq.numel() else grad_loss
         dq = (gq * scale).to(ctx.dtypes[0]) if gq.numel() else None
@@ -324,7 +326,7 @@ class ListwiseLoss(nn.Module):
         if (database is None) != (database_labels is None):
             raise ValueError("pass both database and database_labels, or neither")
         self_db = database is None
-        if self_db:
+        if database is None or database_labels is None:  # both, checked above
             database, database_labels = queries, query_labels
         else:
             check_descriptors("database", database, database_labels)
@@ -355,10 +357,11 @@ class ListwiseLoss(nn.Module):
         n = queries.shape[0]
         itemsize = 8 if queries.dtype == torch.float64 else 4
         whole = self_db and n * n * itemsize <= self.memory_budget_mb * 2**20
-        return _ListwiseFunction.apply(
+        loss: Tensor = _ListwiseFunction.apply(
             queries, query_labels, database, database_labels, self, chunk, self_db,
             query_index, grad_enabled, whole,
         )  # fmt: skip
+        return loss
 
 
 class APLoss(ListwiseLoss):
@@ -411,9 +414,17 @@ class APLoss(ListwiseLoss):
     def _scale_note(self) -> str:
         return f"scores outside score_range={self.score_range} get a zero gradient"
 
-    def _rows(  # type: ignore[override]
-        self, scores, relevance, exclude, need_grad, grad_scale, *, out=None, totals=None
-    ):
+    def _rows(
+        self,
+        scores: Tensor,
+        relevance: Tensor,
+        exclude: Tensor | None,
+        need_grad: bool,
+        grad_scale: Tensor,
+        *,
+        out: Tensor | None = None,
+        totals: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
         ap, g, _ = _ap_and_grad(
             scores, relevance, self.bins, need_grad, exclude=exclude, grad_scale=grad_scale,
             inplace=True, out=out,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -181,8 +182,8 @@ class _QuantizedAPFunction(torch.autograd.Function):
     """quantized_ap with the analytic backward of the supplementary (Eqs. 4-10)."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
-        ctx, scores: Tensor, relevance: Tensor, bins: _Bins, grad_enabled: bool
+    def forward(
+        ctx: Any, scores: Tensor, relevance: Tensor, bins: _Bins, grad_enabled: bool
     ) -> Tensor:
         s = scores.to(_compute_dtype(scores))
         need = grad_enabled and ctx.needs_input_grad[0]  # grad mode is off inside forward
@@ -192,7 +193,7 @@ class _QuantizedAPFunction(torch.autograd.Function):
         return ap.to(scores.dtype)
 
     @staticmethod
-    def backward(ctx, grad_ap: Tensor) -> tuple[Tensor | None, None, None, None]:  # type: ignore[override]
+    def backward(ctx: Any, grad_ap: Tensor) -> tuple[Tensor | None, None, None, None]:
         (grad,) = ctx.saved_tensors
         if grad.numel() == 0:
             return None, None, None, None
@@ -221,4 +222,5 @@ def quantized_ap(
         estimator = "tie_aware"
     bins = _make_bins(num_bins, score_range, estimator)
     check_pair(scores, relevance)
-    return _QuantizedAPFunction.apply(scores, relevance.bool(), bins, torch.is_grad_enabled())
+    ap: Tensor = _QuantizedAPFunction.apply(scores, relevance.bool(), bins, torch.is_grad_enabled())
+    return ap

@@ -20,6 +20,7 @@ every k by one.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -53,7 +54,7 @@ class RecallAtKLoss(RankLoss):
         tau: float = 0.01,
         tau_k: float = 1.0,
         chunk_size: int | None = None,
-        **kwargs,
+        **kwargs: Any,
     ) -> None:
         super().__init__(chunk_size, **kwargs)
         self.k = _check_ks(k)
@@ -63,7 +64,7 @@ class RecallAtKLoss(RankLoss):
     def extra_repr(self) -> str:
         return f"k={self.k}, tau={self.tau:g}, tau_k={self.tau_k:g}, chunk_size={self.chunk_size}"
 
-    def _rows(  # type: ignore[override]
+    def _rows(
         self,
         scores: Tensor,
         relevance: Tensor,

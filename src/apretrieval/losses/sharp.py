@@ -47,10 +47,13 @@ MIN_BINS = 4  # K = M - 3 >= 1 bin between the top score and the lowest positive
 _BETA = 1.0 / 6.0  # half the variance of the two triangular kernels, in bin^2
 
 
-class _Geometry(Protocol):
-    num_bins: int
-    low: float
-    high: float
+class _Geometry(Protocol):  # read-only: the histogram's frozen bins satisfy it
+    @property
+    def num_bins(self) -> int: ...
+    @property
+    def low(self) -> float: ...
+    @property
+    def high(self) -> float: ...
 
 
 def sharp_ap_and_grad(

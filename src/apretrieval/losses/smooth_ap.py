@@ -20,6 +20,8 @@ their gradients.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -48,14 +50,14 @@ class SmoothAPLoss(RankLoss):
         torch.Size([])
     """
 
-    def __init__(self, tau: float = 0.01, chunk_size: int | None = None, **kwargs) -> None:
+    def __init__(self, tau: float = 0.01, chunk_size: int | None = None, **kwargs: Any) -> None:
         super().__init__(chunk_size, **kwargs)
         self.tau = check_positive("tau", tau)
 
     def extra_repr(self) -> str:
         return f"tau={self.tau:g}, chunk_size={self.chunk_size}"
 
-    def _rows(  # type: ignore[override]
+    def _rows(
         self,
         scores: Tensor,
         relevance: Tensor,

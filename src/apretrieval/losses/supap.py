@@ -26,11 +26,13 @@ constant biases AP upwards, most for queries with few positives.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from apretrieval.losses._pairs import (
+    Positives,
     RankLoss,
     check_positive,
     pair_blocks,
@@ -62,7 +64,7 @@ class SupAPLoss(RankLoss):
         start: float = 0.5,
         offset: float | None = None,
         chunk_size: int | None = None,
-        **kwargs,
+        **kwargs: Any,
     ) -> None:
         super().__init__(chunk_size, **kwargs)
         self.tau = check_positive("tau", tau)
@@ -92,7 +94,7 @@ class SupAPLoss(RankLoss):
         slope = torch.where(far, self.rho, sig * (1.0 - sig) / self.tau)
         return r, d.copy_(slope)
 
-    def _rows(  # type: ignore[override]
+    def _rows(
         self,
         scores: Tensor,
         relevance: Tensor,
@@ -144,7 +146,7 @@ class RoadmapLoss(SupAPLoss):
         calibration_weight: float = 1.0,
         pos_margin: float = 0.9,
         neg_margin: float = 0.6,
-        **kwargs,
+        **kwargs: Any,
     ) -> None:
         super().__init__(tau, rho, delta, start, offset, chunk_size, **kwargs)
         self.calibration_weight = _finite("calibration_weight", calibration_weight)
@@ -159,7 +161,9 @@ class RoadmapLoss(SupAPLoss):
             f"pos_margin={self.pos_margin:g}, neg_margin={self.neg_margin:g}"
         )
 
-    def _hinges(self, scores: Tensor, relevance: Tensor, exclude: Tensor | None):
+    def _hinges(
+        self, scores: Tensor, relevance: Tensor, exclude: Tensor | None
+    ) -> tuple[Tensor, Tensor, Positives]:
         """Hinge terms (c, N) of the positive and the negative pairs (0 elsewhere and at the
         excluded column) and the rows' positives (with the exclusion)."""
         pos = positives(relevance, exclude)
@@ -176,9 +180,17 @@ class RoadmapLoss(SupAPLoss):
         counts = [(hinge_pos > 0).sum(), (hinge_neg > 0).sum(), (pos.count > 0).sum()]
         return torch.stack(counts).to(scores.dtype)
 
-    def _rows(  # type: ignore[override]
-        self, scores, relevance, exclude, need_grad, grad_scale, *, out=None, totals=None
-    ):
+    def _rows(
+        self,
+        scores: Tensor,
+        relevance: Tensor,
+        exclude: Tensor | None,
+        need_grad: bool,
+        grad_scale: Tensor,
+        *,
+        out: Tensor | None = None,
+        totals: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
         assert totals is not None  # needs_totals: the machinery passes them
         hinge_pos, hinge_neg, _ = self._hinges(scores, relevance, exclude)
         value, grad = super()._rows(scores, relevance, exclude, need_grad, grad_scale)

@@ -39,12 +39,12 @@ def display_width(path: str | os.PathLike[str]) -> int:
 
 
 def plot_ap_scatter(
-    ap: Sequence[float],
-    ap_q: Sequence[float],
+    ap: Sequence[float] | np.ndarray,
+    ap_q: Sequence[float] | np.ndarray,
     path: str | os.PathLike[str],
     title: str = "",
     apq: APQSettings | None = None,
-    sharp: tuple[Sequence[float], Sequence[float]] | None = None,
+    sharp: tuple[Sequence[float] | np.ndarray, Sequence[float] | np.ndarray] | None = None,
     reference: str = "exact",
 ) -> float:
     """Scatter of exact AP vs quantized AP_Q per query (the supplementary's Fig. 1), with the
@@ -99,8 +99,8 @@ def _percent_square(ax: Any) -> None:
 
 
 def plot_model_pairs(
-    base: tuple[str, Sequence[float]],
-    others: Sequence[tuple[str, Sequence[float]]],
+    base: tuple[str, Sequence[float] | np.ndarray],
+    others: Sequence[tuple[str, Sequence[float] | np.ndarray]],
     path: str | os.PathLike[str],
     protocol: str = "medium",
 ) -> list[tuple[int, int]]:
@@ -109,8 +109,8 @@ def plot_model_pairs(
     name0, ap0 = base[0], np.asarray(base[1], dtype=np.float64)
     fig = Figure(figsize=(3.9 * len(others), 4.0))
     counts = []
-    for n, (name, ap) in enumerate(others):
-        ap = np.asarray(ap, dtype=np.float64)
+    for n, (name, values) in enumerate(others):
+        ap = np.asarray(values, dtype=np.float64)
         ok = ~(np.isnan(ap0) | np.isnan(ap))
         better, worse = int((ap[ok] > ap0[ok]).sum()), int((ap[ok] < ap0[ok]).sum())
         counts.append((better, worse))
@@ -160,11 +160,11 @@ def plot_training_curves(
     maps = [k for k in keys if "map" in k.lower().replace("_", "").split("/")[-1]]
     if not losses and not maps:
         raise ValueError(f"training log has neither a loss nor a mAP (keys: {keys})")
-    batch = [k for k in ("batch_ap", "batch_ap_q") if k in keys]
+    batch: list[str] = [k for k in ("batch_ap", "batch_ap_q") if k in keys]
     # (keys, y label, legend): the loss and validation mAP first; the batch's exact AP beside
     # the AP_Q the loss optimises (does the gap shrink?); then the schedule and the speed.
     single = (("lr", "learning rate"), ("images_per_s", "images / s"))
-    panels = [
+    panels: list[tuple[list[str], str, bool]] = [
         (losses, "loss", len(losses) > 1),
         (maps, "mAP", True),
         (batch, "AP of the batch", True),
