@@ -3,91 +3,18 @@
 from __future__ import annotations
 
 import hashlib
-import io
-import socket
 import tarfile
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
 from apretrieval.cli import main
-from apretrieval.data.download import (
-    DownloadError,
-    dataset_files,
-    download_dataset,
-    download_file,
-    extract_archive,
-)
+from apretrieval.data.download import dataset_files, download_dataset, extract_archive
+from apretrieval.data.fetch import DownloadError, download_file
 from conftest import without_thread_line
+from loopback import FakeHost, closed_port_url, tar_bytes
 
 SAMPLES = Path(__file__).parent / "data" / "revisited"
-
-
-class FakeHost:
-    """Serves ``files`` (path -> bytes) with HTTP Range support.
-
-    ``cut[path] = n`` makes the next response for that path announce the full length but
-    close the connection after ``n`` bytes (once). ``ignore_range`` answers 200 always.
-    """
-
-    def __init__(self) -> None:
-        self.files: dict[str, bytes] = {}
-        self.cut: dict[str, int] = {}
-        self.ignore_range = False
-        self.requests: list[tuple[str, str | None]] = []
-        host = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args) -> None:  # keep test output clean
-                pass
-
-            def do_GET(self) -> None:
-                path = self.path.lstrip("/")
-                rng = self.headers.get("Range")
-                host.requests.append((path, rng))
-                if path not in host.files:
-                    self.send_error(404)
-                    return
-                data = host.files[path]
-                start = 0
-                if rng and not host.ignore_range:
-                    start = int(rng.removeprefix("bytes=").split("-")[0])
-                    if start >= len(data):
-                        self.send_response(416)
-                        self.send_header("Content-Range", f"bytes */{len(data)}")
-                        self.end_headers()
-                        return
-                    self.send_response(206)
-                    self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-                else:
-                    self.send_response(200)
-                body = data[start:]
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                limit = host.cut.pop(path, None)
-                if limit is not None:
-                    self.wfile.write(body[:limit])
-                    self.wfile.flush()
-                    self.close_connection = True
-                    self.connection.shutdown(socket.SHUT_RDWR)
-                    return
-                self.wfile.write(body)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(
-            target=self.server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
-        )
-
-    def __enter__(self) -> FakeHost:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @pytest.fixture
@@ -96,24 +23,8 @@ def host():
         yield h
 
 
-def closed_port_url() -> str:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()  # nothing listens there now
-    return f"http://127.0.0.1:{port}"
-
-
 def tgz(members: dict[str, bytes], extra=None) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-        for info in extra or []:
-            tar.addfile(info)
-    return buf.getvalue()
+    return tar_bytes(members, extra, mode="w:gz")
 
 
 def sha(data: bytes) -> str:

@@ -25,7 +25,7 @@ from apretrieval.cli.errors import describe
 COMMANDS: dict[str, str] = {
     "convert": "convert a released dirtorch / cirtorch model into an apretrieval checkpoint",
     "demo": "offline CPU demo: AP-loss fine-tuning vs pretrained vs contrastive",
-    "download": "download a Revisited Oxford/Paris benchmark or the R1M distractors",
+    "download": "download a benchmark (ROxford5k, RParis6k, R1M) or training set (SfM-120k, GLDv2)",
     "evaluate": "evaluate a checkpoint on ROxford5k / RParis6k (Easy, Medium, Hard)",
     "export": "export a checkpoint's descriptor network to TorchScript or ONNX",
     "extract": "extract descriptors of a benchmark or an image folder",

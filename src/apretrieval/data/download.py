@@ -5,42 +5,39 @@ Resulting layouts (what :class:`apretrieval.data.revisited.RevisitedDataset` rea
     roxford5k, rparis6k:  <root>/gnd_<name>.pkl, <root>/jpg/<image>.jpg (archives flattened)
     revisitop1m:          <root>/revisitop1m.txt, <root>/jpg/<path from the list>
 
-Transfers are resumable: bytes go to ``<file>.part`` and an interrupted download continues
-with an HTTP ``Range`` request (within one call, up to ``retries`` times, and on the next
-call). A file is moved into place (``os.replace``) only once its size and, where known, its
-SHA-256 match. Archives are extracted member by member with path checks (no absolute paths,
-no ``..``, regular files only) and a marker file records each finished archive.
+Files are fetched by :func:`apretrieval.data.fetch.download_file` (resumable, verified).
+Archives are extracted member by member with path checks (no absolute paths, no ``..``,
+regular files only, so no link can point outside) and a marker file records each finished
+archive. The training sets (:mod:`apretrieval.data.sfm120k`, :mod:`apretrieval.data.gldv2`)
+are fetched with the same functions.
 """
 
 from __future__ import annotations
 
-import hashlib
-import http.client
+import dataclasses
 import os
 import posixpath
 import shutil
 import tarfile
-import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from tqdm import tqdm
 
 from apretrieval.atomic import atomic_open, atomic_write_text
+from apretrieval.data.fetch import DownloadError, download_file
 
 __all__ = [
     "DATASETS",
-    "DownloadError",
     "RemoteFile",
     "dataset_files",
     "download_dataset",
-    "download_file",
+    "download_files",
     "extract_archive",
+    "mirror_url",
+    "mirrored",
 ]
 
 _OXFORD = "https://www.robots.ox.ac.uk/~vgg/data/oxbuildings"
@@ -50,17 +47,13 @@ _R1M = "http://ptak.felk.cvut.cz/revisitop/revisitop1m"
 _R1M_ARCHIVES = 100
 
 
-class DownloadError(OSError):
-    """A file could not be fetched or failed validation (message says which and why)."""
-
-
 @dataclass(frozen=True)
 class RemoteFile:
     """One file of a dataset: where it comes from and what it must be.
 
     ``path`` is where it lives under the mirror root (a mirror reproduces these paths);
-    ``extract``: None (keep as is), "flatten" (archive of images, all into ``jpg/``) or
-    "tree" (archive whose member paths are kept under ``jpg/``).
+    ``extract``: None (keep as is), "flatten" (archive of images, all into ``<into>/``) or
+    "tree" (archive whose member paths are kept under ``<into>/``).
     """
 
     url: str
@@ -68,6 +61,7 @@ class RemoteFile:
     size: int | None = None
     sha256: str | None = None
     extract: str | None = None
+    into: str = "jpg"
 
     @property
     def filename(self) -> str:
@@ -116,147 +110,19 @@ def dataset_files(name: str, mirror: str | None = None) -> tuple[RemoteFile, ...
     """The files of ``name``; with ``mirror`` (a base URL) they come from ``mirror/<path>``."""
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose from {sorted(DATASETS)}")
-    files = DATASETS[name]
+    return mirrored(DATASETS[name], mirror)
+
+
+def mirrored(files: tuple[RemoteFile, ...], mirror: str | None) -> tuple[RemoteFile, ...]:
+    """``files`` fetched from ``mirror/<path>`` instead (unchanged when ``mirror`` is None)."""
     if mirror is None:
         return files
-    base = mirror.rstrip("/") + "/"
-    return tuple(
-        RemoteFile(urllib.parse.urljoin(base, f.path), f.path, f.size, f.sha256, f.extract)
-        for f in files
-    )
+    return tuple(dataclasses.replace(f, url=mirror_url(mirror, f.path)) for f in files)
 
 
-# --------------------------------------------------------------------------------------------
-# One file
-
-
-def _sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _check_complete(path: Path, size: int | None, sha256: str | None, url: str) -> None:
-    actual = path.stat().st_size
-    if size is not None and actual != size:
-        raise DownloadError(f"{url}: got {actual} bytes, expected {size}")
-    if sha256 is not None and _sha256_of(path) != sha256.lower():
-        path.unlink()  # a complete but wrong file cannot be resumed: start over next time
-        raise DownloadError(f"{url}: SHA-256 mismatch (file removed; try again or check the URL)")
-
-
-def _total_from_headers(resp: http.client.HTTPResponse, offset: int) -> int | None:
-    if resp.status == 206:
-        rng = resp.headers.get("Content-Range", "")  # "bytes a-b/total"
-        total = rng.rsplit("/", 1)[-1]
-        return int(total) if total.isdigit() else None
-    length = resp.headers.get("Content-Length")
-    return int(length) if length and length.isdigit() else None
-
-
-def _fetch_once(
-    url: str, part: Path, expected: int | None, timeout: float, bar: tqdm[Any], chunk: int
-) -> int | None:
-    """Append the missing bytes of ``url`` to ``part``; returns the total size if known."""
-    offset = part.stat().st_size if part.exists() else 0
-    if expected is not None and offset == expected:
-        return expected
-    headers = {"User-Agent": "apretrieval-download"}
-    if offset:
-        headers["Range"] = f"bytes={offset}-"
-    req = urllib.request.Request(url, headers=headers)
-    try:
-        resp = urllib.request.urlopen(req, timeout=timeout)
-    except urllib.error.HTTPError as err:
-        if err.code == 416 and offset:  # nothing left past offset: the part is complete
-            return offset
-        raise
-    with resp:
-        if offset and resp.status != 206:  # server ignored Range: start from scratch
-            offset = 0
-            part.unlink(missing_ok=True)
-        total = _total_from_headers(resp, offset)
-        if expected is not None and total is not None and total != expected:
-            raise DownloadError(f"{url}: server reports {total} bytes, expected {expected}")
-        bar.reset(total=total or expected)
-        bar.update(offset)
-        with open(part, "ab") as f:
-            while True:
-                block = resp.read(chunk)
-                if not block:
-                    break
-                f.write(block)
-                bar.update(len(block))
-    got = part.stat().st_size
-    want = total if total is not None else expected
-    if want is not None and got < want:
-        raise ConnectionError(f"connection closed after {got} of {want} bytes")
-    return want
-
-
-def download_file(
-    url: str,
-    dest: str | os.PathLike[str],
-    *,
-    size: int | None = None,
-    sha256: str | None = None,
-    retries: int = 3,
-    timeout: float = 60.0,
-    progress: bool = True,
-    chunk_size: int = 1 << 20,
-) -> Path:
-    """Fetch ``url`` to ``dest`` resumably and atomically; returns ``dest``.
-
-    An existing ``dest`` that passes the size/SHA-256 checks is kept. Raises DownloadError
-    (an OSError) when the host cannot be reached or the bytes fail validation; the partial
-    ``dest.part`` stays for the next attempt.
-    """
-    dest = Path(dest)
-    if dest.exists():
-        try:
-            _check_complete(dest, size, sha256, url)
-            return dest
-        except DownloadError:  # a stale or foreign file: fetch it again
-            dest.unlink(missing_ok=True)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(dest.name + ".part")
-    bar = tqdm(
-        desc=dest.name,
-        unit="B",
-        unit_scale=True,
-        unit_divisor=1024,
-        disable=not progress,
-        leave=False,
-    )
-    try:
-        for attempt in range(retries + 1):
-            try:
-                total = _fetch_once(url, part, size, timeout, bar, chunk_size)
-                break
-            except DownloadError:
-                raise
-            except urllib.error.HTTPError as err:
-                raise DownloadError(f"{url}: HTTP {err.code} {err.reason}") from None
-            except (OSError, http.client.HTTPException) as err:  # unreachable, reset, cut short
-                reason = getattr(err, "reason", None) or err
-                if attempt == retries:
-                    have = part.stat().st_size if part.exists() else 0
-                    hint = (
-                        f"; {have} bytes kept in {part}, run again to resume"
-                        if have
-                        else " (offline? a local copy can be served with --mirror)"
-                    )
-                    raise DownloadError(f"cannot download {url}: {reason}{hint}") from None
-                time.sleep(min(2.0**attempt, 10.0) * 0.1)
-    finally:
-        bar.close()
-    if total is not None and size is None:
-        size = total
-    _check_complete(part, size, sha256, url)
-    os.replace(part, dest)
-    return dest
+def mirror_url(mirror: str, path: str) -> str:
+    """``path`` under the base URL ``mirror``."""
+    return urllib.parse.urljoin(mirror.rstrip("/") + "/", path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -337,7 +203,31 @@ def download_dataset(
     ``name``: roxford5k, rparis6k or revisitop1m. Finished archives are recorded by a marker
     ``.<archive>.done`` and skipped on the next run.
     """
-    files = dataset_files(name, mirror)
+    return download_files(
+        dataset_files(name, mirror),
+        root,
+        keep_archives=keep_archives,
+        progress=progress,
+        retries=retries,
+        timeout=timeout,
+        log=log,
+    )
+
+
+def download_files(
+    files: tuple[RemoteFile, ...],
+    root: str | os.PathLike[str],
+    *,
+    keep_archives: bool = False,
+    progress: bool = True,
+    retries: int = 3,
+    timeout: float = 60.0,
+    log: Callable[[str], None] | None = print,
+) -> Path:
+    """Fetch ``files`` one after the other into ``root``: plain files kept there, archives
+    extracted into ``root/<into>/`` (then removed unless ``keep_archives``). Resumable and
+    idempotent: a finished archive is recorded by a marker ``.<archive>.done`` and skipped.
+    """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     say = log or (lambda _msg: None)
@@ -367,7 +257,7 @@ def download_dataset(
         say(f"[{i}/{len(files)}] {rf.url}")
         fetch(rf, archive)
         n = extract_archive(
-            archive, root / "jpg", flatten=rf.extract == "flatten", progress=progress
+            archive, root / rf.into, flatten=rf.extract == "flatten", progress=progress
         )
         if n == 0:
             raise DownloadError(f"{archive}: no files inside")

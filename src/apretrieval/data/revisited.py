@@ -7,17 +7,15 @@ Official layout::
     <r1m_root>/revisitop1m.txt     one image path per line, relative to <r1m_root>/jpg/
     <r1m_root>/jpg/...
 
-Ground-truth pickles are untrusted input: :func:`load_gnd` never runs ``pickle.load`` on them.
-Its unpickler resolves no global except numpy's array/dtype/scalar reconstruction, so a
-pickle that references anything else (``os.system``, ``builtins.eval``, ...) is refused
-before it can run, and the loaded value is then checked to be plain data.
+Ground-truth pickles are untrusted input: :func:`load_gnd` reads them with
+:func:`apretrieval.data.plain_pickle.load_plain_pickle`, which refuses any pickle that
+references something other than plain data (``os.system``, ``builtins.eval``, ...) before it
+can run.
 """
 
 from __future__ import annotations
 
-import io
 import os
-import pickle
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +25,7 @@ import numpy as np
 from PIL import Image
 
 from apretrieval.data.decode import decode_rgb, oriented_size
+from apretrieval.data.plain_pickle import load_plain_pickle
 
 __all__ = [
     "R1M_LIST",
@@ -42,68 +41,6 @@ REVISITED_DATASETS: tuple[str, ...] = ("roxford5k", "rparis6k")
 R1M_LIST = "revisitop1m.txt"
 
 
-def _numpy_globals() -> dict[tuple[str, str], Any]:
-    # The reconstruction helpers, taken from numpy's own reductions rather than private
-    # imports, under both their numpy 1 (numpy.core) and numpy 2 (numpy._core) module names.
-    reconstruct = np.array([0]).__reduce__()[0]
-    scalar = np.int64(0).__reduce__()[0]
-    frombuffer = np.array([0]).__reduce_ex__(5)[0]
-    allowed: dict[tuple[str, str], Any] = {
-        ("numpy", "ndarray"): np.ndarray,
-        ("numpy", "dtype"): np.dtype,
-    }
-    for core in ("numpy.core", "numpy._core"):
-        allowed[(f"{core}.multiarray", "_reconstruct")] = reconstruct
-        allowed[(f"{core}.multiarray", "scalar")] = scalar
-        allowed[(f"{core}.numeric", "_frombuffer")] = frombuffer
-    return allowed
-
-
-class _RestrictedUnpickler(pickle.Unpickler):
-    """Plain containers, numbers, strings and numpy arrays; any other global is refused."""
-
-    def __init__(self, file: io.BufferedIOBase, source: str) -> None:
-        super().__init__(file)
-        self._source = source
-        self._allowed = _numpy_globals()
-
-    def find_class(self, module: str, name: str) -> Any:
-        try:
-            return self._allowed[(module, name)]
-        except KeyError:
-            raise ValueError(
-                f"{self._source}: refusing to load a pickle that references {module}.{name} "
-                "(ground-truth files hold only lists, dicts, numbers, strings and arrays)"
-            ) from None
-
-    def persistent_load(self, pid: Any) -> Any:
-        raise ValueError(f"{self._source}: persistent ids are not allowed in a ground-truth file")
-
-
-_PLAIN = (str, bytes, int, float, bool, type(None), np.number, np.bool_)
-
-
-def _check_plain(obj: Any, source: str, depth: int = 0) -> None:
-    if depth > 20:
-        raise ValueError(f"{source}: nesting deeper than any ground-truth file")
-    if isinstance(obj, _PLAIN):
-        return
-    if isinstance(obj, np.ndarray):
-        if obj.dtype.hasobject:
-            raise ValueError(f"{source}: object arrays are not allowed in a ground-truth file")
-        return
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            _check_plain(k, source, depth + 1)
-            _check_plain(v, source, depth + 1)
-        return
-    if isinstance(obj, list | tuple | set | frozenset):
-        for v in obj:
-            _check_plain(v, source, depth + 1)
-        return
-    raise ValueError(f"{source}: unexpected {type(obj).__name__} in a ground-truth file")
-
-
 def load_gnd(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Load a ground-truth pickle (``gnd_<name>.pkl``) safely.
 
@@ -111,14 +48,7 @@ def load_gnd(path: str | os.PathLike[str]) -> dict[str, Any]:
     ``qidx``). Raises ValueError for anything that is not such plain data.
     """
     path = Path(path)
-    data = path.read_bytes()
-    try:
-        obj = _RestrictedUnpickler(io.BytesIO(data), str(path)).load()
-    except ValueError:
-        raise
-    except Exception as err:  # truncated/garbled bytes: one clear error, not a traceback
-        raise ValueError(f"{path}: not a readable ground-truth pickle ({err})") from None
-    _check_plain(obj, str(path))
+    obj = load_plain_pickle(path, "ground-truth file")
     if not isinstance(obj, dict) or not {"imlist", "qimlist", "gnd"} <= set(obj):
         keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
         raise ValueError(f"{path}: expected a dict with imlist, qimlist and gnd, got {keys}")
