@@ -120,7 +120,9 @@ def load_whiten_pairs(path: str | os.PathLike[str]) -> MatchingPairs:
 
 
 def sfm120k_list(
-    path: str | os.PathLike[str], image_root: str | os.PathLike[str] | None = None, part: str = "train"
+    path: str | os.PathLike[str],
+    image_root: str | os.PathLike[str] | None = None,
+    part: str = "train",
 ) -> ImageList:
     """The images of ``part`` of ``retrieval-SfM-120k.pkl``, labelled by ``cluster`` id.
 

@@ -28,6 +28,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from tqdm import tqdm
 
@@ -37,6 +38,8 @@ from apretrieval.data.fetch import ChecksumError, DownloadError, download_file, 
 
 __all__ = ["Shard", "disk_space_needed", "fetch_shards", "parse_shard_range", "read_md5_file"]
 
+_T = TypeVar("_T")
+_R = TypeVar("_R")
 _MD5 = re.compile(r"[0-9a-fA-F]{32}")
 
 
@@ -185,7 +188,12 @@ def _run_shard(
     bar.shard_done()
 
 
-def _map(jobs: int, fn: Callable, items: Sequence, stop: threading.Event | None = None) -> list:
+def _map(
+    jobs: int,
+    fn: Callable[[_T], _R],
+    items: Sequence[_T],
+    stop: threading.Event | None = None,
+) -> list[_R]:
     """``fn`` over ``items`` on ``jobs`` threads. On the first exception (or an interrupt of
     the caller) the work not yet started is cancelled, ``stop`` is set for the work running,
     and that exception is raised once every thread has ended."""
@@ -239,10 +247,10 @@ def fetch_shards(
     prepared = _map(min(jobs * 4, 32), lambda s: _prepare(s, retries, timeout), todo)
     sizes = [size for _, size in prepared]
     partial = [_partial_bytes(s) for s in todo]
-    known = [i for i, size in enumerate(sizes) if size is not None]
+    known = {i: size for i, size in enumerate(sizes) if size is not None}
     if known:
         need = disk_space_needed(
-            [sizes[i] for i in known], [partial[i] for i in known], jobs, keep_archives
+            list(known.values()), [partial[i] for i in known], jobs, keep_archives
         )
         root = todo[0].dest.parent
         root.mkdir(parents=True, exist_ok=True)
@@ -252,7 +260,7 @@ def fetch_shards(
                 f"not enough free disk space in {root}: {len(todo)} shards need about "
                 f"{_gib(need)}, {_gib(free)} free (free some space, or fetch fewer with --shards)"
             )
-    total = sum(sizes[i] for i in known) if len(known) == len(todo) else None
+    total = sum(known.values()) if len(known) == len(todo) else None
     bar = _Bar(total, len(shards) - len(todo), len(shards), label, progress)
     bar.add(sum(partial))
     bad: list[str] = []
