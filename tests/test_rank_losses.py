@@ -279,3 +279,53 @@ def test_the_losses_are_listwise_and_validate_their_settings():
         with pytest.raises(ValueError):
             bad()
     assert SupAPLoss().offset == pytest.approx(0.5 + 1 / (1 + math.exp(-5.0)))
+
+
+# --------------------------------------------------------------------------------------------
+# Training: `--loss smooth_ap|sup_ap|roadmap|recall_at_k` and their settings.
+
+
+def test_training_config_selects_the_rank_losses_with_their_settings(tmp_path):
+    import yaml
+
+    from apretrieval.train_config import TrainConfig
+    from apretrieval.training import make_loss
+
+    cfg = TrainConfig(data="x", tau=0.05, memory_batches=2)
+    assert isinstance(make_loss(cfg.replace(loss="smooth_ap")), SmoothAPLoss)
+    sup = make_loss(cfg.replace(loss="sup_ap", sup_rho=10.0, sup_delta=0.1, sup_offset=2.0))
+    assert type(sup) is SupAPLoss and (sup.tau, sup.rho, sup.delta, sup.offset) == (
+        0.05,
+        10.0,
+        0.1,
+        2.0,
+    )
+    road = make_loss(
+        cfg.replace(loss="roadmap", calibration_weight=0.5, calibration_margins=(0.8, 0.5))
+    )
+    assert isinstance(road, RoadmapLoss)
+    assert (road.calibration_weight, road.pos_margin, road.neg_margin) == (0.5, 0.8, 0.5)
+    recall = make_loss(cfg.replace(loss="recall_at_k", recall_k=(1, 4), recall_tau=2.0))
+    assert isinstance(recall, RecallAtKLoss) and (recall.k, recall.tau_k) == ((1, 4), 2.0)
+    # YAML keys round-trip; a k list is read from YAML or from a flag's text.
+    path = tmp_path / "c.yaml"
+    custom = cfg.replace(loss="recall_at_k", recall_k=(2, 8))
+    path.write_text(yaml.safe_dump(custom.to_dict()))
+    assert TrainConfig.from_yaml(path) == custom
+    assert TrainConfig.from_dict({"data": "x", "recall_k": "1,2,4"}).recall_k == (1, 2, 4)
+    for bad in ({"tau": 0}, {"recall_k": "1.5,2"}, {"recall_k": [0]}, {"sup_rho": -1}):
+        with pytest.raises(ValueError):
+            TrainConfig.from_dict({"data": "x", **bad})
+
+
+def test_train_help_lists_the_rank_loss_options(capsys):
+    from apretrieval.cli import main
+
+    try:
+        main(["train", "--help"])
+    except SystemExit as exit_:
+        assert exit_.code in (0, None)
+    out = capsys.readouterr().out
+    for flag in ("--tau", "--sup-rho", "--calibration-weight", "--recall-k", "--recall-tau"):
+        assert flag in out, flag
+    assert "recall_at_k" in out

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, TextIO
 
-from apretrieval.train_config import TrainConfig
+from apretrieval.train_config import AP_LOSSES, TrainConfig
 
 __all__ = [
     "RunFacts",
@@ -97,7 +97,7 @@ def start_summary(cfg: TrainConfig, facts: RunFacts) -> list[str]:
         + (", compiled" if cfg.compile else ""),
         f"model: {cfg.backbone} (weights: {facts.weights}), GeM p={cfg.gem_p:g}, "
         f"out_dim {facts.out_dim}, loss {cfg.loss}"
-        + (f" ({cfg.num_bins} bins)" if cfg.loss.endswith("ap") else ""),
+        + (f" ({cfg.num_bins} bins)" if cfg.loss in AP_LOSSES else ""),
         f"run: {cfg.steps} steps of {cfg.batch_size} images ({cfg.chunk_size} at a time, "
         f"max side {cfg.max_side} px, "
         f"{'streamed' if facts.streamed else 'decoded once'} per step), {start}; "

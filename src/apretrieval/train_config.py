@@ -26,6 +26,7 @@ from apretrieval.models import BACKBONES
 
 __all__ = [
     "GROUPS",
+    "LISTWISE_LOSSES",
     "LOSSES",
     "SCHEDULES",
     "TrainConfig",
@@ -33,8 +34,10 @@ __all__ = [
     "write_yaml_atomic",
 ]
 
-LOSSES = ("ap", "tie_aware_ap", "sharp_ap", "contrastive", "triplet")
-AP_LOSSES = ("ap", "tie_aware_ap", "sharp_ap")  # the listwise AP losses (bins, memory bank)
+AP_LOSSES = ("ap", "tie_aware_ap", "sharp_ap")  # the histogram AP losses (bins)
+RANK_LOSSES = ("smooth_ap", "sup_ap", "roadmap", "recall_at_k")  # ranks of the positives
+LISTWISE_LOSSES = AP_LOSSES + RANK_LOSSES  # the listwise family (memory bank)
+LOSSES = (*LISTWISE_LOSSES, "contrastive", "triplet")
 SCHEDULES = ("constant", "cosine", "exponential")
 # Sections of `apretrieval train --help`, in order; each field names its group.
 GROUPS = ("data", "model", "loss", "optimisation", "validation", "run")
@@ -122,16 +125,54 @@ class TrainConfig:
     loss: str = _opt(
         "loss",
         "ap",
-        "training loss (ap: the paper's AP_Q; tie_aware_ap / sharp_ap: other AP_Q estimators)",
+        "training loss (ap: the paper's AP_Q; tie_aware_ap / sharp_ap: other AP_Q estimators; "
+        "smooth_ap: Smooth-AP; sup_ap: SupAP; roadmap: SupAP + calibration; recall_at_k: "
+        "the Recall@k surrogate)",
         choices=LOSSES,
     )
     num_bins: int = _opt("loss", 20, "histogram bins of the AP loss (the paper: 20)", unit="bins")
     margin: float | None = _opt("loss", None, "contrastive / triplet margin (none: 0.7 / 0.1)")
     num_hard: int = _opt("loss", 5, "contrastive: hardest in-batch negatives per anchor")
+    tau: float = _opt(
+        "loss",
+        0.01,
+        "smooth_ap / sup_ap / roadmap / recall_at_k: temperature of the sigmoid that smooths "
+        "the rank (the papers: 0.01)",
+    )
+    sup_rho: float = _opt(
+        "loss", 100.0, "sup_ap / roadmap: slope of a negative's rank beyond sup_delta"
+    )
+    sup_delta: float = _opt(
+        "loss", 0.05, "sup_ap / roadmap: score margin where the negative's rank turns linear"
+    )
+    sup_start: float = _opt(
+        "loss", 0.5, "sup_ap / roadmap: jump of a negative's rank once it scores above the positive"
+    )
+    sup_offset: float | None = _opt(
+        "loss",
+        None,
+        "sup_ap / roadmap: rank of a negative at sup_delta (none: continuous, "
+        "sup_start + sigmoid(sup_delta / tau))",
+    )
+    calibration_weight: float = _opt(
+        "loss", 1.0, "roadmap: weight of the calibration term (the recipe: 1)"
+    )
+    calibration_margins: tuple[float, float] = _opt(
+        "loss",
+        (0.9, 0.6),
+        "roadmap: calibration margins POS,NEG: positive pairs below POS and negative pairs "
+        "above NEG are penalised",
+    )
+    recall_k: tuple[int, ...] = _opt(
+        "loss", (1, 2, 4, 8, 16), "recall_at_k: the k averaged over, K,K,..."
+    )
+    recall_tau: float = _opt(
+        "loss", 1.0, "recall_at_k: temperature of the sigmoid of (k - rank) (the paper: 1)"
+    )
     memory_batches: int = _opt(
         "loss",
         0,
-        "AP losses: each query also ranks the descriptors of the last K batches (0: off)",
+        "listwise losses: each query also ranks the descriptors of the last K batches (0: off)",
         unit="batches",
     )
     # Batches (B = classes per batch x images_per_class).
@@ -344,15 +385,30 @@ class TrainConfig:
             )
         if not self.dist_timeout > 0:
             raise ValueError(f"dist_timeout must be > 0 seconds, got {self.dist_timeout}")
-        if self.memory_batches and self.loss not in AP_LOSSES:
+        if self.memory_batches and self.loss not in LISTWISE_LOSSES:
             raise ValueError(
-                f"memory_batches needs an AP loss ({', '.join(AP_LOSSES)}), got loss={self.loss!r}"
+                "memory_batches needs an AP loss or another listwise loss "
+                f"({', '.join(LISTWISE_LOSSES)}), got loss={self.loss!r}"
             )
+        self._check_rank_settings()
         if self.cpu_threads is not None and self.cpu_threads < 1:
             raise ValueError(f"cpu_threads must be >= 1 or null, got {self.cpu_threads}")
         if self.margin is not None and self.margin <= 0:
             raise ValueError(f"margin must be > 0, got {self.margin}")
         self.augment_config()  # validates the augmentation settings
+
+    def _check_rank_settings(self) -> None:
+        """The settings of the rank losses (the loss classes check them again)."""
+        for name in ("tau", "recall_tau"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.sup_rho < 0 or self.sup_delta < 0 or self.calibration_weight < 0:
+            raise ValueError(
+                f"sup_rho, sup_delta and calibration_weight must be >= 0, got {self.sup_rho}, "
+                f"{self.sup_delta}, {self.calibration_weight}"
+            )
+        if not self.recall_k or min(self.recall_k) < 1:
+            raise ValueError(f"recall_k must be integers >= 1, got {self.recall_k}")
 
 
 def _choice(name: str, value: Any, allowed: tuple[Any, ...]) -> None:
@@ -378,10 +434,17 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
     origin = typing.get_origin(base)
     try:
         if origin is tuple:
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                value = [value]  # `--recall-k 4`
             if isinstance(value, str):  # `--crop-scale 0.5,1.0`
                 value = [v for v in value.strip("[]() ").split(",") if v.strip()]
             items = list(value) if isinstance(value, list | tuple) else None
-            if items is None or len(items) != len(typing.get_args(base)):
+            kinds = typing.get_args(base)
+            if kinds[-1:] == (Ellipsis,):  # tuple[int, ...]: any length, whole numbers
+                if items is None or any(float(v) != int(float(v)) for v in items):
+                    raise TypeError
+                return tuple(int(float(v)) for v in items)
+            if items is None or len(items) != len(kinds):
                 raise TypeError
             return tuple(float(v) for v in items)
         if origin is dict:

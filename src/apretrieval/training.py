@@ -41,7 +41,17 @@ from apretrieval.distributed import (
 )
 from apretrieval.extraction import eval_mode
 from apretrieval.jsonl import append_jsonl
-from apretrieval.losses import APLoss, ContrastiveLoss, MemoryBank, TieAwareAPLoss, TripletLoss
+from apretrieval.losses import (
+    APLoss,
+    ContrastiveLoss,
+    MemoryBank,
+    RecallAtKLoss,
+    RoadmapLoss,
+    SmoothAPLoss,
+    SupAPLoss,
+    TieAwareAPLoss,
+    TripletLoss,
+)
 from apretrieval.losses.batch_ap import batch_ap_metrics
 from apretrieval.models import (
     RetrievalNet,
@@ -90,7 +100,7 @@ Callback = Callable[[int, RetrievalNet], "dict[str, Any] | None"]
 
 
 def make_loss(cfg: TrainConfig) -> torch.nn.Module:
-    """The loss named by ``cfg.loss``: ap, tie_aware_ap, sharp_ap, contrastive or triplet."""
+    """The loss named by ``cfg.loss`` (one of ``train_config.LOSSES``) with its settings."""
     # Score rows per block: about 256K scores, so the loss's temporaries stay ~10 MB for any B.
     rows = max(1, 2**18 // cfg.batch_size)
     if cfg.loss == "ap":
@@ -99,6 +109,23 @@ def make_loss(cfg: TrainConfig) -> torch.nn.Module:
         return TieAwareAPLoss(num_bins=cfg.num_bins, chunk_size=rows)
     if cfg.loss == "sharp_ap":
         return APLoss(num_bins=cfg.num_bins, chunk_size=rows, estimator="sharp")
+    sup = {"rho": cfg.sup_rho, "delta": cfg.sup_delta, "start": cfg.sup_start}
+    sup |= {"offset": cfg.sup_offset, "chunk_size": rows}
+    if cfg.loss == "smooth_ap":
+        return SmoothAPLoss(tau=cfg.tau, chunk_size=rows)
+    if cfg.loss == "sup_ap":
+        return SupAPLoss(tau=cfg.tau, **sup)
+    if cfg.loss == "roadmap":
+        pos_margin, neg_margin = cfg.calibration_margins
+        return RoadmapLoss(
+            tau=cfg.tau,
+            **sup,
+            calibration_weight=cfg.calibration_weight,
+            pos_margin=pos_margin,
+            neg_margin=neg_margin,
+        )
+    if cfg.loss == "recall_at_k":
+        return RecallAtKLoss(k=cfg.recall_k, tau=cfg.tau, tau_k=cfg.recall_tau, chunk_size=rows)
     if cfg.loss == "contrastive":
         return ContrastiveLoss(margin=cfg.margin or 0.7, num_hard=cfg.num_hard)
     if cfg.loss == "triplet":
