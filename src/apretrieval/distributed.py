@@ -39,6 +39,7 @@ import datetime
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -331,16 +332,17 @@ def all_reduce_gradients(
         size += p.numel() * p.element_size()
         last = i + 1 == len(params)
         if last or size >= _BUCKET_BYTES or params[i + 1].dtype != p.dtype:
-            flat = torch.cat([q.grad.reshape(-1) for q in bucket]).to(dev)
+            grads = [q.grad for q in bucket if q.grad is not None]  # all: zeros at least
+            flat = torch.cat([g.reshape(-1) for g in grads]).to(dev)
             _collective(
                 ctx,
                 "stage 3: gradient all-reduce",
-                lambda flat=flat: dist.all_reduce(flat, dist.ReduceOp.SUM, group=ctx.group),
+                partial(dist.all_reduce, flat, dist.ReduceOp.SUM, group=ctx.group),
             )
             offset = 0
-            for q in bucket:
-                n = q.numel()
-                q.grad.copy_(flat[offset : offset + n].view_as(q.grad))
+            for g in grads:
+                n = g.numel()
+                g.copy_(flat[offset : offset + n].view_as(g))
                 offset += n
             bucket, size = [], 0
 
@@ -353,9 +355,7 @@ def broadcast_model(ctx: DistContext, model: nn.Module) -> None:
     with torch.no_grad():
         for t in [*model.parameters(), *model.buffers()]:
             x = t.detach().to(dev)
-            _collective(
-                ctx, "model broadcast", lambda x=x: dist.broadcast(x, src=0, group=ctx.group)
-            )
+            _collective(ctx, "model broadcast", partial(dist.broadcast, x, src=0, group=ctx.group))
             if x is not t:
                 t.copy_(x)
 
@@ -397,7 +397,9 @@ def distributed_multistage_backward(
     push this batch into the bank. ``ctx=None`` or one rank: ``multistage_step``.
     """
     ctx = ctx or DistContext()
-    step_options = {"memory": memory, "num_workers": num_workers, "grad_scale": grad_scale}
+    step_options: dict[str, Any] = {
+        "memory": memory, "num_workers": num_workers, "grad_scale": grad_scale
+    }  # fmt: skip
     if ctx.world_size == 1:
         return multistage_step(model, inputs, labels, loss_fn, chunk_size, **step_options)
     check_replayable(model)

@@ -112,7 +112,8 @@ def _iter_chunks(
 def _forward(model: nn.Module, images: Tensor | list[Tensor], like: Tensor) -> Tensor:
     """Descriptors (n, D) of a chunk: a tensor, or a list of (3, H, W) images of any sizes."""
     if isinstance(images, Tensor):
-        return model(images.to(device=like.device, dtype=like.dtype))
+        out: Tensor = model(images.to(device=like.device, dtype=like.dtype))
+        return out
     groups: dict[tuple[int, ...], list[int]] = {}
     for j, im in enumerate(images):
         groups.setdefault(tuple(im.shape), []).append(j)
@@ -150,12 +151,15 @@ def compute_descriptors(
     kept: list[int] = []
     with torch.no_grad():
         for idx, images in _iter_chunks(inputs, range(n), chunk_size, num_workers):
-            if not isinstance(images, Tensor):
+            batch: Tensor | list[Tensor]
+            if isinstance(images, Tensor):
+                batch = images
+            else:
                 ok = [j for j, im in enumerate(images) if im is not None]
-                idx, images = [idx[j] for j in ok], [images[j] for j in ok]
+                idx, batch = [idx[j] for j in ok], [im for im in images if im is not None]
                 if not idx:
                     continue
-            descs.append(_forward(model, images, like))
+            descs.append(_forward(model, batch, like))
             kept += idx
     if not descs:
         if allow_empty:
@@ -209,10 +213,11 @@ def backward_descriptor_grads(
         raise ValueError(f"{grads.shape[0]} gradient rows for {len(idx)} inputs")
     row = 0
     for chunk, images in _iter_chunks(inputs, idx, chunk_size, num_workers):
-        if not isinstance(images, Tensor) and any(im is None for im in images):
+        batch = images if isinstance(images, Tensor) else [im for im in images if im is not None]
+        if len(batch) != len(images):
             raise RuntimeError("an input that loaded in stage 1 failed to load in stage 3")
         with torch.enable_grad():
-            out = _forward(model, images, like)
+            out = _forward(model, batch, like)
             g = grads[row : row + len(chunk)].to(device=out.device, dtype=out.dtype)
             if reference is not None:
                 ref = reference[row : row + len(chunk)].to(device=out.device, dtype=out.dtype)
