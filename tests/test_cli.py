@@ -126,6 +126,43 @@ def test_every_train_option_is_documented_in_help(capsys):
     assert "cpu-small" in out  # the bundled recipes are named
 
 
+def _default_of(help_text: str, flag: str) -> str:
+    """The "(default: X)" of ``flag`` in a --help text."""
+    text = " ".join(help_text.split())
+    start = text.index(f"{flag} ", text.index("options:"))
+    opening = text.index("(default: ", start) + len("(default: ")
+    return text[opening : text.index(")", opening)]
+
+
+def test_train_help_shows_the_defaults_of_the_recipe_given(capsys):
+    code, plain, _ = run(["train", "--help"], capsys)
+    assert code == 0 and "Defaults below are TrainConfig's" in " ".join(plain.split())
+    assert (_default_of(plain, "--batch-size"), _default_of(plain, "--backbone")) == (
+        "4096",
+        "resnet101",
+    )
+    for argv in (["--config", "cpu-small", "--help"], ["--help", "--config", "cpu-small"]):
+        code, out, _ = run(["train", *argv], capsys)
+        assert code == 0, argv
+        assert "Defaults below are those of the recipe cpu-small" in " ".join(out.split())
+        assert _default_of(out, "--batch-size") == "64"  # the recipe's, not TrainConfig's
+        assert _default_of(out, "--backbone") == "mobilenet_v2"
+        assert _default_of(out, "--crop-scale") == "0.4,1"
+        assert _default_of(out, "--num-bins") == "20"  # a key the recipe sets as TrainConfig
+        assert _default_of(out, "--lr-decay") == "0.99"  # a key the recipe leaves: TrainConfig's
+    code, _, err = run(["train", "--config", "no-such-recipe", "--help"], capsys)
+    assert code == 2 and "config file not found" in err
+
+
+def test_train_help_spells_out_what_each_value_is(capsys):
+    out = " ".join(run(["train", "--help"], capsys)[1].split())
+    assert "--crop-scale MIN,MAX" in out and "--val-root DIR|none" in out
+    assert "--val-dataset NAME|PKL|none" in out
+    assert "folder holding the validation benchmark (its jpg/ and gnd_NAME.pkl" in out
+    assert "less the cores other programs keep busy" in out  # --threads: what none means
+    assert "(none: unchanged)" not in out
+
+
 def test_print_config_needs_no_data_and_takes_typed_values(capsys):
     code, out, _ = run(
         [

@@ -241,6 +241,11 @@ def test_init_whitening_with_fewer_images_than_dimensions():
     torch.testing.assert_close(cov[:5, :5], torch.eye(5, dtype=torch.float64), atol=2e-3, rtol=0)
     assert cov[5:, 5:].abs().max() < 1e-2
     torch.testing.assert_close(y.mean(0), torch.zeros(16, dtype=torch.float64), atol=1e-3, rtol=0)
+    # the unspanned directions are not blown up: no row outweighs the weakest spanned one,
+    # so a new image's descriptor is not dominated by what the learning set never saw
+    norms = model.whiten.weight.double().norm(dim=1)
+    torch.testing.assert_close(norms[5:], norms[4].expand(11), rtol=1e-6, atol=0)
+    assert (norms[:5] <= norms[4] * (1 + 1e-6)).all()
     # and the model still gives unit descriptors
     d = model(torch.rand(2, 3, 32, 32))
     assert torch.isfinite(d).all() and torch.allclose(d.norm(dim=1), torch.ones(2), atol=1e-5)

@@ -106,7 +106,8 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *_PUBLIC})
+    """The public names only (``dir(apretrieval)``, tab completion), not the helpers above."""
+    return sorted(__all__)
 
 
 if TYPE_CHECKING:  # static type checkers and IDEs see the eager imports

@@ -75,8 +75,11 @@ def pca_whitening_matrix(
 
     ``projection = diag(lambda + floor)^(-power) U^T`` over the top ``dim`` eigenpairs
     (lambda, U) of the sample covariance ``(x - mean)^T (x - mean) / (N - 1)`` of ``x`` (N, D);
-    ``floor = eps * lambda_max`` keeps the near-null directions (all but N - 1 of them when
-    N <= D) from exploding. Conventions, chosen once for every caller:
+    ``floor = eps * lambda_max`` keeps the near-null directions from exploding. When ``dim``
+    exceeds the N - 1 directions centred data can span (N <= dim), the others take the scale
+    of the weakest spanned one: the learning set says nothing about them, and scaling them up
+    by 1 / sqrt(floor) would let them dominate every new descriptor. Conventions, chosen once
+    for every caller:
 
     * ``N - 1``: the unbiased sample covariance, as ``np.cov`` / ``torch.cov``, so the
       whitened learning set has unit sample variance per component (``power = 0.5``). Every
@@ -103,6 +106,9 @@ def pca_whitening_matrix(
     rows = np.abs(eigvec).argmax(axis=0)
     eigvec = eigvec * np.sign(eigvec[rows, np.arange(dim)])
     lam = np.maximum(eigval, 0.0) + eps * max(float(eigval[0]), 1e-30)
+    spanned = min(n - 1, d)
+    if dim > spanned:  # unspanned directions: the weakest spanned one's scale
+        lam[spanned:] = lam[spanned - 1]
     return mean, (eigvec / lam**power).T
 
 

@@ -35,7 +35,7 @@ class RunFacts:
     dropped_files: int
     top_level_files: int
     device: str
-    threads: int
+    threads: str  # the thread plan in words: "threads: 1 (2 cores - 1 loader worker(s))"
     world_size: int
     weights: str
     start_step: int
@@ -46,13 +46,6 @@ class RunFacts:
 def setting_warnings(cfg: TrainConfig, facts: RunFacts) -> list[str]:
     """Settings that run but not as a person would expect; one sentence each."""
     out = []
-    per_batch = cfg.batch_size // cfg.images_per_class
-    if per_batch > facts.drawable_classes:
-        out.append(
-            f"a batch asks for {per_batch} classes ({cfg.batch_size} / {cfg.images_per_class}) "
-            f"but only {facts.drawable_classes} can be drawn: classes repeat within a batch "
-            "(lower --batch-size or raise --images-per-class)"
-        )
     if cfg.warmup_steps >= cfg.steps:
         out.append(
             f"warm-up ({cfg.warmup_steps} steps) is as long as the run ({cfg.steps} steps): "
@@ -65,15 +58,39 @@ def setting_warnings(cfg: TrainConfig, facts: RunFacts) -> list[str]:
             "--amp fp16 on CPU is many times slower than float32 (few float16 CPU kernels): "
             "use --amp bf16 or off on CPU; fp16 is for GPUs"
         )
-    if cfg.whiten and cfg.whiten_init == "pca" and facts.start_step == 0:
-        n = min(cfg.pca_images, facts.images)
-        if n <= facts.out_dim:
-            out.append(
-                f"PCA whitening learns {facts.out_dim} dimensions from {n} images: at most "
-                f"{max(n - 1, 0)} directions carry variance (raise --pca-images or lower "
-                "--out-dim)"
-            )
     return out
+
+
+def _batch_note(cfg: TrainConfig, facts: RunFacts) -> str | None:
+    """How batches are drawn when they ask for more classes than the data has (small sets).
+
+    The sampler then puts every drawable class in each batch, with more images of each: a
+    sound batch (every image has positives and negatives), worth knowing, not an error.
+    """
+    per_batch = cfg.batch_size // cfg.images_per_class
+    if per_batch <= facts.drawable_classes:
+        return None
+    each = cfg.batch_size / max(facts.drawable_classes, 1)
+    return (
+        f"batches: {cfg.batch_size} / {cfg.images_per_class} images per class would be "
+        f"{per_batch} classes; the data has {facts.drawable_classes}, so each batch holds all "
+        f"of them with about {each:.3g} images each"
+    )
+
+
+def _pca_note(cfg: TrainConfig, facts: RunFacts) -> str | None:
+    """What the PCA initialisation of the whitening FC can learn from the images it uses."""
+    if not (cfg.whiten and cfg.whiten_init == "pca" and facts.start_step == 0):
+        return None
+    n = min(cfg.pca_images, facts.images)
+    if n > facts.out_dim:
+        return f"whitening: PCA initialisation from {n} training images"
+    spanned = max(n - 1, 0)
+    return (
+        f"whitening: PCA initialisation from {n} training images, which span {spanned} of the "
+        f"{facts.out_dim} dimensions; the other {facts.out_dim - spanned} start at the scale of "
+        "the weakest spanned one (more images: --pca-images, fewer dimensions: --out-dim)"
+    )
 
 
 def start_summary(cfg: TrainConfig, facts: RunFacts) -> list[str]:
@@ -87,11 +104,11 @@ def start_summary(cfg: TrainConfig, facts: RunFacts) -> list[str]:
         ignored.append(f"{facts.top_level_files} files at the folder top (not in a class folder)")
     ranks = f" x {facts.world_size} processes" if facts.world_size > 1 else ""
     start = f"resuming at step {facts.start_step}" if facts.start_step else "from step 0"
-    return [
+    lines = [
         f"data: {cfg.data}: {facts.images} images, {facts.classes} classes "
-        f"({facts.drawable_classes} drawable)"
-        + (f"; ignored: {', '.join(ignored)}" if ignored else ""),
-        f"machine: {facts.device}{ranks}, {facts.threads} CPU threads, "
+        f"({facts.drawable_classes} drawable: with 2 or more images, the only ones a batch "
+        "draws)" + (f"; ignored: {', '.join(ignored)}" if ignored else ""),
+        f"machine: {facts.device}{ranks}, {facts.threads}, "
         + ("float32" if cfg.amp == "off" else f"{cfg.amp} autocast (loss in float32)")
         + (", channels-last" if cfg.channels_last else "")
         + (", compiled" if cfg.compile else ""),
@@ -103,6 +120,7 @@ def start_summary(cfg: TrainConfig, facts: RunFacts) -> list[str]:
         f"{'streamed' if facts.streamed else 'decoded once'} per step), {start}; "
         f"writing to {cfg.output_dir}",
     ]
+    return lines + [n for n in (_batch_note(cfg, facts), _pca_note(cfg, facts)) if n]
 
 
 def step_line(record: Mapping[str, Any], steps: int) -> str:

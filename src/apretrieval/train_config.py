@@ -195,7 +195,10 @@ class TrainConfig:
     # Augmentation (see data.transforms.AugmentConfig).
     max_side: int = _opt("data", 800, "longer side of a training image", unit="pixels")
     crop_scale: tuple[float, float] = _opt(
-        "data", (0.25, 1.0), "random resized crop: area fraction range MIN,MAX in (0, 1]"
+        "data",
+        (0.25, 1.0),
+        "random resized crop: the crop's area as a fraction of the image, a range MIN,MAX "
+        "within (0, 1], e.g. 0.25,1.0",
     )
     crop_ratio: tuple[float, float] = _opt(
         "data", (3 / 4, 4 / 3), "random resized crop: aspect ratio (w/h) range MIN,MAX"
@@ -233,7 +236,12 @@ class TrainConfig:
         "benchmark in the revisited layout to validate on: NAME (in val_root or "
         "val_root/NAME) or the path of its gnd_NAME.pkl (none: no validation)",
     )
-    val_root: str | None = _opt("validation", None, "folder of the validation benchmark")
+    val_root: str | None = _opt(
+        "validation",
+        None,
+        "folder holding the validation benchmark (its jpg/ and gnd_NAME.pkl, or a NAME/ "
+        "sub-folder with them); none: found from --val-dataset",
+    )
     val_every: int = _opt("validation", 0, "validate every N steps and at the end", unit="steps")
     val_max_side: int | None = _opt("validation", None, "validation image side (none: max_side)")
     # Run.
@@ -255,7 +263,9 @@ class TrainConfig:
     cpu_threads: int | None = _opt(
         "run",
         None,
-        "torch intra-op CPU threads while training (none: unchanged)",
+        "torch intra-op CPU threads while training (none: OMP_NUM_THREADS if set, else the "
+        "cores less the loader workers and less the cores other programs keep busy, "
+        "re-checked at each checkpoint)",
         unit="threads",
         aliases=("--threads",),
     )

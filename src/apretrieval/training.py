@@ -81,6 +81,7 @@ from apretrieval.run_log import (
     start_summary,
     weights_source,
 )
+from apretrieval.threads import ThreadPlan, apply_threads, plan_threads, recheck
 from apretrieval.train_config import TrainConfig, write_yaml_atomic
 from apretrieval.validation import make_validator
 
@@ -240,16 +241,23 @@ def train(
     """
     cfg.validate()
     threads = torch.get_num_threads()
-    if cfg.cpu_threads is not None:
-        torch.set_num_threads(cfg.cpu_threads)
+    # cpu_threads, else OMP_NUM_THREADS, else the free cores (re-checked at each checkpoint).
+    plan = plan_threads(cfg.cpu_threads, workers=cfg.num_workers)
+    apply_threads(plan)
     try:
         claim_run_folder(Path(cfg.output_dir), resume=resume, overwrite=overwrite)
-        return _train(cfg, resume, callback, callback_every)
+        return _train(cfg, resume, callback, callback_every, plan)
     finally:
         torch.set_num_threads(threads)
 
 
-def _train(cfg: TrainConfig, resume: bool, callback: Callback | None, callback_every: int) -> Path:
+def _train(
+    cfg: TrainConfig,
+    resume: bool,
+    callback: Callback | None,
+    callback_every: int,
+    plan: ThreadPlan,
+) -> Path:
     run_dir = Path(cfg.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path, final_path, log_path = (
@@ -318,7 +326,7 @@ def _train(cfg: TrainConfig, resume: bool, callback: Callback | None, callback_e
         dropped_files=images.dropped,
         top_level_files=top_level_files(cfg.data),
         device=str(device),
-        threads=torch.get_num_threads(),
+        threads=plan.describe(),
         world_size=ctx.world_size,
         weights=weights_source(cfg, start),
         start_step=start,
@@ -442,6 +450,7 @@ def _train(cfg: TrainConfig, resume: bool, callback: Callback | None, callback_e
                 step_log(record)
             if done % cfg.checkpoint_every == 0 and done < cfg.steps:
                 checkpoint(done)
+                plan = recheck(plan)  # the machine's load may have changed
             stop.signum = sync_stop(ctx, stop.signum)  # all ranks stop after the same step
         bar.close()
         if stop.signum is not None:

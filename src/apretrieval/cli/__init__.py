@@ -36,7 +36,8 @@ COMMANDS: dict[str, str] = {
 }
 _DEBUG_HELP = "on an error, print the full traceback (also: APRETRIEVAL_DEBUG=1)"
 _THREADS_HELP = (
-    "torch CPU threads (default: OMP_NUM_THREADS if set, else cores minus loader workers)"
+    "torch CPU threads (default: OMP_NUM_THREADS if set, else the cores this process may use "
+    "minus loader workers and minus the cores other programs keep busy, at least 1)"
 )
 
 
@@ -70,16 +71,23 @@ def build_parser(commands: Iterable[str] | None = None) -> argparse.ArgumentPars
     return parser
 
 
+# The commands whose work runs on CPU threads (networks, products, faiss) say their thread plan;
+# the others (report, convert, download, index info) take --threads silently.
+_COMPUTING = ("evaluate", "export", "extract", "index build", "search")
+
+
 def _apply_threads(args: argparse.Namespace) -> None:
     """One thread budget for commands without their own (see :mod:`apretrieval.threads`)."""
     if args.command in ("train", "demo") or not hasattr(args, "threads"):
         return  # these two size threads from their run configuration
     from apretrieval.threads import apply_threads, plan_threads
 
+    words = " ".join(w for w in (args.command, getattr(args, "index_command", None)) if w)
     workers = getattr(args, "workers", 0) or 0
     plan = plan_threads(args.threads, workers=workers)
     apply_threads(plan)
-    print(f"apretrieval {args.command}: {plan.describe()}", file=sys.stderr)
+    if words in _COMPUTING:
+        print(f"apretrieval {words}: {plan.describe()}", file=sys.stderr)
 
 
 def _subparsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:

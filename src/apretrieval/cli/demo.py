@@ -8,6 +8,7 @@ wheel (or torchvision's cache).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from typing import Any
 
 
@@ -49,8 +50,9 @@ def register(subparsers: Any) -> None:
         type=int,
         metavar="N",
         default=None,
-        help="torch CPU threads (default: OMP_NUM_THREADS if set, else the cores: the demo "
-        "decodes in its main process)",
+        help="torch CPU threads (default: OMP_NUM_THREADS if set, else the cores less those "
+        "other programs keep busy, re-checked at each fine-tuning; the demo decodes in its main "
+        "process). The results change slightly with the thread count",
     )
     p.add_argument("--no-report", action="store_true", help="skip the HTML reports")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -75,6 +77,8 @@ def run(args: argparse.Namespace) -> int:
         cfg = DemoConfig()
     if args.seed is not None:
         cfg = cfg.with_seed(args.seed)
+    if args.threads is not None:  # the fine-tunings plan their own threads unless told
+        cfg = dataclasses.replace(cfg, training=cfg.training.replace(cpu_threads=args.threads))
     summary = run_demo(args.out, cfg, progress=not args.no_progress, report=not args.no_report)
     print()
     print(format_table(summary))

@@ -15,13 +15,16 @@ import argparse
 import dataclasses
 import os
 import sys
+import textwrap
 import typing
 from typing import Any
 
 import yaml
 
-from apretrieval.configs import bundled_recipes
-from apretrieval.train_config import GROUPS, TrainConfig
+from apretrieval.configs import bundled_recipes, recipe_path
+from apretrieval.train_config import GROUPS, TrainConfig, read_yaml_mapping
+
+_DEBUG_HELP = "on an error, print the full traceback (also: APRETRIEVAL_DEBUG=1)"
 
 CPU_RECIPE = "cpu-small"
 _GROUP_TITLES = {
@@ -45,14 +48,19 @@ def _metavar(f: dataclasses.Field[Any], hint: Any) -> str:
     choices = f.metadata.get("choices")
     if choices:
         return "{" + ",".join("none" if c is None else str(c) for c in choices) + "}"
+    args = typing.get_args(hint)
+    optional = "|none" if type(None) in args else ""
     if f.name in ("data", "image_root", "weights", "output_dir"):
         return "PATH"
-    args = typing.get_args(hint)
-    base = next((a for a in args if a is not type(None)), hint) if args else hint
+    if f.name == "val_root":
+        return "DIR" + optional
+    if f.name == "val_dataset":
+        return "NAME|PKL" + optional
+    base = next((a for a in args if a is not type(None)), hint) if optional else hint
     if typing.get_origin(base) is tuple:
         return "MIN,MAX"
     names = {bool: "BOOL", int: "N", float: "X", str: "NAME"}
-    return names.get(base, "VALUE") + ("|none" if type(None) in args else "")
+    return names.get(base, "VALUE") + optional
 
 
 def _shown(value: Any) -> str:
@@ -60,16 +68,18 @@ def _shown(value: Any) -> str:
         return "none"
     if isinstance(value, bool):
         return str(value).lower()
-    if isinstance(value, tuple):
+    if isinstance(value, tuple | list):
         return ",".join(f"{v:g}" for v in value)
     return repr(value) if value == "" else str(value)
 
 
-def option_help(f: dataclasses.Field[Any]) -> str:
-    """One field's help: meaning [unit]; default (the TrainConfig default, before a recipe)."""
+def option_help(f: dataclasses.Field[Any], default: Any = dataclasses.MISSING) -> str:
+    """One field's help: meaning [unit]; default (``default``: a recipe's value, else
+    TrainConfig's)."""
     unit = f.metadata.get("unit")
     text = f.metadata["doc"] + (f" [{unit}]" if unit else "")
-    return f"{text} (default: {_shown(f.default)})".replace("%", "%%")
+    shown = f.default if default is dataclasses.MISSING else default
+    return f"{text} (default: {_shown(shown)})".replace("%", "%%")
 
 
 def option_names(f: dataclasses.Field[Any]) -> list[str]:
@@ -78,17 +88,35 @@ def option_names(f: dataclasses.Field[Any]) -> list[str]:
 
 
 def register(subparsers: Any) -> None:
-    recipes = ", ".join(bundled_recipes())
     p = subparsers.add_parser(
         "train",
         help="train a model (multistaged backpropagation, AP loss by default)",
-        description=(
-            "Train per a YAML recipe; every recipe key can be overridden as --key VALUE. "
-            f"Bundled recipes (--config NAME): {recipes}. Without --config: the paper's GPU "
-            f"setting when a GPU is used, else {CPU_RECIPE}. Defaults below are TrainConfig's."
-        ),
+        add_help=False,  # --help is answered by run(): it shows the --config recipe's values
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    _add_options(p, recipe=None)
+    p.set_defaults(func=run)
+
+
+def _add_options(p: argparse.ArgumentParser, recipe: str | None) -> None:
+    """Every option of ``train``; the defaults shown are ``recipe``'s where it sets them."""
+    recipes = ", ".join(bundled_recipes())
+    values: dict[str, Any] = {}
+    if recipe is None:
+        shown = (
+            "Defaults below are TrainConfig's (the paper's GPU setting); "
+            "--config NAME --help shows that recipe's."
+        )
+    else:
+        values = read_yaml_mapping(recipe_path(recipe))
+        shown = f"Defaults below are those of the recipe {recipe} ({recipe_path(recipe)})."
+    p.description = textwrap.fill(
+        "Train per a YAML recipe; every recipe key can be overridden as --key VALUE. "
+        f"Bundled recipes (--config NAME): {recipes}. Without --config: the paper's GPU "
+        f"setting when a GPU is used, else {CPU_RECIPE}. {shown}",
+        width=96,
+    )
+    p.add_argument("-h", "--help", action="store_true", help="show this help message and exit")
     p.add_argument(
         "--config",
         "-c",
@@ -128,9 +156,20 @@ def register(subparsers: Any) -> None:
             type=_yaml_value,
             default=argparse.SUPPRESS,
             metavar=_metavar(f, hints[f.name]),
-            help=option_help(f),
+            help=option_help(f, values.get(f.name, dataclasses.MISSING)),
         )
-    p.set_defaults(func=run)
+
+
+def recipe_help(recipe: str | None) -> str:
+    """``train --help`` text, with ``recipe``'s values as the defaults when one is given."""
+    p = argparse.ArgumentParser(
+        prog="apretrieval train",
+        add_help=False,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_options(p, recipe)
+    p.add_argument("--debug", action="store_true", help=_DEBUG_HELP)
+    return p.format_help()
 
 
 def _default_recipe(device: str) -> str | None:
@@ -165,6 +204,9 @@ def resolve_config(args: argparse.Namespace, *, require_data: bool = True) -> Tr
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.help:
+        print(recipe_help(args.config), end="")
+        return 0
     cfg = resolve_config(args, require_data=not args.print_config)
     if args.print_config:
         yaml.safe_dump(cfg.to_dict(), sys.stdout, sort_keys=False)
