@@ -30,6 +30,7 @@ $(VENV)/.installed-demo: pyproject.toml constraints.txt | $(BIN)/python
 test: $(VENV)/.installed-dev
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/mypy src
 	$(BIN)/python -m pytest -q -n auto --dist loadfile
 
 demo: $(VENV)/.installed-demo
@@ -46,6 +47,7 @@ gpu-check:
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/mypy src
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -38,9 +38,9 @@ from apretrieval.extraction import (
     DEFAULT_SCALES,
     ImageFiles,
     extract_descriptors,
-    extract_to_file,
     list_images,
 )
+from apretrieval.resumable import extract_to_file
 
 if TYPE_CHECKING:
     from apretrieval.faiss_index import SearchIndex

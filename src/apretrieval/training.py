@@ -110,7 +110,7 @@ def make_loss(cfg: TrainConfig) -> torch.nn.Module:
         return TieAwareAPLoss(num_bins=cfg.num_bins, chunk_size=rows)
     if cfg.loss == "sharp_ap":
         return APLoss(num_bins=cfg.num_bins, chunk_size=rows, estimator="sharp")
-    sup = {"rho": cfg.sup_rho, "delta": cfg.sup_delta, "start": cfg.sup_start}
+    sup: dict[str, Any] = {"rho": cfg.sup_rho, "delta": cfg.sup_delta, "start": cfg.sup_start}
     sup |= {"offset": cfg.sup_offset, "chunk_size": rows}
     if cfg.loss == "smooth_ap":
         return SmoothAPLoss(tau=cfg.tau, chunk_size=rows)

@@ -19,7 +19,7 @@ import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -31,6 +31,9 @@ from apretrieval.pipeline import ExtractionSettings, evaluate_checkpoint
 from apretrieval.results import RetrievalResults, metrics_to_dict
 from apretrieval.tables import model_table, render_table
 from apretrieval.train_config import TrainConfig, read_yaml_mapping
+
+if TYPE_CHECKING:
+    from apretrieval.data.revisited import RevisitedDataset
 
 METHODS: tuple[str, ...] = ("pretrained", "ap", "contrastive")
 LABELS = {
@@ -136,7 +139,7 @@ class DemoConfig:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        d = _plain(dataclasses.asdict(self))
+        d: dict[str, Any] = _plain(dataclasses.asdict(self))
         for key in _SET_BY_DEMO:  # set per run by the demo, not settings of the recipe
             d["training"].pop(key)
         return d
@@ -147,7 +150,7 @@ class DemoConfig:
         d = dict(d)
         bench = _build(BenchmarkConfig, d.pop("benchmark", {}) or {}, "benchmark")
         training = _training(d.pop("training", {}) or {})
-        cfg = _build(cls, d, "demo", benchmark=bench, training=training)
+        cfg: DemoConfig = _build(cls, d, "demo", benchmark=bench, training=training)
         return cfg.with_seed(cfg.seed)
 
     @classmethod
@@ -197,7 +200,9 @@ def _build(cls: type, d: dict[str, Any], where: str, **fixed: Any) -> Any:
 # Pipeline steps
 
 
-def train_config(cfg: DemoConfig, bench: Benchmark, loss: str, run_dir: Path, progress: bool):
+def train_config(
+    cfg: DemoConfig, bench: Benchmark, loss: str, run_dir: Path, progress: bool
+) -> TrainConfig:
     """The TrainConfig of one fine-tuning run (only ``loss`` differs between the two)."""
     tc = cfg.training.replace(
         data=str(bench.train_dir),
@@ -212,7 +217,7 @@ def train_config(cfg: DemoConfig, bench: Benchmark, loss: str, run_dir: Path, pr
     return tc
 
 
-def load_test_set(bench: Benchmark):
+def load_test_set(bench: Benchmark) -> RevisitedDataset:
     """The generated test set through the Revisited dataset code (``apretrieval evaluate``'s)."""
     from apretrieval.data.revisited import RevisitedDataset
 
@@ -240,7 +245,9 @@ def evaluate_model(
     return metrics_to_dict(res.metrics)
 
 
-def probe_training_set(model: torch.nn.Module, bench: Benchmark, cfg: DemoConfig) -> dict:
+def probe_training_set(
+    model: torch.nn.Module, bench: Benchmark, cfg: DemoConfig
+) -> dict[str, float]:
     """AP loss and exact mAP over a fixed set of training images (each image queries the rest).
 
     The same images and metrics before and after fine-tuning show what training did to its

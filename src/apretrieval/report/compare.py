@@ -26,7 +26,8 @@ from apretrieval.report.page import (
     settings_text,
 )
 from apretrieval.report.plots import plot_model_pairs
-from apretrieval.results import RetrievalResults, model_table, render_table
+from apretrieval.results import RetrievalResults
+from apretrieval.tables import model_table, render_table
 
 __all__ = ["comparison_inputs", "pick_differences", "write_comparison"]
 

@@ -20,7 +20,8 @@ from apretrieval.report.images import Thumbnails, file_src
 from apretrieval.report.markup import SHOWN_PROTOCOLS, QueryView, esc, page, query_section
 from apretrieval.report.plots import display_width, plot_ap_scatter, plot_training_curves
 from apretrieval.report.training_log import read_training_log
-from apretrieval.results import RetrievalResults, protocol_table, render_table
+from apretrieval.results import RetrievalResults
+from apretrieval.tables import protocol_table, render_table
 
 __all__ = [
     "load_gnd_entries",
