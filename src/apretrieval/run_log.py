@@ -41,6 +41,7 @@ class RunFacts:
     start_step: int
     streamed: bool
     out_dim: int  # the network's descriptor dimension (``out_dim: null`` resolved: the width)
+    excluded_classes: int = 0  # classes left out by --exclude-landmarks
 
 
 def setting_warnings(cfg: TrainConfig, facts: RunFacts) -> list[str]:
@@ -100,6 +101,8 @@ def start_summary(cfg: TrainConfig, facts: RunFacts) -> list[str]:
         ignored.append(f"{facts.classes - facts.drawable_classes} classes with a single image")
     if facts.dropped_files:
         ignored.append(f"{facts.dropped_files} missing or unreadable files")
+    if facts.excluded_classes:
+        ignored.append(f"{facts.excluded_classes} classes excluded by --exclude-landmarks")
     if facts.top_level_files:
         ignored.append(f"{facts.top_level_files} files at the folder top (not in a class folder)")
     ranks = f" x {facts.world_size} processes" if facts.world_size > 1 else ""

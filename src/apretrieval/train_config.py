@@ -70,17 +70,27 @@ class TrainConfig:
     data: str = _opt(
         "data",
         "",
-        "training images: an image folder (one sub-folder per class), "
-        "a GLDv2 CSV (id,url/path,landmark_id) or a Landmarks-clean list",
+        "training images: an image folder (one sub-folder per class), a GLDv2 CSV "
+        "(train_clean.csv, or id,url/path,landmark_id), a Landmarks-clean list or "
+        "retrieval-SfM-120k.pkl (its train part, 3D models as classes)",
     )
     data_format: str = _opt(
         "data",
         "auto",
-        "format of --data (auto: guessed from it)",
-        choices=("auto", "folder", "csv", "list"),
+        "format of --data (auto: guessed from it; .pkl is SfM-120k)",
+        choices=("auto", "folder", "csv", "list", "sfm120k"),  # data.lists.DATA_FORMATS
     )
     image_root: str | None = _opt(
-        "data", None, "root of the relative image paths of a CSV or list (none: the list's folder)"
+        "data",
+        None,
+        "root of the relative image paths of a CSV or list (none: the list's folder; a GLDv2 "
+        "CSV's train/ beside it; SfM-120k's ims/ beside the pickle)",
+    )
+    exclude_landmarks: str | None = _opt(
+        "data",
+        None,
+        "file of landmark ids (class names), one per line, whose images are left out "
+        "(e.g. the landmarks GLDv2-clean shares with ROxford/RParis)",
     )
     check_images: str = _opt(
         "data",

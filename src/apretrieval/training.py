@@ -272,7 +272,9 @@ def _train(
         for path in (ckpt_path, final_path, log_path, run_dir / "config.yaml"):
             remove_stale_temporaries(path)
     shard = slice(*shard_bounds(cfg.batch_size, ctx.rank, ctx.world_size))
-    images = open_image_list(cfg.data, cfg.data_format, cfg.image_root, cfg.check_images)
+    images = open_image_list(
+        cfg.data, cfg.data_format, cfg.image_root, cfg.check_images, cfg.exclude_landmarks
+    )
     sampler = ClassBalancedBatchSampler(
         images.labels, cfg.batch_size, cfg.images_per_class, cfg.seed, steps=cfg.steps
     )
@@ -324,6 +326,7 @@ def _train(
         classes=images.num_classes,
         drawable_classes=sampler.num_classes,
         dropped_files=images.dropped,
+        excluded_classes=images.excluded_classes,
         top_level_files=top_level_files(cfg.data),
         device=str(device),
         threads=plan.describe(),

@@ -1,4 +1,5 @@
-"""Labelled training image lists: image folder, Google Landmarks v2 CSV, Landmarks-clean list.
+"""Labelled training image lists: image folder, Google Landmarks v2 CSV, Landmarks-clean list,
+SfM-120k pickle.
 
 Every reader returns an ``ImageList``: image paths, int64 labels 0..C-1 and the original class
 names. Missing files are dropped when the list is built (reported with a count); images that
@@ -11,7 +12,7 @@ from __future__ import annotations
 import csv
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,14 +20,18 @@ import numpy as np
 from PIL import Image
 
 from apretrieval.data.decode import decode_rgb
+from apretrieval.data.sfm120k import training_images
 
 __all__ = [
+    "DATA_FORMATS",
     "IMAGE_EXTENSIONS",
     "ImageList",
     "gldv2_csv",
     "image_folder",
     "landmarks_clean_list",
     "open_image_list",
+    "read_class_names",
+    "sfm120k_list",
 ]
 
 log = logging.getLogger("apretrieval.data")
@@ -54,8 +59,10 @@ class ImageList:
         self.classes = list(classes)
         self.num_bad = 0  # images that failed to decode in this process
 
-    # Files left out by ``check`` (missing or unreadable), for the run's summary.
+    # Files left out by ``check`` (missing or unreadable) and classes left out by
+    # ``without_classes``, for the run's summary.
     dropped: int = 0
+    excluded_classes: int = 0
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -101,12 +108,26 @@ class ImageList:
             )
         kept = self.subset(np.flatnonzero(keep))
         kept.dropped = len(dropped)
+        kept.excluded_classes = self.excluded_classes
         return kept
 
     def subset(self, indices: Sequence[int] | np.ndarray) -> ImageList:
         """The images at ``indices``; labels keep their numbering (classes unchanged)."""
         idx = np.asarray(indices, dtype=np.int64)
         return ImageList([self.paths[i] for i in idx], self.labels[idx], self.classes)
+
+    def without_classes(self, names: Iterable[str]) -> ImageList:
+        """The images of every class not in ``names`` (class names, e.g. landmark ids), the
+        remaining classes renumbered 0..C'-1 in their order. Names absent here are ignored."""
+        drop = set(names)
+        keep_class = np.array([c not in drop for c in self.classes], dtype=bool)
+        new_label = np.cumsum(keep_class) - 1  # old label -> new label where kept
+        keep = np.flatnonzero(keep_class[self.labels])
+        classes = [c for c, k in zip(self.classes, keep_class, strict=True) if k]
+        out = ImageList([self.paths[i] for i in keep], new_label[self.labels[keep]], classes)
+        out.dropped = self.dropped
+        out.excluded_classes = self.excluded_classes + self.num_classes - len(classes)
+        return out
 
 
 def _usable(path: str, header: bool) -> bool:
@@ -166,12 +187,13 @@ def gldv2_csv(
     ``train_clean.csv``: ``landmark_id,images`` (space-separated image ids per landmark);
     ``train.csv``: ``id,url,landmark_id`` (a ``path`` column, or a non-URL ``url`` value, is
     read as an image path relative to ``image_root``; otherwise the id gives the GLDv2 layout
-    path). ``image_root`` defaults to the CSV's folder.
+    path). ``image_root`` defaults to the CSV's folder, or to its ``train/`` sub-folder when
+    there is one (the layout ``apretrieval download gldv2`` writes).
     """
     csv_path = Path(csv_path)
     if not csv_path.is_file():
         raise ValueError(f"CSV list not found: {csv_path}")
-    root = Path(image_root) if image_root is not None else csv_path.parent
+    root = Path(image_root) if image_root is not None else _gldv2_image_root(csv_path.parent)
     pairs: list[tuple[str, str]] = []
     with open(csv_path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
@@ -193,6 +215,33 @@ def gldv2_csv(
                 f"'id,url,landmark_id' (train), got {sorted(cols)}"
             )
     return _from_pairs(pairs, str(csv_path))
+
+
+def _gldv2_image_root(folder: Path) -> Path:
+    # The downloaded layout keeps the CSVs beside the train/ (index/, test/) image trees.
+    return folder / "train" if (folder / "train").is_dir() else folder
+
+
+def sfm120k_list(
+    path: str | os.PathLike[str], image_root: str | os.PathLike[str] | None = None
+) -> ImageList:
+    """The ``train`` part of ``retrieval-SfM-120k.pkl``, its ``cluster`` ids as classes; images
+    under ``image_root`` (default: ``ims/`` beside the pickle; see :mod:`.sfm120k`)."""
+    return _from_pairs(training_images(path, image_root), str(path))
+
+
+def read_class_names(path: str | os.PathLike[str]) -> set[str]:
+    """Class names (landmark ids) listed one per line; blank lines and ``#`` comments skipped
+    (the file of ``--exclude-landmarks``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"landmark list not found: {path}")
+    names = set()
+    for line in path.read_text(encoding="utf-8").splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            names.add(line)
+    return names
 
 
 def landmarks_clean_list(
@@ -219,26 +268,41 @@ def landmarks_clean_list(
     return _from_pairs(pairs, str(list_path))
 
 
+DATA_FORMATS = ("auto", "folder", "csv", "list", "sfm120k")
+_BY_SUFFIX = {".csv": "csv", ".pkl": "sfm120k"}
+
+
 def open_image_list(
     path: str | os.PathLike[str],
     data_format: str = "auto",
     image_root: str | os.PathLike[str] | None = None,
     check: str = "exists",
+    exclude_classes: str | os.PathLike[str] | None = None,
 ) -> ImageList:
-    """Read a training list: ``folder`` (directory), ``csv`` (GLDv2) or ``list`` (text).
+    """Read a training list: ``folder`` (directory), ``csv`` (GLDv2), ``list`` (text) or
+    ``sfm120k`` (``retrieval-SfM-120k.pkl``).
 
-    ``auto`` picks by the path: a directory is a folder, ``*.csv`` a CSV, anything else a list.
+    ``auto`` picks by the path: a directory is a folder, ``*.csv`` a CSV, ``*.pkl`` SfM-120k,
+    anything else a list. ``exclude_classes``: a file of class names (landmark ids) whose
+    images are left out (:func:`read_class_names`), before the files are checked.
     """
-    formats = ("auto", "folder", "csv", "list")
-    if data_format not in formats:
-        raise ValueError(f"data_format must be one of {formats}, got {data_format!r}")
+    if data_format not in DATA_FORMATS:
+        raise ValueError(f"data_format must be one of {DATA_FORMATS}, got {data_format!r}")
+    excluded = read_class_names(exclude_classes) if exclude_classes is not None else None
     p = Path(path)
     if data_format == "auto":
-        data_format = "folder" if p.is_dir() else "csv" if p.suffix.lower() == ".csv" else "list"
+        data_format = "folder" if p.is_dir() else _BY_SUFFIX.get(p.suffix.lower(), "list")
     if data_format == "folder":
         images = image_folder(p)
     elif data_format == "csv":
         images = gldv2_csv(p, image_root)
+    elif data_format == "sfm120k":
+        images = sfm120k_list(p, image_root)
     else:
         images = landmarks_clean_list(p, image_root)
+    if excluded is not None:
+        kept = images.without_classes(excluded)
+        if not len(kept):
+            raise ValueError(f"no images left after excluding the classes in {exclude_classes}")
+        images = kept
     return images.check(check)

@@ -12,7 +12,7 @@ them under ``<mirror>/sfm120k/``)::
 Local layout: ``DIR/ims/<the archive's tree>``, ``DIR/retrieval-SfM-120k.pkl``,
 ``DIR/retrieval-SfM-120k-whiten.pkl``. Both pickles are untrusted input, read through
 :func:`apretrieval.data.plain_pickle.load_plain_pickle` and checked for the structure above.
-Training uses a part's images with their ``cluster`` ids as classes.
+Training uses a part's images with their ``cluster`` ids as classes (:func:`training_images`).
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ import numpy as np
 
 from apretrieval.data.download import RemoteFile, download_files, mirrored
 from apretrieval.data.fetch import DownloadError
-from apretrieval.data.lists import ImageList
 from apretrieval.data.plain_pickle import load_plain_pickle
 
 __all__ = [
@@ -41,7 +40,7 @@ __all__ = [
     "download_sfm120k",
     "load_sfm120k",
     "load_whiten_pairs",
-    "sfm120k_list",
+    "training_images",
 ]
 
 _URL = "http://cmp.felk.cvut.cz/cnnimageretrieval/data/train"
@@ -119,15 +118,15 @@ def load_whiten_pairs(path: str | os.PathLike[str]) -> MatchingPairs:
     return _pairs(load_plain_pickle(path, "SfM-120k file"), str(path), need_cluster=False)
 
 
-def sfm120k_list(
+def training_images(
     path: str | os.PathLike[str],
     image_root: str | os.PathLike[str] | None = None,
     part: str = "train",
-) -> ImageList:
-    """The images of ``part`` of ``retrieval-SfM-120k.pkl``, labelled by ``cluster`` id.
-
-    ``image_root``: the folder of the image tree (default ``<the pickle's folder>/ims``).
-    """
+) -> list[tuple[str, str]]:
+    """(image path, class name) of every image of ``part`` of ``retrieval-SfM-120k.pkl``; the
+    class is the image's ``cluster`` (3D model) id. ``image_root``: the folder of the image
+    tree (default ``<the pickle's folder>/ims``). The training list reader is
+    :func:`apretrieval.data.lists.sfm120k_list`."""
     if part not in PARTS:
         raise ValueError(f"part must be one of {PARTS}, got {part!r}")
     path = Path(path)
@@ -136,11 +135,9 @@ def sfm120k_list(
     pairs = load_sfm120k(path)[part]
     assert pairs.cluster is not None
     root = Path(image_root) if image_root is not None else path.parent / IMAGES_FOLDER
-    if not pairs.cids:
-        raise ValueError(f"{path}: the {part} part has no images")
-    ids, labels = np.unique(pairs.cluster, return_inverse=True)
-    paths = [str(cid_path(root, c)) for c in pairs.cids]
-    return ImageList(paths, labels.reshape(-1), [str(int(i)) for i in ids])
+    return [
+        (str(cid_path(root, c)), str(k)) for c, k in zip(pairs.cids, pairs.cluster, strict=True)
+    ]
 
 
 def _check_pickle(path: Path, load: Callable[[Path], Any]) -> None:
