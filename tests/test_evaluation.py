@@ -437,9 +437,10 @@ def test_cli_evaluate_end_to_end(tmp_path, monkeypatch, capsys):
 def test_library_route_equals_the_command(tmp_path, monkeypatch):
     """evaluate_checkpoint with typed settings: what the command runs, block by block."""
     import apretrieval.pipeline as pipeline
+    from apretrieval.benchmark_results import PostProcessing
     from apretrieval.cli import main
     from apretrieval.data.revisited import RevisitedDataset
-    from apretrieval.pipeline import ExtractionSettings, PostProcessing, evaluate_checkpoint
+    from apretrieval.pipeline import ExtractionSettings, evaluate_checkpoint
     from test_extraction import TinyNet, fake_benchmark
 
     model = TinyNet()

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from apretrieval.apq_analysis import APQSettings
+from apretrieval.benchmark_results import PostProcessing, benchmark_results
 from apretrieval.data.revisited import RevisitedDataset
 from apretrieval.extraction import (
     DEFAULT_MAX_SIDE,
@@ -44,21 +45,11 @@ from apretrieval.resumable import extract_to_file
 
 if TYPE_CHECKING:
     from apretrieval.faiss_index import SearchIndex
-from apretrieval.postprocess import (
-    Whitening,
-    alpha_query_expansion,
-    apply_whitening,
-    database_augmentation,
-    learn_whitening,
-    load_whitening,
-)
 from apretrieval.precision import amp_dtype
 from apretrieval.results import EvaluationSettings, RetrievalResults, check_writable
-from apretrieval.scoring import evaluate_descriptors
 
 __all__ = [
     "ExtractionSettings",
-    "PostProcessing",
     "check_benchmark_images",
     "evaluate_checkpoint",
     "extract_benchmark",
@@ -294,60 +285,6 @@ def extract_query_images(
 # Evaluation: a checkpoint on a benchmark -> typed results
 
 
-@dataclass(frozen=True)
-class PostProcessing:
-    """Descriptor post-processing before ranking (see :mod:`apretrieval.postprocess`).
-
-    ``whiten``: a whitening ``.npz`` (:func:`~apretrieval.postprocess.save_whitening`) or the
-    ``.npy`` descriptors of a separate image set to learn a PCA whitening from, with
-    ``whiten_dim`` outputs and eigenvalue power ``whiten_power`` (0.5 whitens, 0 is plain PCA).
-    ``dba`` / ``qe``: database-side augmentation / alpha query expansion with that many
-    neighbours (0: off), weights raised to ``dba_alpha`` / ``qe_alpha``.
-    """
-
-    whiten: str | os.PathLike[str] | None = None
-    whiten_dim: int | None = None
-    whiten_power: float = 0.5
-    dba: int = 0
-    dba_alpha: float = 3.0
-    qe: int = 0
-    qe_alpha: float = 3.0
-
-    def __post_init__(self) -> None:
-        for name in ("dba", "qe"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
-
-    def load_whitening(self) -> Whitening | None:
-        """The whitening to apply (read, or learned from the ``.npy`` set), None without one."""
-        if self.whiten is None:
-            return None
-        path = Path(self.whiten)
-        if not path.is_file():
-            raise ValueError(f"whitening file not found: {path}")
-        if path.suffix == ".npz":
-            return load_whitening(path)
-        if path.suffix == ".npy":
-            x = np.load(path, mmap_mode="r")
-            return learn_whitening(x, dim=self.whiten_dim, power=self.whiten_power)
-        raise ValueError(
-            f"whitening: expected a .npz whitening or a .npy of descriptors, got {path}"
-        )
-
-    def apply(
-        self, q: np.ndarray, db: np.ndarray, whitening: Whitening | None
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Whitening, then DBA on the database, then alpha-QE of the queries against it."""
-        if whitening is not None:
-            q, db = apply_whitening(q, whitening), apply_whitening(db, whitening)
-        if self.dba:
-            db = database_augmentation(db, self.dba, self.dba_alpha)
-        if self.qe:
-            q = alpha_query_expansion(q, db, self.qe, self.qe_alpha)
-        return q, db
-
-
 def evaluate_checkpoint(
     checkpoint: str | os.PathLike[str] | nn.Module,
     dataset: RevisitedDataset,
@@ -383,41 +320,22 @@ def evaluate_checkpoint(
     else:
         model, path = load_checkpoint_model(checkpoint, settings.device), checkpoint
     q, db = extract_benchmark(model, dataset, settings, cache_prefix, checkpoint=path)
-    q, db = post.apply(q, db, whitening)
-    metrics, queries = evaluate_descriptors(
+    results = benchmark_results(
         q,
         db,
-        dataset.gnd,
-        [dataset.relative(p) for p in dataset.query_paths()],
-        block_size=block_size,
+        dataset,
+        model=model_name or (str(path) if path is not None else type(model).__name__),
+        made_by=EvaluationSettings(
+            scales=settings.scales,
+            max_side=settings.max_side,
+            gem_p=_model_meta(model, path)["gem_p"],
+        ),
+        post=post,
+        whitening=whitening,
+        apq=apq,
         kappas=kappas,
         topk=topk,
-        apq=apq,
-    )
-    recorded = EvaluationSettings(
-        scales=settings.scales,
-        max_side=settings.max_side,
-        gem_p=_model_meta(model, path)["gem_p"],
-        whiten=None if post.whiten is None else str(post.whiten),
-        whiten_dim=None if whitening is None else whitening.dim,
-        whiten_power=None if whitening is None else whitening.power,
-        dba=post.dba,
-        dba_alpha=post.dba_alpha,
-        qe=post.qe,
-        qe_alpha=post.qe_alpha,
-        r1m=None if dataset.r1m_root is None else str(dataset.r1m_root),
-        num_db=dataset.num_db,
-    )
-    results = RetrievalResults(
-        dataset=dataset.name,
-        model=model_name or (str(path) if path is not None else type(model).__name__),
-        metrics=metrics,
-        queries=queries,
-        database=tuple(dataset.relative(p) for p in dataset.db_paths()),
-        root=str(dataset.root.resolve()),
-        gnd_file=dataset.gnd_path.name,
-        settings=recorded,
-        apq=apq or APQSettings(),
+        block_size=block_size,
     )
     if out is not None:
         results.save(out)

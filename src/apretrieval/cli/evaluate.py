@@ -14,12 +14,27 @@ def register(subparsers: Any) -> None:
         "evaluate",
         help="evaluate a checkpoint on ROxford5k / RParis6k (Easy, Medium, Hard)",
         description=(
-            "Extract descriptors, optionally whiten / DBA / alpha-QE them, rank the database "
-            "by inner product and report mAP and mP@1/5/10 (in %) under the Easy, Medium and "
-            "Hard protocols of the revisited benchmarks; writes the per-query results JSON."
+            "Extract descriptors (or read them: --query-descriptors and --database-descriptors), "
+            "optionally whiten / DBA / alpha-QE them, rank the database by inner product and "
+            "report mAP and mP@1/5/10 (in %) under the Easy, Medium and Hard protocols of the "
+            "revisited benchmarks; writes the per-query results JSON."
         ),
     )
-    p.add_argument("--checkpoint", required=True, help="model checkpoint (.pt)")
+    p.add_argument("--checkpoint", help="model checkpoint (.pt) to extract the descriptors with")
+    p.add_argument(
+        "--query-descriptors",
+        type=Path,
+        metavar="Q.npy",
+        help="instead of --checkpoint: the queries' descriptors, Q.npy (Q, D) with its manifest "
+        "Q.json listing the image ids (as apretrieval extract writes them, or from another "
+        "tool); rows are matched to the benchmark by id or file name; no images needed",
+    )
+    p.add_argument(
+        "--database-descriptors",
+        type=Path,
+        metavar="DB.npy",
+        help="with --query-descriptors: the database images' descriptors, DB.npy + DB.json",
+    )
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument(
         "--dataset",
@@ -113,14 +128,37 @@ def requested_benchmarks(args: argparse.Namespace) -> list[tuple[str, Path]]:
     return located
 
 
+def _descriptor_route(args: argparse.Namespace) -> bool:
+    """Whether the descriptors are read from files (else extracted with --checkpoint)."""
+    files = (args.query_descriptors, args.database_descriptors)
+    if args.checkpoint is not None and any(f is not None for f in files):
+        raise ValueError(
+            "give either --checkpoint (extract the descriptors) or --query-descriptors and "
+            "--database-descriptors (read them), not both"
+        )
+    if args.checkpoint is None and not all(f is not None for f in files):
+        raise ValueError(
+            "what to evaluate: --checkpoint MODEL.pt, or both --query-descriptors Q.npy and "
+            "--database-descriptors DB.npy"
+        )
+    if args.checkpoint is None and (args.datasets or args.features):
+        raise ValueError(
+            "--query-descriptors / --database-descriptors evaluate one benchmark (--dataset) "
+            "and need no --features"
+        )
+    return args.checkpoint is None
+
+
 def run(args: argparse.Namespace) -> int:
     from apretrieval.apq_analysis import APQSettings
+    from apretrieval.benchmark_results import PostProcessing, evaluate_descriptor_files
     from apretrieval.data.revisited import RevisitedDataset
-    from apretrieval.pipeline import PostProcessing, evaluate_checkpoint
+    from apretrieval.pipeline import evaluate_checkpoint
     from apretrieval.results import check_writable
     from apretrieval.tables import benchmarks_table, protocol_table, render_table
 
     # Everything a person typed is checked before the extraction (minutes to hours) starts.
+    from_files = _descriptor_route(args)
     settings = extraction_settings(args)
     post = PostProcessing(
         whiten=args.whiten,
@@ -144,15 +182,25 @@ def run(args: argparse.Namespace) -> int:
         features = args.features
         if features is not None and several:
             features = features.with_name(f"{features.name}_{ds.name}")
-        res = evaluate_checkpoint(
-            str(args.checkpoint),
-            ds,
-            settings,
-            post=post,
-            apq=apq,
-            cache_prefix=features,
-            out=out,
-        )
+        if from_files:
+            res = evaluate_descriptor_files(
+                args.query_descriptors,
+                args.database_descriptors,
+                ds,
+                post=post,
+                apq=apq,
+                out=out,
+            )
+        else:
+            res = evaluate_checkpoint(
+                str(args.checkpoint),
+                ds,
+                settings,
+                post=post,
+                apq=apq,
+                cache_prefix=features,
+                out=out,
+            )
         name = ds.name + suffix
         metrics[name] = res.metrics
         if not several:
