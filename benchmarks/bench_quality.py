@@ -6,12 +6,17 @@ same for every seed; a seed draws the training landmarks used (a random 90%) and
 so the intervals measure training variability. A paired t-test over the test queries (each
 query's AP averaged over seeds) measures how much the test set's own sampling could explain:
 
-(a) losses: AP (plain AP_Q), tie-aware AP, sharp AP (when the library has it), contrastive
-    and triplet; the baselines' margin and every loss's learning rate are chosen on a
-    held-out split of the *training* landmarks of seed 0, never on a test set;
+(a) losses: AP (plain AP_Q), tie-aware AP, sharp AP (when the library has it), Smooth-AP,
+    SupAP, ROADMAP, the Recall@k surrogate (published hyperparameters), contrastive and
+    triplet; the baselines' margin and every loss's learning rate are chosen on a held-out
+    split of the *training* landmarks of seed 0, never on a test set (the AP_Q estimators
+    share the plain AP's); each loss's test mAP is also reported over the whole
+    learning-rate grid, so a gap can be read against another choice;
 (b) batch size 32 -> 1024 at an equal number of images seen, AP vs contrastive, the batch
     processed through multistaged backpropagation in chunks; and at an equal number of steps
-    (the steps of batch 128), where a larger batch also means more images seen;
+    (the steps of batch 128), where a larger batch also means more images seen, for AP,
+    contrastive, Smooth-AP and SupAP, each with its learning rate tuned (held out) per batch
+    size;
 (c) AP loss with 5, 10, 20, 40 bins on [-1, 1], and 20 bins on [0, 1];
 (d) exact AP vs AP_Q per query on the test set (Medium protocol, junk removed), Pearson r and
     mean bias of each estimator, for the pretrained network and every trained one.
@@ -22,11 +27,16 @@ the GeM power and the whitening FC (1280 -> 1280, identity init) of the demo's n
 a learned whitening, not a fine-tuned backbone. There is no data augmentation beyond the
 rendered views themselves.
 
+Learning-rate choice: the held-out mAP of each grid value, and the *smallest* learning rate
+within ``TUNE_TOL`` (0.2 points) of the best; every run is single-threaded, so the choices
+(and all results) do not depend on the machine's thread count; ``--jobs N`` runs N of them
+in parallel processes.
+
 Every run writes ``runs/<id>.json`` (skipped when present, so an interrupted study resumes);
 ``results.md`` (tables: mean and 95% t-interval over seeds, paired t-tests) and PNG plots are
 rewritten from all the runs present each time a run finishes.
 
-    python benchmarks/bench_quality.py --out quality-runs            # everything (~40 min, 1 core)
+    python benchmarks/bench_quality.py --out quality-runs --jobs 2   # everything
     python benchmarks/bench_quality.py --out quality-runs --plan     # list the runs, their state
     python benchmarks/bench_quality.py --out quality-runs --report   # tables/plots of what exists
 """
@@ -34,6 +44,7 @@ rewritten from all the runs present each time a run finishes.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
 import json
 import math
@@ -60,6 +71,10 @@ from apretrieval.evaluation import evaluate_revisited_per_query, pearson
 from apretrieval.losses import (
     APLoss,
     ContrastiveLoss,
+    RecallAtKLoss,
+    RoadmapLoss,
+    SmoothAPLoss,
+    SupAPLoss,
     TieAwareAPLoss,
     TripletLoss,
     average_precision,
@@ -180,15 +195,21 @@ class RunSpec:
             parts.append(f"T{self.steps}")
         if self.loss in ("contrastive", "triplet"):
             parts.append(f"m{self.margin:g}")
-        if self.loss.endswith("ap"):
+        if self.loss in AP_Q_LOSSES:
             parts.append(f"M{self.num_bins}r{self.score_range[0]:g}_{self.score_range[1]:g}")
         return "-".join(parts)
 
 
-LOSSES_A = ("ap", "tie_aware_ap", "sharp_ap", "contrastive", "triplet")
+AP_Q_LOSSES = ("ap", "tie_aware_ap", "sharp_ap")  # histogram AP (bins); lr tuned as "ap"
+RANK_LOSSES = ("smooth_ap", "sup_ap", "roadmap", "recall_at_k")  # published settings
+LOSSES_A = (*AP_Q_LOSSES, *RANK_LOSSES, "contrastive", "triplet")
+LOSSES_B2 = ("ap", "contrastive", "smooth_ap", "sup_ap")  # equal steps, lr tuned per batch
 LR_GRID = (3e-4, 1e-3, 3e-3)
+TUNE_TOL = 0.002  # held-out mAP within 0.2 points of the best counts as tied: smallest lr
+GRID_SEEDS = 3  # seeds of the test-mAP-over-the-lr-grid table
 MARGIN_GRID = {"contrastive": (0.7, 1.0, 1.4), "triplet": (0.1, 0.3)}
 BATCH_SIZES = (32, 128, 512, 1024)
+B2_BATCHES = (32, 512)  # equal steps: the batches besides 128 (1024: 90 s a run, left out)
 EQUAL_STEPS = Budget.images_seen // Budget.batch_size  # (b2): batch 128's number of steps
 BINS = (5, 10, 20, 40)
 RANGES = ((-1.0, 1.0), (0.0, 1.0))
@@ -206,21 +227,56 @@ def sharp_available() -> bool:
 
 
 def tuning_specs() -> list[RunSpec]:
-    """Held-out-split runs choosing each loss family's learning rate (and margin), seed 0."""
-    specs = [RunSpec("tune", "ap", 0, lr=lr) for lr in LR_GRID]
+    """Held-out-split runs choosing each loss's learning rate (and margin), seed 0, batch 128
+    (the AP_Q estimators share the plain AP's)."""
+    specs = [RunSpec("tune", loss, 0, lr=lr) for loss in ("ap", *RANK_LOSSES) for lr in LR_GRID]
     for loss, margins in MARGIN_GRID.items():
         specs += [RunSpec("tune", loss, 0, lr=lr, margin=m) for lr in LR_GRID for m in margins]
     return specs
 
 
-def tuned(runs: dict[str, dict], loss: str) -> tuple[float, float] | None:
-    """(lr, margin) with the best held-out mAP for ``loss``'s family; None until all ran."""
-    family = "ap" if loss.endswith("ap") else loss
-    cands = [s for s in tuning_specs() if s.loss == family]
-    if not all(s.id in runs for s in cands):
+def b2_tuning_specs(runs: dict[str, dict], batch_size: int) -> list[RunSpec]:
+    """Held-out runs choosing the learning rate of each (b2) loss at ``batch_size`` and equal
+    steps (the contrastive margin stays batch 128's); empty until batch 128 is tuned."""
+    specs = []
+    for loss in LOSSES_B2:
+        hp = tuned(runs, loss)
+        if hp is None:
+            return []
+        specs += [
+            dataclasses.replace(b2_spec(loss, 0, lr, hp[1], batch_size), study="tune")
+            for lr in LR_GRID
+        ]
+    return specs
+
+
+def pick(runs: dict[str, dict], cands: Sequence[RunSpec]) -> RunSpec | None:
+    """The smallest learning rate whose held-out mAP is within TUNE_TOL of the best; None
+    until every candidate ran. (A tie at the third decimal must not decide the study.)"""
+    if not cands or not all(s.id in runs for s in cands):
         return None
-    best = max(cands, key=lambda s: runs[s.id]["val_mAP"])
-    return best.lr, best.margin
+    best = max(runs[s.id]["val_mAP"] for s in cands)
+    close = [s for s in cands if runs[s.id]["val_mAP"] >= best - TUNE_TOL]
+    lr = min(s.lr for s in close)
+    return max((s for s in close if s.lr == lr), key=lambda s: runs[s.id]["val_mAP"])
+
+
+def tuned(runs: dict[str, dict], loss: str, batch_size: int = 128) -> tuple[float, float] | None:
+    """(lr, margin) chosen on the held-out split for ``loss`` (at ``batch_size`` and equal
+    steps when not 128); None until its tuning ran."""
+    if batch_size == 128:
+        family = "ap" if loss in AP_Q_LOSSES else loss
+        cands = [s for s in tuning_specs() if s.loss == family]
+        if family in MARGIN_GRID:  # margin: the best at any lr; then the lr rule at it
+            done = pick(runs, cands)
+            if done is None:
+                return None
+            best = max(cands, key=lambda s: runs[s.id]["val_mAP"])
+            cands = [s for s in cands if s.margin == best.margin]
+    else:
+        cands = [s for s in b2_tuning_specs(runs, batch_size) if s.loss == loss]
+    best_spec = pick(runs, cands)
+    return None if best_spec is None else (best_spec.lr, best_spec.margin)
 
 
 def study_specs(runs: dict[str, dict], seeds: Sequence[int], with_sharp: bool) -> list[RunSpec]:
@@ -235,6 +291,14 @@ def study_specs(runs: dict[str, dict], seeds: Sequence[int], with_sharp: bool) -
         for loss in losses:
             lr, m = hp[loss]  # type: ignore[misc]
             specs.append(RunSpec("a", loss, s, lr=lr, margin=m))
+    specs += lr_grid_specs(hp, seeds[:GRID_SEEDS], losses)
+    for b in B2_BATCHES:  # (b2): held-out tuning per batch size, then the seeds
+        specs += b2_tuning_specs(runs, b)
+        for s in seeds:
+            for loss in LOSSES_B2:
+                hp_b = tuned(runs, loss, b)
+                if hp_b is not None:
+                    specs.append(b2_spec(loss, s, *hp_b, b))
     lr_ap = hp["ap"][0]  # type: ignore[index]
     for s in seeds:
         for m in BINS:
@@ -247,12 +311,19 @@ def study_specs(runs: dict[str, dict], seeds: Sequence[int], with_sharp: bool) -
                 lr, m = hp[loss]  # type: ignore[misc]
                 if b != 128:
                     specs.append(RunSpec("b", loss, s, lr=lr, margin=m, batch_size=b))
+    return specs
+
+
+def lr_grid_specs(
+    hp: dict[str, tuple[float, float] | None], seeds: Sequence[int], losses: Sequence[str]
+) -> list[RunSpec]:
+    """Study (a) at the learning rates of the grid that were not chosen (test mAP over the
+    grid: whether a gap survives another choice); each loss keeps its margin."""
+    specs = []
     for s in seeds:
-        for b in BATCH_SIZES:
-            for loss in ("ap", "contrastive"):
-                lr, m = hp[loss]  # type: ignore[misc]
-                if b != 128:
-                    specs.append(b2_spec(loss, s, lr, m, b))
+        for loss in losses:
+            lr, m = hp[loss]  # type: ignore[misc]
+            specs += [RunSpec("a", loss, s, lr=x, margin=m) for x in LR_GRID if x != lr]
     return specs
 
 
@@ -382,6 +453,14 @@ def make_loss(spec: RunSpec, budget: Budget) -> nn.Module:
         return TieAwareAPLoss(spec.num_bins, spec.score_range)
     if spec.loss == "sharp_ap":
         return APLoss(spec.num_bins, spec.score_range, estimator="sharp")  # type: ignore[call-arg]
+    if spec.loss == "smooth_ap":  # the papers' settings (tau 0.01; ROADMAP's recipe)
+        return SmoothAPLoss()
+    if spec.loss == "sup_ap":
+        return SupAPLoss()
+    if spec.loss == "roadmap":
+        return RoadmapLoss()
+    if spec.loss == "recall_at_k":
+        return RecallAtKLoss()
     if spec.loss == "contrastive":
         return ContrastiveLoss(margin=spec.margin, num_hard=budget.num_hard)
     if spec.loss == "triplet":
@@ -530,6 +609,10 @@ LABELS = {
     "ap": "AP (plain AP_Q)",
     "tie_aware_ap": "AP (tie-aware AP_Q)",
     "sharp_ap": "AP (sharp AP_Q)",
+    "smooth_ap": "Smooth-AP",
+    "sup_ap": "SupAP",
+    "roadmap": "ROADMAP (SupAP + calibration)",
+    "recall_at_k": "Recall@k surrogate",
     "contrastive": "contrastive",
     "triplet": "triplet",
 }
@@ -792,13 +875,100 @@ def table_d(runs: dict[str, dict], seeds: Sequence[int]) -> str:
 
 
 def table_tuning(runs: dict[str, dict]) -> str:
-    rows = ["| loss | lr | margin | held-out mAP |", "|---|---|---|---|"]
-    for s in tuning_specs():
+    """Held-out mAP of every tuning run; * marks the choice (batch 128, then equal steps)."""
+    rows = [
+        "| loss | batch | lr | margin | held-out mAP | chosen |",
+        "|---|---|---|---|---|---|",
+    ]
+    specs = tuning_specs() + [s for b in B2_BATCHES for s in b2_tuning_specs(runs, b)]
+    for s in specs:
         if s.id in runs:
+            hp = tuned(runs, s.loss, s.batch_size)
+            mark = "*" if hp is not None and hp == (s.lr, s.margin) else ""
             rows.append(
-                f"| {s.loss} | {s.lr:g} | {s.margin:g} | {100 * runs[s.id]['val_mAP']:.1f} |"
+                f"| {s.loss} | {s.batch_size} | {s.lr:g} | {s.margin:g} | "
+                f"{100 * runs[s.id]['val_mAP']:.2f} | {mark} |"
             )
     return "\n".join(rows)
+
+
+def table_lr_grid(runs: dict[str, dict], seeds: Sequence[int]) -> str:
+    """Study (a)'s test Medium / Hard mAP of each loss at every grid learning rate (the
+    seeds of the grid); * marks the held-out choice."""
+    rows = [
+        "| loss | " + " | ".join(f"lr {x:g}: Medium / Hard" for x in LR_GRID) + " |",
+        "|---|" + "---|" * len(LR_GRID),
+    ]
+    for loss in LOSSES_A:
+        hp = tuned(runs, loss)
+        if hp is None:
+            continue
+        cells = []
+        for x in LR_GRID:
+
+            def spec_of(s: int, loss=loss, x=x, m=hp[1]) -> RunSpec:
+                return RunSpec("a", loss, s, lr=x, margin=m)
+
+            med = _by_seed(runs, spec_of, seeds[:GRID_SEEDS], _medium)
+            hard = _by_seed(runs, spec_of, seeds[:GRID_SEEDS], _hard)
+            mark = "*" if x == hp[0] else ""
+            cells.append(
+                f"{mark}{_fmt(*mean_ci(list(med.values())))} / "
+                f"{_fmt(*mean_ci(list(hard.values())))} ({len(med)})"
+                if med
+                else "-"
+            )
+        rows.append(f"| {LABELS[loss]} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def table_b2(runs: dict[str, dict], seeds: Sequence[int]) -> tuple[str, dict]:
+    """Study (b2), equal steps: each loss at its own held-out lr per batch size; paired
+    differences against AP over the seeds."""
+    others = [x for x in LOSSES_B2 if x != "ap"]
+    rows = [
+        "| batch | images seen | "
+        + " | ".join(f"{LABELS[x]}: Medium (lr)" for x in LOSSES_B2)
+        + " | "
+        + " | ".join(f"AP - {LABELS[x]} (p)" for x in others)
+        + " | "
+        + " | ".join(f"{LABELS[x]}: Hard" for x in LOSSES_B2)
+        + " |",
+        "|---|---|" + "---|" * (3 * len(LOSSES_B2) - 1),
+    ]
+    curves: dict[str, dict[int, list[float]]] = {x: {} for x in LOSSES_B2}
+    for b in BATCH_SIZES:
+        med, hard, lrs = {}, {}, {}
+        for loss in LOSSES_B2:
+            hp = tuned(runs, loss, b)
+            if hp is None:
+                continue
+            lrs[loss] = hp[0]
+
+            def spec_of(s: int, loss=loss, hp=hp, b=b) -> RunSpec:
+                if b == 128:
+                    return RunSpec("a", loss, s, lr=hp[0], margin=hp[1])
+                return b2_spec(loss, s, hp[0], hp[1], b)
+
+            med[loss] = _by_seed(runs, spec_of, seeds, _medium)
+            hard[loss] = _by_seed(runs, spec_of, seeds, _hard)
+            curves[loss][b] = list(med[loss].values())
+        if not any(med.values()):
+            continue
+        cells = [
+            f"{_fmt(*mean_ci(list(med[x].values())))} ({lrs[x]:g})" if med.get(x) else "-"
+            for x in LOSSES_B2
+        ]
+        for x in others:
+            common = sorted(set(med.get("ap", {})) & set(med.get(x, {})))
+            if len(common) < 2:
+                cells.append("-")
+                continue
+            r = paired_t([med["ap"][s] for s in common], [med[x][s] for s in common])
+            cells.append(f"{_fmt(r['diff'], r['ci'])} ({_p(r['p'])})")
+        cells += [_fmt(*mean_ci(list(hard[x].values()))) if hard.get(x) else "-" for x in LOSSES_B2]
+        rows.append(f"| {b} | {EQUAL_STEPS * b} | " + " | ".join(cells) + " |")
+    return "\n".join(rows), curves
 
 
 def _ci_curve(ax: Any, xs: Sequence[int], samples: Sequence[Sequence[float]], **kw: Any) -> None:
@@ -910,7 +1080,7 @@ def write_report(out: Path, seeds: Sequence[int], size: str, with_plots: bool = 
     runs = load_runs(out)
     ta, per_loss = table_a(runs, seeds)
     tb, curves_b = table_b(runs, seeds)
-    tb2, curves_b2 = table_b(runs, seeds, equal="steps")
+    tb2, curves_b2 = table_b2(runs, seeds)
     tc, curve_c = table_c(runs, seeds)
     pngs = plots(out, runs, seeds, per_loss, curves_b, curve_c, curves_b2) if with_plots else []
     counts = [r.get("counts") for r in runs.values() if r.get("counts")]
@@ -924,9 +1094,13 @@ def write_report(out: Path, seeds: Sequence[int], size: str, with_plots: bool = 
                 table_tuning(runs),
                 "## (a) losses",
                 ta,
+                f"Test mAP over the learning-rate grid (seeds {list(seeds[:GRID_SEEDS])}; "
+                "* the held-out choice; (n) seeds):",
+                table_lr_grid(runs, seeds),
                 "## (b) batch size, equal images seen",
                 tb,
-                f"## (b2) batch size, equal steps ({EQUAL_STEPS}, those of batch 128)",
+                f"## (b2) batch size, equal steps ({EQUAL_STEPS}, those of batch 128); "
+                "learning rate tuned per batch size",
                 tb2,
                 "## (c) bins and score range (AP loss)",
                 tc,
@@ -950,6 +1124,35 @@ def _write_run(out: Path, rec: dict) -> None:
         json.dump(rec, f)
 
 
+_WORKER_FEATS: dict[tuple, dict] = {}
+
+
+def _run_job(
+    spec: RunSpec, out: str, size: str, bench_seed: int, budget: Budget, estimators: list[str]
+) -> dict[str, Any]:
+    """One run, single-threaded (in this process or a worker; features loaded once each)."""
+    torch.set_num_threads(1)
+    key = (out, size, bench_seed)
+    if key not in _WORKER_FEATS:
+        _WORKER_FEATS[key] = bench_features(Path(out), size, bench_seed, lambda m: None)
+    feats = _WORKER_FEATS[key]
+    rec = run_one(spec, feats, budget, estimators)
+    rec["counts"] = feats["counts"]
+    return rec
+
+
+class _Inline(concurrent.futures.Executor):
+    """``--jobs 1``: each run in this process, when submitted."""
+
+    def submit(self, fn: Callable, /, *args: Any, **kwargs: Any) -> concurrent.futures.Future:
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        try:
+            fut.set_result(fn(*args, **kwargs))
+        except Exception as err:
+            fut.set_exception(err)
+        return fut
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="quality-runs", help="output folder (resumes from it)")
@@ -961,7 +1164,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--plan", action="store_true", help="list the runs and exit")
     ap.add_argument("--report", action="store_true", help="only rewrite tables and plots")
     ap.add_argument("--max-runs", type=int, default=None, help="stop after this many new runs")
+    ap.add_argument(
+        "--jobs", type=int, default=1, help="runs in parallel (processes of one thread each)"
+    )
     args = ap.parse_args(argv)
+    if args.jobs < 1:
+        raise SystemExit(f"--jobs must be >= 1, got {args.jobs}")
+    torch.set_num_threads(1)  # every run single-threaded: results independent of the machine
     out = Path(args.out)
     (out / "runs").mkdir(parents=True, exist_ok=True)
     budget = Budget(images_seen=args.images_seen)
@@ -975,7 +1184,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         write_report(out, args.seeds, args.benchmark)
         return
     log(
-        f"torch threads {torch.get_num_threads()}, sharp AP_Q: {with_sharp}; "
+        f"{args.jobs} job(s) of 1 thread, sharp AP_Q: {with_sharp}; "
         f"{platform.processor() or platform.machine()}, load {os.getloadavg()[0]:.1f}"
     )
     if args.plan:
@@ -985,30 +1194,53 @@ def main(argv: Sequence[str] | None = None) -> None:
             print(("done  " if s.id in runs else "todo  ") + s.id)
         print(f"{sum(s.id in runs for s in plan)} of {len(plan)} done (more once tuned)")
         return
-    feats = bench_features(out, args.benchmark, args.benchmark_seed, log)
+    bench_features(out, args.benchmark, args.benchmark_seed, log)  # once, before the workers
+    job_args = (str(out), args.benchmark, args.benchmark_seed, budget, estimators)
+    pool: concurrent.futures.Executor = (
+        _Inline()
+        if args.jobs == 1
+        else concurrent.futures.ProcessPoolExecutor(
+            args.jobs, mp_context=__import__("multiprocessing").get_context("spawn")
+        )
+    )
     new = 0
-    while True:
-        runs = load_runs(out)
-        plan = tuning_specs() + study_specs(runs, args.seeds, with_sharp)
-        todo = [s for s in plan if s.id not in runs]
-        if not todo or (args.max_runs is not None and new >= args.max_runs):
-            break
-        spec = todo[0]
-        rec = run_one(spec, feats, budget, estimators)
-        rec["counts"] = feats["counts"]
-        _write_run(out, rec)
-        new += 1
-        summary = (
-            f"val mAP {100 * rec['val_mAP']:.1f}"
-            if "val_mAP" in rec
-            else f"Medium {100 * rec['mAP']['medium']:.1f} Hard {100 * rec['mAP']['hard']:.1f}"
-        )
-        log(
-            f"{spec.id}: {summary} ({rec['time_s']:.0f} s, {rec['cpu_s']:.0f} s CPU; "
-            f"{len(todo) - 1} planned left)"
-        )
-        # Tables after every run; plots (slower) every 10 runs and at the end.
-        write_report(out, args.seeds, args.benchmark, with_plots=new % 10 == 0)
+    todo: list[RunSpec] = []
+    inflight: dict[concurrent.futures.Future, RunSpec] = {}
+    with pool:
+        while True:
+            runs = load_runs(out)
+            plan = tuning_specs() + study_specs(runs, args.seeds, with_sharp)
+            busy = {s.id for s in inflight.values()}
+            todo = [s for s in plan if s.id not in runs and s.id not in busy]
+            while (
+                todo
+                and len(inflight) < args.jobs
+                and (args.max_runs is None or new + len(inflight) < args.max_runs)
+            ):
+                spec = todo.pop(0)
+                inflight[pool.submit(_run_job, spec, *job_args)] = spec
+            if not inflight:
+                break
+            done, _ = concurrent.futures.wait(
+                inflight, return_when=concurrent.futures.FIRST_COMPLETED
+            )
+            for fut in done:
+                spec = inflight.pop(fut)
+                rec = fut.result()
+                _write_run(out, rec)
+                new += 1
+                summary = (
+                    f"val mAP {100 * rec['val_mAP']:.1f}"
+                    if "val_mAP" in rec
+                    else f"Medium {100 * rec['mAP']['medium']:.1f} "
+                    f"Hard {100 * rec['mAP']['hard']:.1f}"
+                )
+                log(
+                    f"{spec.id}: {summary} ({rec['time_s']:.0f} s, {rec['cpu_s']:.0f} s CPU; "
+                    f"{len(todo)} planned left)"
+                )
+            # Tables after every run; plots (slower) every 10 runs and at the end.
+            write_report(out, args.seeds, args.benchmark, with_plots=new % 10 == 0)
     write_report(out, args.seeds, args.benchmark)
     log("done" if not todo else f"stopped after {new} runs")
 
