@@ -36,7 +36,15 @@ from apretrieval.distributed import (
     shard_bounds,
     sync_stop,
 )
-from apretrieval.losses import APLoss, ContrastiveLoss, TieAwareAPLoss
+from apretrieval.losses import (
+    APLoss,
+    ContrastiveLoss,
+    RecallAtKLoss,
+    RoadmapLoss,
+    SmoothAPLoss,
+    SupAPLoss,
+    TieAwareAPLoss,
+)
 from apretrieval.models import ModelConfig, RetrievalNet, load_checkpoint
 from apretrieval.multistage import multistage_backward
 from apretrieval.train_config import TrainConfig
@@ -45,6 +53,13 @@ from test_training import tiny_config
 WORLD = 2
 CHUNK = 2
 LABELS = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3, 4, 4])  # global batch of 10
+# The rank-based listwise losses (a mild temperature: the tiny model's scores are close).
+RANK_LOSSES = {
+    "smooth_ap": lambda: SmoothAPLoss(tau=0.1),
+    "sup_ap": lambda: SupAPLoss(tau=0.1),
+    "roadmap": lambda: RoadmapLoss(tau=0.1),
+    "recall_at_k": lambda: RecallAtKLoss(k=(1, 2), tau=0.1),
+}
 
 
 # --------------------------------------------------------------------------------------------
@@ -125,7 +140,7 @@ UNEQUAL = {6, 8}
 RANK1_EMPTY = {5, 6, 7, 8, 9}
 
 
-def memory_run(ctx: DistContext | None, steps: int = 3) -> dict:
+def memory_run(ctx: DistContext | None, steps: int = 3, loss_fn=None) -> dict:
     """SGD steps with a 2-batch memory bank; per step loss, images, gradients."""
     model = tiny_model(1)
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
@@ -139,7 +154,7 @@ def memory_run(ctx: DistContext | None, steps: int = 3) -> dict:
             model,
             loaders(images(step))[lo:hi],
             LABELS[lo:hi],
-            APLoss(num_bins=10),
+            loss_fn or APLoss(num_bins=10),
             CHUNK,
             ctx=ctx,
             memory=bank,
@@ -191,6 +206,13 @@ def _worker(out: Path, folder: Path) -> None:
             "grads": grads(model),
             "labels": step.labels,
         }
+    for name, make in RANK_LOSSES.items():
+        model = tiny_model(0)
+        step = distributed_multistage_backward(
+            model, loaders(images(0))[lo:hi], LABELS[lo:hi], make(), CHUNK, ctx=ctx
+        )
+        res[name] = {"loss": step.loss, "grads": grads(model)}
+    res["memory_roadmap"] = memory_run(ctx, steps=2, loss_fn=RoadmapLoss(tau=0.1))
     save()
 
     # A rank that raises in stage 1 / stage 3: every rank raises at once.
@@ -426,6 +448,28 @@ def test_memory_bank_two_ranks_equal_single_process(cluster):
     opt.step()
     plain = multistage_backward(model, loaders(images(1)), LABELS, APLoss(num_bins=10), CHUNK)
     assert abs(plain - ref["loss"][1]) > 1e-4
+
+
+@pytest.mark.parametrize("name", RANK_LOSSES)
+def test_rank_losses_two_ranks_equal_single_process(cluster, name):
+    _, results = cluster
+    model = tiny_model(0)
+    ref_loss = multistage_backward(model, loaders(images(0)), LABELS, RANK_LOSSES[name](), CHUNK)
+    ref = grads(model)
+    for res in results:
+        assert res[name]["loss"] == pytest.approx(ref_loss, abs=1e-12)
+        assert_grads_close(res[name]["grads"], ref)
+
+
+def test_rank_loss_with_memory_bank_two_ranks_equal_single_process(cluster):
+    _, results = cluster
+    ref = memory_run(None, steps=2, loss_fn=RoadmapLoss(tau=0.1))
+    for res in results:
+        got = res["memory_roadmap"]
+        assert got["bank"] == ref["bank"] == [10, 20]
+        assert got["loss"] == pytest.approx(ref["loss"], abs=1e-12)
+        for g, r in zip(got["grads"], ref["grads"], strict=True):
+            assert_grads_close(g, r)
 
 
 def _state(run: Path) -> dict[str, torch.Tensor]:
