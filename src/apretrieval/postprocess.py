@@ -8,6 +8,15 @@ L2-normalised float32 rows.
   the covariance of the learning set. ``power = 0.5`` whitens (unit variance per component),
   ``power = 0`` only rotates/projects (PCA); values in between shrink the dominant directions
   partially (the "power" of the power-law normalisation in the whitening literature).
+* Learned whitening from matching pairs (Radenović et al., "Fine-tuning CNN image retrieval
+  with no human annotation", TPAMI 2018): with ``d_i = x_{q_i} - x_{p_i}`` the differences of
+  P matching pairs and ``C_S = (1/P) sum_i d_i d_i^T`` their covariance, ``L_w = C_S^(-1/2)``
+  whitens what varies *within* a match (viewpoint, light); the query descriptors, centred on
+  their mean ``m`` and whitened, are then rotated onto their principal directions ``V``
+  (``C_D = (1/P) sum_i L_w (x_{q_i} - m)(x_{q_i} - m)^T L_w``), which orders the output
+  dimensions by the variance *between* images: ``y = normalize(V^T L_w (x - m))``, truncated
+  to the top ``dim`` components. Stored like the PCA whitening (``mean = m``,
+  ``projection = V^T L_w``).
 * alpha-QE (Radenović et al.): each query is replaced by ``normalize(q + sum_i s_i^alpha d_i)``
   over its ``k`` nearest database items ``d_i`` (similarity ``s_i``, clipped at 0);
   ``alpha = 0`` is average QE.
@@ -31,6 +40,7 @@ __all__ = [
     "apply_whitening",
     "database_augmentation",
     "l2_normalize",
+    "learn_pairs_whitening",
     "learn_whitening",
     "load_whitening",
     "pca_whitening_matrix",
@@ -130,6 +140,53 @@ def learn_whitening(
         raise ValueError(f"dim must be in [1, min(N - 1, D)] = [1, {rank}], got {dim}")
     mean, projection = pca_whitening_matrix(x, dim, power, eps)
     return Whitening(mean.astype(np.float32), projection.astype(np.float32), float(power))
+
+
+def _inverse_sqrt(c: np.ndarray, eps: float) -> np.ndarray:
+    """Symmetric ``C^(-1/2)`` of a covariance (D, D); eigenvalues floored at ``eps * max``."""
+    eigval, eigvec = np.linalg.eigh(c)
+    lam = np.maximum(eigval, 0.0) + eps * max(float(eigval[-1]), 1e-30)
+    result: np.ndarray = (eigvec / np.sqrt(lam)) @ eigvec.T
+    return result
+
+
+def learn_pairs_whitening(
+    x: np.ndarray,
+    qidxs: np.ndarray,
+    pidxs: np.ndarray,
+    dim: int | None = None,
+    eps: float = 1e-8,
+) -> Whitening:
+    """Whitening learned from matching pairs (see the module docstring): descriptors ``x``
+    (N, D), pairs ``(qidxs[i], pidxs[i])`` of row indices (P,). Returns ``mean`` = the mean of
+    the query rows and ``projection = V^T C_S^(-1/2)`` (dim, D), float32.
+
+    ``dim``: output dimension (default: the most the queries support, min(P - 1, D));
+    ``eps`` (relative to the largest eigenvalue of ``C_S``) keeps directions in which no pair
+    differs from exploding. The PCA step follows :func:`pca_whitening_matrix`'s conventions
+    (fixed eigenvector signs).
+    """
+    x = _as_rows("x", x).astype(np.float64)
+    q = np.asarray(qidxs, dtype=np.int64).reshape(-1)
+    p = np.asarray(pidxs, dtype=np.int64).reshape(-1)
+    if q.shape != p.shape:
+        raise ValueError(f"{q.size} query indices but {p.size} positive indices")
+    n, d = x.shape
+    if q.size < 2:
+        raise ValueError(f"learning a whitening needs at least 2 pairs, got {q.size}")
+    for name, idx in (("qidxs", q), ("pidxs", p)):
+        if idx.min() < 0 or idx.max() >= n:
+            raise ValueError(f"{name} must index the {n} descriptors, got {idx.min()}..{idx.max()}")
+    rank = min(q.size - 1, d)
+    dim = rank if dim is None else int(dim)
+    if not 1 <= dim <= rank:
+        raise ValueError(f"dim must be in [1, min(P - 1, D)] = [1, {rank}], got {dim}")
+    diff = x[q] - x[p]
+    lw = _inverse_sqrt(diff.T @ diff / q.size, eps)
+    mean = x[q].mean(axis=0)
+    whitened = (x[q] - mean) @ lw  # lw is symmetric: rows times lw^T
+    _, rotation = pca_whitening_matrix(whitened, dim, power=0.0)  # V^T: (dim, D)
+    return Whitening(mean.astype(np.float32), (rotation @ lw).astype(np.float32), 0.5)
 
 
 def apply_whitening(x: np.ndarray, whitening: Whitening) -> np.ndarray:
