@@ -75,3 +75,84 @@ def test_bad_input_is_refused():
         learn_pairs_whitening(x, [0, 1], [1, 7])
     with pytest.raises(ValueError, match="dim must be in"):
         learn_pairs_whitening(x, [0, 1, 2], [1, 2, 3], dim=3)
+
+
+# --------------------------------------------------------------------------------------------
+# `apretrieval whiten`: a checkpoint and SfM-120k's pairs -> the .npz
+
+
+def test_whiten_command_from_images_and_from_descriptors(tmp_path, capsys):
+    import pickle
+
+    from apretrieval.cli import main
+    from apretrieval.data.sfm120k import cid_path
+    from apretrieval.models import build_model, save_checkpoint
+    from apretrieval.pipeline import ExtractionSettings, extract_images
+    from miniatures import jpeg, sfm_db
+
+    db, whiten = sfm_db(num_clusters=3, per_cluster=4)
+    root = tmp_path / "sfm"
+    for i, cid in enumerate(db["train"]["cids"]):
+        path = cid_path(root / "ims", cid)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(jpeg(i))
+    pairs = root / "retrieval-SfM-120k-whiten.pkl"
+    pairs.write_bytes(pickle.dumps(whiten))
+    model = build_model("resnet18", pretrained=None, out_dim=8)
+    ckpt = save_checkpoint(tmp_path / "m.pt", model)
+    extraction = ["--scales", "1", "--max-side", "24", "--workers", "0", "--device", "cpu"]
+    out = tmp_path / "w.npz"
+    args = ["whiten", "--pairs", str(pairs), "--out", str(out), *extraction, "--no-progress"]
+    assert main([*args, "--checkpoint", str(ckpt)]) == 0
+    assert "8 -> 2 dimensions" in capsys.readouterr().out  # 3 pairs: min(P - 1, D) = 2
+    learned = load_whitening(out)
+
+    # The same whitening by hand: the pair images' descriptors, then learn_pairs_whitening.
+    used = sorted({*whiten["qidxs"], *whiten["pidxs"]})
+    names = [whiten["cids"][i] for i in used]
+    settings = ExtractionSettings(scales=(1.0,), max_side=24, num_workers=0, device="cpu")
+    x = extract_images(model, [cid_path(root / "ims", c) for c in names], names, settings)
+    row = {j: k for k, j in enumerate(used)}
+    expected = learn_pairs_whitening(
+        x, [row[i] for i in whiten["qidxs"]], [row[i] for i in whiten["pidxs"]]
+    )
+    np.testing.assert_allclose(learned.projection, expected.projection, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(learned.mean, expected.mean, rtol=1e-5, atol=1e-6)
+
+    # From a descriptor file whose ids are the images' tree paths (as `extract --images` names
+    # them): matched to the pairs by file name.
+    ids = [cid_path("", c).as_posix() for c in names]
+    files = [cid_path(root / "ims", c) for c in names]
+    extract_images(model, files, ids, settings, out=tmp_path / "feats")
+    out2 = tmp_path / "w2.npz"
+    args2 = ["whiten", "--pairs", str(pairs), "--out", str(out2), "--descriptors"]
+    assert main([*args2, str(tmp_path / "feats.npy")]) == 0
+    np.testing.assert_allclose(
+        load_whitening(out2).projection, expected.projection, rtol=1e-4, atol=1e-5
+    )
+
+
+def test_whiten_command_names_missing_images(tmp_path, capsys):
+    import pickle
+
+    from apretrieval.cli import main
+    from apretrieval.models import build_model, save_checkpoint
+    from miniatures import sfm_db
+
+    _, whiten = sfm_db()
+    pairs = tmp_path / "retrieval-SfM-120k-whiten.pkl"
+    pairs.write_bytes(pickle.dumps(whiten))
+    ckpt = save_checkpoint(tmp_path / "m.pt", build_model("resnet18", pretrained=None, out_dim=8))
+    rc = main(
+        [
+            "whiten",
+            "--pairs",
+            str(pairs),
+            "--out",
+            str(tmp_path / "w.npz"),
+            "--checkpoint",
+            str(ckpt),
+        ]
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and "6 pair images are missing" in err[-1] and "download sfm120k" in err[-1]

@@ -7,6 +7,7 @@ functions; they take typed settings (:class:`ExtractionSettings`), never parsed 
 - :func:`extract_benchmark`: the query (cropped) and database descriptors of a revisited
   benchmark, ``(Q, D)`` and ``(N, D)``, in memory or through the resumable descriptor files.
 - :func:`extract_folder`: an image folder to a descriptor file.
+- :func:`extract_images`: a list of image files to descriptors (in memory, or a descriptor file).
 - :func:`extract_index_queries`: query images for an index, extracted as its database was.
 - :func:`evaluate_checkpoint`: a checkpoint (or model) on a benchmark -> typed results
   (:class:`~apretrieval.results.RetrievalResults`), scored a block of queries at a time.
@@ -55,6 +56,7 @@ __all__ = [
     "extract_benchmark",
     "extract_benchmark_files",
     "extract_folder",
+    "extract_images",
     "extract_index_queries",
     "extract_query_images",
     "load_checkpoint_model",
@@ -247,6 +249,44 @@ def extract_folder(
         skip_bad=settings.skip_bad,
         **settings._kwargs(resolve_device(settings.device)),
     )
+
+
+def extract_images(
+    model: nn.Module,
+    paths: Sequence[str | os.PathLike[str]],
+    ids: Sequence[str],
+    settings: ExtractionSettings,
+    *,
+    out: str | os.PathLike[str] | None = None,
+    checkpoint: str | os.PathLike[str] | None = None,
+    desc: str = "images",
+    meta: dict[str, Any] | None = None,
+) -> np.ndarray:
+    """Descriptors ``(N, D)`` of the image files ``paths`` (whole images), in their order.
+
+    With ``out`` they go through the descriptor file ``OUT.npy`` + ``OUT.json`` (``ids``
+    recorded; resumable, reused when complete) and come back memory-mapped, so a large set
+    (GLDv2's 762k index images) need not fit in memory; without it they are computed in memory.
+    """
+    if len(paths) != len(ids):
+        raise ValueError(f"{len(paths)} image paths but {len(ids)} ids")
+    files = ImageFiles([Path(p) for p in paths], None, settings.max_side)
+    kw = settings._kwargs(resolve_device(settings.device))
+    if out is None:
+        return extract_descriptors(model, files, desc=desc, **kw)
+    path = extract_to_file(
+        model,
+        files,
+        list(ids),
+        out,
+        desc=desc,
+        meta={**_model_meta(model, checkpoint), **(meta or {})},
+        shard_size=settings.shard_size,
+        checkpoint=checkpoint,
+        **kw,
+    )
+    mapped: np.ndarray = np.load(path, mmap_mode="r")
+    return mapped
 
 
 def extract_query_images(

@@ -33,6 +33,7 @@ COMMANDS: dict[str, str] = {
     "report": "write an HTML report of a results file (what the model retrieves)",
     "search": "search an index with query images",
     "train": "train a model (multistaged backpropagation, AP loss by default)",
+    "whiten": "learn a whitening from matching pairs (SfM-120k) for evaluate --whiten",
 }
 _DEBUG_HELP = "on an error, print the full traceback (also: APRETRIEVAL_DEBUG=1)"
 _THREADS_HELP = (
@@ -73,7 +74,7 @@ def build_parser(commands: Iterable[str] | None = None) -> argparse.ArgumentPars
 
 # The commands whose work runs on CPU threads (networks, products, faiss) say their thread plan;
 # the others (report, convert, download, index info) take --threads silently.
-_COMPUTING = ("evaluate", "export", "extract", "index build", "search")
+_COMPUTING = ("evaluate", "export", "extract", "index build", "search", "whiten")
 
 
 def _apply_threads(args: argparse.Namespace) -> None:
