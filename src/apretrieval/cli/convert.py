@@ -26,7 +26,26 @@ def register(subparsers: Any) -> None:
         choices=("dirtorch", "cirtorch"),
         help="the project the checkpoint comes from",
     )
-    p.add_argument("input", type=Path, metavar="IN.pt", help="released checkpoint")
+    p.add_argument(
+        "input",
+        metavar="IN.pt|NAME",
+        help="released checkpoint: a file, or the name the project publishes it under "
+        "(downloaded once, verified), e.g. Resnet101-AP-GeM (dirtorch), "
+        "gl18-tl-resnet101-gem-w (cirtorch)",
+    )
+    p.add_argument(
+        "--mirror",
+        metavar="URL",
+        help="fetch a released NAME from this base URL holding the same relative paths "
+        "(cirtorch/<file>.pth, dirtorch/<NAME>.zip) instead of the project's host",
+    )
+    p.add_argument(
+        "--download-dir",
+        type=Path,
+        metavar="DIR",
+        help="where released networks are kept (default: ~/.cache/apretrieval/released)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no download progress bar")
     p.add_argument(
         "--out", required=True, type=Path, metavar="OUT.pt", help="apretrieval checkpoint to write"
     )
@@ -46,7 +65,17 @@ def run(args: argparse.Namespace) -> int:
 
     if not 0 <= args.whiten_power <= 1:
         raise ValueError(f"--whiten-power must lie in [0, 1], got {args.whiten_power}")
-    converted = convert(args.source, args.input, whiten_power=args.whiten_power)
+    source = Path(args.input)
+    if not source.is_file():  # a released name: fetched (or found) in the download folder
+        from apretrieval.released import fetch_released, released_network
+
+        network = released_network(args.input, args.source)
+        source = fetch_released(
+            network, args.download_dir, mirror=args.mirror, progress=not args.no_progress
+        )
+    elif args.mirror is not None:
+        raise ValueError(f"--mirror applies to a released name, but {source} is a file")
+    converted = convert(args.source, source, whiten_power=args.whiten_power)
     paths = save_converted(args.out, converted)
     model = converted.model
     cfg = model.config
