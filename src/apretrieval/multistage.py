@@ -182,7 +182,7 @@ def descriptor_loss_grads(
     """
     bank = memory.tensors() if memory is not None else None
     if bank is not None:
-        return ap_loss_with_memory(loss_fn, descriptors, labels, *bank)  # type: ignore[arg-type]
+        return ap_loss_with_memory(loss_fn, descriptors, labels, *bank)
     d = descriptors.detach().requires_grad_(True)
     with torch.enable_grad():
         loss = loss_fn(d, labels.to(d.device))

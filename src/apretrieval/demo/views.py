@@ -57,7 +57,7 @@ class Renderer:
         cam = rd.sample_camera(
             rng, lm.core, cell, out_size, difficulty, scale_range=scale_range, far_prob=far_prob
         )
-        photo = self.photos[lm.second_photo] if second else self.photos[lm.photo]  # type: ignore[index]
+        photo = self.photos[lm.second_photo if second and lm.second_photo is not None else lm.photo]
         quad = cam.quad + np.array([lm.second_dx, 0.0]) if second else cam.quad
         image, occluded = rd.render(
             rng, photo, quad, cam, self.clutter, difficulty, occlusion=occlusion

@@ -12,6 +12,7 @@ bank; it works alike in one process.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -66,7 +67,7 @@ class MemoryBank:
 
 
 def ap_loss_with_memory(
-    loss_fn: ListwiseLoss,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],  # a ListwiseLoss, else ValueError
     descriptors: Tensor,
     labels: Tensor,
     memory: Tensor,
