@@ -291,14 +291,14 @@ def study_specs(runs: dict[str, dict], seeds: Sequence[int], with_sharp: bool) -
         for loss in losses:
             lr, m = hp[loss]  # type: ignore[misc]
             specs.append(RunSpec("a", loss, s, lr=lr, margin=m))
-    specs += lr_grid_specs(hp, seeds[:GRID_SEEDS], losses)
-    for b in B2_BATCHES:  # (b2): held-out tuning per batch size, then the seeds
+    # Then, so that a study cut short still has every loss on the same seeds: the lr grid on
+    # the first seed, (b2) on three seeds, the grid's other seeds, (b2)'s other seeds.
+    specs += lr_grid_specs(hp, seeds[:1], losses)
+    for b in B2_BATCHES:  # (b2): held-out tuning per batch size
         specs += b2_tuning_specs(runs, b)
-        for s in seeds:
-            for loss in LOSSES_B2:
-                hp_b = tuned(runs, loss, b)
-                if hp_b is not None:
-                    specs.append(b2_spec(loss, s, *hp_b, b))
+    specs += b2_specs(runs, seeds[:3])
+    specs += lr_grid_specs(hp, seeds[1:GRID_SEEDS], losses)
+    specs += b2_specs(runs, seeds[3:])
     lr_ap = hp["ap"][0]  # type: ignore[index]
     for s in seeds:
         for m in BINS:
@@ -311,6 +311,18 @@ def study_specs(runs: dict[str, dict], seeds: Sequence[int], with_sharp: bool) -
                 lr, m = hp[loss]  # type: ignore[misc]
                 if b != 128:
                     specs.append(RunSpec("b", loss, s, lr=lr, margin=m, batch_size=b))
+    return specs
+
+
+def b2_specs(runs: dict[str, dict], seeds: Sequence[int]) -> list[RunSpec]:
+    """(b2) runs of ``seeds`` at each batch size's held-out learning rate, seed-major."""
+    specs = []
+    for s in seeds:
+        for b in B2_BATCHES:
+            for loss in LOSSES_B2:
+                hp_b = tuned(runs, loss, b)
+                if hp_b is not None:
+                    specs.append(b2_spec(loss, s, *hp_b, b))
     return specs
 
 
