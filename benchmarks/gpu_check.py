@@ -10,7 +10,9 @@ markdown table (``--out``, default ``gpu-check.md``):
    autograd formulation (B x B x bins tensors) where that fits;
 3. a single-GPU ``torchrun`` step over an NCCL process group, with bf16 autocast;
 4. images/s of ResNet-50/101 multistage steps at 512 px: fp32, bf16, channels_last + bf16;
-5. extraction images/s (ResNet-101, 3 scales, 1024 x 768).
+5. extraction images/s (ResNet-101, 3 scales, 1024 x 768);
+6. the rank losses (Smooth-AP, SupAP, ROADMAP, Recall@k), forward + backward at B = 4096 /
+   16384 / 65536, D = 2048, 8 images per class: time against the three matmuls, peak memory.
 
 Without CUDA it prints one line and exits 0. Each section has a time cap and reports what it
 skipped, so one failure never hides the others.
@@ -183,6 +185,52 @@ def run_loss() -> None:
         del d
 
 
+def run_rank_losses() -> None:
+    from apretrieval.losses import RecallAtKLoss, RoadmapLoss, SmoothAPLoss, SupAPLoss
+
+    dim, per_class = 2048, 8
+    losses = {
+        "Smooth-AP": SmoothAPLoss,
+        "SupAP": SupAPLoss,
+        "ROADMAP": RoadmapLoss,
+        "Recall@k": RecallAtKLoss,
+    }
+    for b in (4096, 16384, 65536):
+        g = torch.Generator(device="cuda").manual_seed(0)
+        d = torch.nn.functional.normalize(
+            torch.randn(b, dim, device="cuda", generator=g), dim=1
+        ).requires_grad_()
+        labels = torch.arange(b, device="cuda") // per_class
+        mm = torch.empty(b, b, device="cuda")
+
+        def three_matmuls(d=d, mm=mm) -> None:
+            x = d.detach()
+            torch.mm(x, x.T, out=mm)
+            mm @ x
+            mm.T @ x
+
+        t_mm, _ = _time_cuda(three_matmuls, repeat=1)
+        del mm
+        torch.cuda.empty_cache()
+        for name, cls in losses.items():
+            if _left() < (60 if b < 65536 else 120):
+                _row(f"{name} fwd+bwd", f"B={b}", "skipped: time budget")
+                continue
+            loss_fn = cls()
+
+            def step(d=d, labels=labels, loss_fn=loss_fn) -> None:
+                d.grad = None
+                loss_fn(d, labels).backward()
+
+            t, peak = _time_cuda(step, repeat=1 if b == 65536 else 3)
+            _row(
+                f"{name} fwd+bwd",
+                f"B={b}, D={dim}, {per_class} per class",
+                f"{t * 1e3:.1f} ms, peak +{peak:.0f} MiB; {t / t_mm:.2f}x the 3 matmuls",
+            )
+        del d
+
+
 # --------------------------------------------------------------------------------------------
 # 3. torchrun + NCCL + AMP
 
@@ -343,6 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     _section("torchrun NCCL step", 100, run_torchrun)
     _section("multistage step", 60, run_multistage)
     _section("extraction", 30, run_extraction)
+    _section("rank losses", 60, run_rank_losses)
     from apretrieval.atomic import atomic_write_text
 
     atomic_write_text(args.out, _table())

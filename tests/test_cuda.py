@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from apretrieval.extraction import extract_descriptors
-from apretrieval.losses import APLoss
+from apretrieval.losses import APLoss, RecallAtKLoss, RoadmapLoss, SmoothAPLoss, SupAPLoss
 from apretrieval.models import build_model
 from apretrieval.multistage import multistage_step
 
@@ -25,6 +25,20 @@ def _batch(n=24, dim=32, seed=0, device="cpu", dtype=torch.float64):
 def test_loss_on_cuda_equals_cpu():
     d, labels = _batch()
     loss_fn = APLoss(num_bins=20)
+    cpu = d.clone().requires_grad_()
+    gpu = d.cuda().requires_grad_()
+    lc, lg = loss_fn(cpu, labels), loss_fn(gpu, labels.cuda())
+    lc.backward()
+    lg.backward()
+    assert abs(lc.item() - lg.item()) < 1e-10
+    torch.testing.assert_close(gpu.grad.cpu(), cpu.grad, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("cls", [SmoothAPLoss, SupAPLoss, RoadmapLoss, RecallAtKLoss])
+@pytest.mark.parametrize("options", [{}, {"memory_budget_mb": 0, "chunk_size": 5}])
+def test_rank_losses_on_cuda_equal_cpu(cls, options):
+    d, labels = _batch()
+    loss_fn = cls(tau=0.05, **options)
     cpu = d.clone().requires_grad_()
     gpu = d.cuda().requires_grad_()
     lc, lg = loss_fn(cpu, labels), loss_fn(gpu, labels.cuda())
