@@ -602,7 +602,7 @@ def test_memory_loss_with_an_empty_bank_is_the_batch_loss():
     ref.backward()
     assert loss == pytest.approx(float(ref.detach()), abs=1e-12)
     assert torch.allclose(g, x.grad, atol=1e-12)
-    with pytest.raises(ValueError, match="AP loss"):
+    with pytest.raises(ValueError, match="listwise loss"):
         ap_loss_with_memory(ContrastiveLoss(), d, labels, d, labels)
     with pytest.raises(ValueError, match="no query has a positive"):
         ap_loss_with_memory(fn, d, torch.arange(8), d, torch.arange(8) + 100)
