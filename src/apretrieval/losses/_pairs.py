@@ -85,10 +85,10 @@ def scatter_pair_grads(grad: Tensor, block: PairBlock, w: Tensor) -> None:
 
 
 def sigmoid_and_slope(d: Tensor, tau: float) -> tuple[Tensor, Tensor]:
-    """sigmoid(d / tau) and its derivative w.r.t. d; the slope overwrites ``d``."""
-    sig = torch.sigmoid(d / tau)
-    slope = d.copy_(sig).neg_().add_(1.0).mul_(sig).div_(tau)
-    return sig, slope
+    """g = sigmoid(d / tau) and ``tau`` x its derivative w.r.t. d, g (1 - g) (callers fold
+    the 1 / tau into their per-pair coefficients: one pass less); ``d`` is overwritten."""
+    sig = torch.sigmoid(d.div_(tau))
+    return sig, torch.addcmul(sig, sig, sig, value=-1.0, out=d)
 
 
 def check_positive(name: str, value: float) -> float:

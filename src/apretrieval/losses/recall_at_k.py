@@ -96,5 +96,5 @@ class RecallAtKLoss(RankLoss):
         grad = torch.zeros_like(scores)
         for blk in pair_blocks(scores, pos, exclude, self.pair_budget_mb):
             _, slope = sigmoid_and_slope(blk.d, self.tau)
-            scatter_pair_grads(grad, blk, slope.mul_(d_rank[blk.index, None]))
+            scatter_pair_grads(grad, blk, slope.mul_(d_rank[blk.index, None] / self.tau))
         return value, grad

@@ -81,7 +81,7 @@ class SmoothAPLoss(RankLoss):
                 continue
             del sig
             # df/dd_j = g'(d_j) (1[j positive] / R - R+ / R^2), times dL/dAP_i / |P_i|.
-            coef = (grad_scale * inv_n)[blk.rows]
+            coef = (grad_scale * inv_n)[blk.rows] / self.tau  # the slope comes without 1 / tau
             w = blk.relevance.mul_((coef / rank)[:, None])
             w.sub_((coef * rank_pos / rank**2)[:, None]).mul_(slope)
             scatter_pair_grads(grad, blk, w)
