@@ -87,3 +87,53 @@ def serve_sfm120k(host: FakeHost, db: dict, whiten: dict) -> None:
     host.files["sfm120k/ims.tar.gz"] = tar_bytes(members, mode="w:gz")
     host.files["sfm120k/retrieval-SfM-120k.pkl"] = pickle.dumps(db)
     host.files["sfm120k/retrieval-SfM-120k-whiten.pkl"] = pickle.dumps(whiten)
+
+
+def serve_gldv2_retrieval(host: FakeHost) -> dict:
+    """A GLDv2 retrieval benchmark whose answer is known whatever the model: six test images
+    (A..E scored, F Ignored), an index of a copy of each of A..E plus two other images.
+    A and C (Public / Private) have their own copy as the only relevant image: AP@100 = 1.
+    B and E (Public / Private) have every index image *but* their own copy as relevant: the
+    copy ranks first (identical image), the 6 others fill ranks 2..7, so
+    AP@100 = (1/6) sum_{i=2..7} (i-1)/i. D (Private) has its copy and every other: AP = 1.
+    Returns {"public": mAP@100, "private": mAP@100, "p1": {...}} by that arithmetic."""
+    queries = {name: gldv2_id(1000 + i) for i, name in enumerate("ABCDEF")}
+    images = {q: jpeg(50 + i, size=32) for i, q in enumerate(queries.values())}
+    index: dict[str, bytes] = {}
+    copy_of = {}
+    for i, name in enumerate("ABCDE"):
+        copy_id = gldv2_id(2000 + i)
+        index[copy_id] = images[queries[name]]
+        copy_of[name] = copy_id
+    for i in range(2):
+        index[gldv2_id(3000 + i)] = jpeg(90 + i, size=32)
+    others = {name: [j for j in index if j != copy_of[name]] for name in "ABCDE"}
+    solution = {
+        "A": ([copy_of["A"]], "Public"),
+        "B": (others["B"], "Public"),
+        "C": ([copy_of["C"]], "Private"),
+        "D": (list(index), "Private"),
+        "E": (others["E"], "Private"),
+    }
+    rows = [f"{queries[n]},{' '.join(ids)},{usage}" for n, (ids, usage) in solution.items()]
+    rows.append(f"{queries['F']},None,Ignored")
+    for split, members in (
+        ("index", index),
+        ("test", {queries[n]: images[queries[n]] for n in "ABCDEF"}),
+    ):
+        data = tar_bytes({member(i): b for i, b in members.items()})
+        host.files[f"gldv2/{split}/images_000.tar"] = data
+        host.files[f"gldv2/md5sum/{split}/md5.images_000.txt"] = (
+            f"{md5(data)}  images_000.tar\n".encode()
+        )
+    host.files["gldv2/metadata/index.csv"] = ("id\n" + "\n".join(index) + "\n").encode()
+    host.files["gldv2/metadata/test.csv"] = ("id\n" + "\n".join(queries.values()) + "\n").encode()
+    host.files["gldv2/ground_truth/retrieval_solution_v2.1.csv"] = (
+        "id,images,Usage\n" + "\n".join(rows) + "\n"
+    ).encode()
+    v = sum((i - 1) / i for i in range(2, 8)) / 6
+    return {
+        "public": (1 + v) / 2,
+        "private": (1 + 1 + v) / 3,
+        "p1": {"public": 0.5, "private": 2 / 3},
+    }

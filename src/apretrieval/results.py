@@ -42,9 +42,11 @@ import numpy as np
 
 from apretrieval.apq_analysis import APQSettings, pearson
 from apretrieval.atomic import atomic_open
+from apretrieval.data.gldv2_retrieval import USAGES
 from apretrieval.evaluation import PROTOCOLS, ProtocolResult
 
 __all__ = [
+    "METRIC_GROUPS",
     "EvaluationSettings",
     "ProtocolMetrics",
     "QueryResult",
@@ -58,6 +60,10 @@ __all__ = [
 
 # --------------------------------------------------------------------------------------------
 # Metrics
+
+# What a results file reports metrics for: the Revisited protocols, or the GLDv2 retrieval
+# splits (there ``mAP`` is mAP@100 and ``mP@k`` plain precision at k).
+METRIC_GROUPS: tuple[str, ...] = (*PROTOCOLS, *USAGES)
 
 
 @dataclass(frozen=True)
@@ -87,12 +93,13 @@ class ProtocolMetrics:
 
 
 def metrics_from_dict(metrics: Mapping[str, Any]) -> dict[str, ProtocolMetrics]:
-    """Per-protocol metrics from plain dicts (or ProtocolMetrics), in protocol order."""
-    unknown = sorted(set(metrics) - set(PROTOCOLS))
+    """Per-protocol (or per-split) metrics from plain dicts (or ProtocolMetrics), in the order
+    of :data:`METRIC_GROUPS`."""
+    unknown = sorted(set(metrics) - set(METRIC_GROUPS))
     if unknown:
-        raise ValueError(f"metrics: unknown protocol(s) {unknown}, expected {PROTOCOLS}")
+        raise ValueError(f"metrics: unknown protocol(s) {unknown}, expected {METRIC_GROUPS}")
     out = {}
-    for p in PROTOCOLS:
+    for p in METRIC_GROUPS:
         if p in metrics:
             m = metrics[p]
             out[p] = m if isinstance(m, ProtocolMetrics) else ProtocolMetrics.from_dict(m, p)
@@ -229,9 +236,10 @@ class RetrievalResults:
                 raise ValueError(f"query {i}: top-k index {bad[0]} outside the database [0, {n})")
 
     def ap(self, protocol: str) -> np.ndarray:
-        """Per-query AP under ``protocol`` -> (Q,), NaN where the query has no positive."""
-        if protocol not in PROTOCOLS:
-            raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+        """Per-query AP under ``protocol`` (or GLDv2 split) -> (Q,), NaN where the query has
+        no positive (or belongs to the other split)."""
+        if protocol not in METRIC_GROUPS:
+            raise ValueError(f"protocol must be one of {METRIC_GROUPS}, got {protocol!r}")
         values = [q.ap.get(protocol) for q in self.queries]
         return np.array([np.nan if v is None else v for v in values], dtype=np.float64)
 

@@ -4,6 +4,9 @@ Every table goes through :func:`render_table` (aligned text, markdown or HTML):
 :func:`protocol_table` is the Easy / Medium / Hard table of one model, :func:`model_table`
 compares several models (a row each), :func:`benchmarks_table` shows one model on several
 benchmarks (a column group each). Values are fractions in, percentages out.
+
+The rows (or column groups) are a benchmark's metric groups: Easy / Medium / Hard for the
+Revisited benchmarks, Public / Private for GLDv2 retrieval, whose mAP column reads mAP@100.
 """
 
 from __future__ import annotations
@@ -14,8 +17,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from apretrieval.data.gldv2_retrieval import USAGES
 from apretrieval.evaluation import PROTOCOLS
-from apretrieval.results import ProtocolMetrics, metrics_from_dict
+from apretrieval.results import METRIC_GROUPS, ProtocolMetrics, metrics_from_dict
 
 __all__ = [
     "Table",
@@ -50,12 +54,32 @@ def _cells(m: ProtocolMetrics | None, kappas: Sequence[int], decimals: int) -> l
     return [_pct(v, decimals) for v in values]
 
 
+def _groups(*metrics: Mapping[str, Any]) -> tuple[str, ...]:
+    """The rows a table shows: every protocol of the Revisited benchmarks (n/a where one was
+    not evaluated), or the groups present (GLDv2's splits), in :data:`METRIC_GROUPS` order."""
+    present = {g for m in metrics for g in m}
+    if present <= set(PROTOCOLS):
+        return PROTOCOLS
+    return tuple(g for g in METRIC_GROUPS if g in present)
+
+
+def _map_name(groups: Sequence[str]) -> str:
+    return "mAP@100" if set(groups) <= set(USAGES) else "mAP"
+
+
+def _short(group: str) -> str:
+    return group[0].upper() if group in PROTOCOLS else group[:4].capitalize()
+
+
 def protocol_table(metrics: Mapping[str, Any], *, decimals: int = 2, title: str = "") -> Table:
-    """Easy / Medium / Hard rows, mAP and every mP@k in % (n/a: protocol not evaluated)."""
+    """Easy / Medium / Hard (or Public / Private) rows, mAP and every mP@k in % (n/a: not
+    evaluated)."""
     ms = metrics_from_dict(metrics)
+    groups = _groups(ms)
     kappas = sorted({k for m in ms.values() for k in m.mP})
-    rows = [(p, p.capitalize(), tuple(_cells(ms.get(p), kappas, decimals))) for p in PROTOCOLS]
-    return Table("", ("mAP", *(f"mP@{k}" for k in kappas)), tuple(rows), "protocol", title)
+    rows = [(p, p.capitalize(), tuple(_cells(ms.get(p), kappas, decimals))) for p in groups]
+    columns = (_map_name(groups), *(f"mP@{k}" for k in kappas))
+    return Table("", columns, tuple(rows), "protocol", title)
 
 
 def model_table(
@@ -68,13 +92,13 @@ def model_table(
 ) -> Table:
     """One row per model (``labels`` name them), mAP and mP@k of each protocol in %."""
     labels = labels or {}
-    columns = [
-        f"{p.capitalize()} {c}" for p in PROTOCOLS for c in ("mAP", *(f"mP@{k}" for k in kappas))
-    ]
+    groups = _groups(*models.values())
+    names = (_map_name(groups), *(f"mP@{k}" for k in kappas))
+    columns = [f"{p.capitalize()} {c}" for p in groups for c in names]
     rows = []
     for key, metrics in models.items():
         ms = metrics_from_dict(metrics)
-        cells = [c for p in PROTOCOLS for c in _cells(ms.get(p), kappas, decimals)]
+        cells = [c for p in groups for c in _cells(ms.get(p), kappas, decimals)]
         rows.append((key, labels.get(key, key), tuple(cells)))
     return Table("model", tuple(columns), tuple(rows), "model", title)
 
@@ -86,16 +110,20 @@ def benchmarks_table(
     decimals: int = 2,
     title: str = "",
 ) -> Table:
-    """One model on several benchmarks: a column group (E, M, H) per benchmark, rows mAP and
-    mP@``kappa`` in % (the layout of the revisited papers' tables)."""
+    """One model on several benchmarks: a column group (E, M, H; or Publ, Priv) per benchmark,
+    rows mAP and mP@``kappa`` in % (the layout of the revisited papers' tables; GLDv2's mAP
+    is its mAP@100)."""
     ms = {name: metrics_from_dict(m) for name, m in benchmarks.items()}
-    columns = tuple(f"{name} {p[0].upper()}" for name in ms for p in PROTOCOLS)
+    groups = {name: _groups(m) for name, m in ms.items()}
+    columns = tuple(f"{name} {_short(p)}" for name in ms for p in groups[name])
 
     def row(
         stat: str, value: Callable[[ProtocolMetrics], float | None]
     ) -> tuple[str, str, tuple[str, ...]]:
         cells = [
-            _pct(value(m[p]) if p in m else None, decimals) for m in ms.values() for p in PROTOCOLS
+            _pct(value(m[p]) if p in m else None, decimals)
+            for name, m in ms.items()
+            for p in groups[name]
         ]
         return (stat, stat, tuple(cells))
 

@@ -1,4 +1,5 @@
-"""`apretrieval evaluate`: ROxford5k / RParis6k (+R1M) mAP and mP@k of a checkpoint."""
+"""`apretrieval evaluate`: ROxford5k / RParis6k (+R1M) mAP and mP@k of a checkpoint, or the
+GLDv2 retrieval benchmark's mAP@100 (Public and Private)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,9 @@ def register(subparsers: Any) -> None:
             "Extract descriptors (or read them: --query-descriptors and --database-descriptors), "
             "optionally whiten / DBA / alpha-QE them, rank the database by inner product and "
             "report mAP and mP@1/5/10 (in %) under the Easy, Medium and Hard protocols of the "
-            "revisited benchmarks; writes the per-query results JSON."
+            "revisited benchmarks, or mAP@100 and precision@1/5/10 on the Public and Private "
+            "queries of GLDv2 retrieval (--dataset gldv2-retrieval); writes the per-query "
+            "results JSON."
         ),
     )
     p.add_argument("--checkpoint", help="model checkpoint (.pt) to extract the descriptors with")
@@ -39,7 +42,8 @@ def register(subparsers: Any) -> None:
     which.add_argument(
         "--dataset",
         help="roxford5k, rparis6k, NAME of any benchmark in that layout (ROOT/gnd_NAME.pkl), "
-        "or the path of its gnd_NAME.pkl",
+        "the path of its gnd_NAME.pkl, or gldv2-retrieval (ROOT: index.csv, "
+        "retrieval_solution_v2.1.csv, index/ and test/ as `download gldv2` writes them)",
     )
     which.add_argument(
         "--datasets",
@@ -115,13 +119,23 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=run)
 
 
+def _locate(entry: str, root: Path | None) -> tuple[str, Path]:
+    from apretrieval.data.gldv2_retrieval import GLDV2_RETRIEVAL
+    from apretrieval.data.revisited import locate_benchmark
+
+    if entry != GLDV2_RETRIEVAL:
+        return locate_benchmark(entry, root)
+    if root is None:
+        raise ValueError(f"{entry} needs --root DIR (the folder of `apretrieval download gldv2`)")
+    nested = root / entry
+    return entry, nested if not (root / "index.csv").is_file() and nested.is_dir() else root
+
+
 def requested_benchmarks(args: argparse.Namespace) -> list[tuple[str, Path]]:
     entries = [args.dataset] if args.dataset else [e for e in args.datasets.split(",") if e]
     if not entries:
         raise ValueError("--datasets: expected names separated by commas, e.g. roxford5k,rparis6k")
-    from apretrieval.data.revisited import locate_benchmark
-
-    located = [locate_benchmark(e, args.root) for e in entries]
+    located = [_locate(e, args.root) for e in entries]
     names = [name for name, _ in located]
     if len(set(names)) != len(names):
         raise ValueError(f"--datasets names a benchmark twice: {args.datasets}")
@@ -149,16 +163,62 @@ def _descriptor_route(args: argparse.Namespace) -> bool:
     return args.checkpoint is None
 
 
+def _open(name: str, root: Path, r1m: Path | None) -> Any:
+    """The benchmark ``name`` in ``root``: a Revisited-layout one or GLDv2 retrieval."""
+    from apretrieval.data.gldv2_retrieval import GLDV2_RETRIEVAL, Gldv2Retrieval
+    from apretrieval.data.revisited import RevisitedDataset
+
+    if name != GLDV2_RETRIEVAL:
+        return RevisitedDataset(name, root, r1m_root=r1m)
+    if r1m is not None:
+        raise ValueError(f"--r1m adds distractors to ROxford / RParis, not to {name}")
+    return Gldv2Retrieval(root)
+
+
+def _evaluate(
+    ds: Any, out: Path, features: Path | None, args: argparse.Namespace, **kw: Any
+) -> Any:
+    """One benchmark's results, through the route its kind and the arguments call for."""
+    from apretrieval import benchmark_results, gldv2_evaluation, pipeline
+    from apretrieval.data.gldv2_retrieval import Gldv2Retrieval
+
+    gldv2 = isinstance(ds, Gldv2Retrieval)
+    post, apq, settings = kw["post"], kw["apq"], kw["settings"]
+    if args.checkpoint is None:
+        files = (args.query_descriptors, args.database_descriptors, ds)
+        if gldv2:
+            return gldv2_evaluation.evaluate_gldv2_descriptor_files(*files, post=post, out=out)
+        return benchmark_results.evaluate_descriptor_files(*files, post=post, apq=apq, out=out)
+    if gldv2:
+        return gldv2_evaluation.evaluate_gldv2_checkpoint(
+            str(args.checkpoint), ds, settings, post=post, cache_prefix=features, out=out
+        )
+    return pipeline.evaluate_checkpoint(
+        str(args.checkpoint), ds, settings, post=post, apq=apq, cache_prefix=features, out=out
+    )
+
+
+def _summary(name: str, metrics: dict[str, Any]) -> str:
+    """``NAME: mAP E: .., M: .., H: ..`` (GLDv2: ``mAP@100 Public: .., Private: ..``)."""
+    from apretrieval.evaluation import PROTOCOLS
+
+    revisited = set(metrics) <= set(PROTOCOLS)
+    label = "mAP" if revisited else "mAP@100"
+    values = ", ".join(
+        f"{p[0].upper() if revisited else p.capitalize()}: {100 * v.mAP:.2f}"
+        for p, v in metrics.items()
+    )
+    return f"{name}: {label} {values}"
+
+
 def run(args: argparse.Namespace) -> int:
     from apretrieval.apq_analysis import APQSettings
-    from apretrieval.benchmark_results import PostProcessing, evaluate_descriptor_files
-    from apretrieval.data.revisited import RevisitedDataset
-    from apretrieval.pipeline import evaluate_checkpoint
+    from apretrieval.benchmark_results import PostProcessing
     from apretrieval.results import check_writable
     from apretrieval.tables import benchmarks_table, protocol_table, render_table
 
     # Everything a person typed is checked before the extraction (minutes to hours) starts.
-    from_files = _descriptor_route(args)
+    _descriptor_route(args)
     settings = extraction_settings(args)
     post = PostProcessing(
         whiten=args.whiten,
@@ -175,32 +235,14 @@ def run(args: argparse.Namespace) -> int:
     outs = [args.out / f"{name}.json" if several else args.out for name, _ in located]
     for out in outs:
         check_writable(out)
-    datasets = [RevisitedDataset(name, root, r1m_root=args.r1m) for name, root in located]
+    datasets = [_open(name, root, args.r1m) for name, root in located]
     suffix = "+R1M" if args.r1m else ""
     metrics = {}
     for ds, out in zip(datasets, outs, strict=True):
         features = args.features
         if features is not None and several:
             features = features.with_name(f"{features.name}_{ds.name}")
-        if from_files:
-            res = evaluate_descriptor_files(
-                args.query_descriptors,
-                args.database_descriptors,
-                ds,
-                post=post,
-                apq=apq,
-                out=out,
-            )
-        else:
-            res = evaluate_checkpoint(
-                str(args.checkpoint),
-                ds,
-                settings,
-                post=post,
-                apq=apq,
-                cache_prefix=features,
-                out=out,
-            )
+        res = _evaluate(ds, out, features, args, post=post, apq=apq, settings=settings)
         name = ds.name + suffix
         metrics[name] = res.metrics
         if not several:
@@ -210,7 +252,6 @@ def run(args: argparse.Namespace) -> int:
         sizes = ", ".join(f"{d.name} {d.num_queries} q / {d.num_db} db" for d in datasets)
         print(render_table(benchmarks_table(metrics, title=f"mAP and mP@10 in % ({sizes})")))
     for name, m in metrics.items():
-        short = ", ".join(f"{p[0].upper()}: {100 * v.mAP:.2f}" for p, v in m.items())
-        print(f"{name}: mAP {short}")
+        print(_summary(name, m))
     print(f"results: {', '.join(str(o) for o in outs)}")
     return 0

@@ -23,12 +23,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 from apretrieval.data.download import RemoteFile, download_files, mirror_url
+from apretrieval.data.gldv2_retrieval import RETRIEVAL_SOLUTION
 from apretrieval.data.shards import Shard, fetch_shards, parse_shard_range
 
 __all__ = [
     "GLDV2_URL",
     "MIRROR_FOLDER",
-    "RETRIEVAL_SOLUTION",
     "SPLITS",
     "download_gldv2",
     "gldv2_metadata",
@@ -37,7 +37,6 @@ __all__ = [
 
 GLDV2_URL = "https://s3.amazonaws.com/google-landmark/"
 MIRROR_FOLDER = "gldv2"
-RETRIEVAL_SOLUTION = "retrieval_solution_v2.1.csv"
 _SOLUTION_PATH = f"ground_truth/{RETRIEVAL_SOLUTION}"
 
 # split -> (image folder, number of shards, published metadata files). The retrieval

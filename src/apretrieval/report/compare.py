@@ -21,6 +21,7 @@ from apretrieval.report.page import (
     HTML_FILE,
     load_gnd_entries,
     plot_img,
+    query_ap,
     query_view,
     resolve_path,
     settings_text,
@@ -112,7 +113,8 @@ def write_comparison(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     entries = load_gnd_entries(first, root_dir)
-    aps = [(label, res.ap("medium")) for label, res in models]
+    ap_name = query_ap(first)[0]
+    aps = [(label, query_ap(res)[1]) for label, res in models]
     counts = plot_model_pairs(aps[0], aps[1:], out / PAIRS_FILE)
     picks = pick_differences(aps[0][1], aps[1][1], num_queries)
     thumbs = Thumbnails(out, thumb_size, embed)
@@ -145,7 +147,7 @@ def write_comparison(
         metrics_table=render_table(table, "html"),
         settings=[(label, settings_text(res)) for label, res in models],
         pairs=plot_img(out / PAIRS_FILE, "ap-pairs", "per-query AP, model vs model", embed)
-        + f"<p>Medium protocol. {summary}.</p>",
+        + f"<p>{ap_name}. {summary}.</p>",
         top=top,
         sections=sections,
     )

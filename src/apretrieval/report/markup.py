@@ -140,7 +140,8 @@ def query_section(
     image_src: Callable[[str, str, Sequence[float] | None], str],
     image_href: Callable[[str], str] | None = None,
 ) -> str:
-    """The block of one query: a grid per shown protocol, query crop then its top results.
+    """The block of one query: a grid per shown protocol (a GLDv2 query: its split), query
+    crop then its top results.
 
     ``image_src(key, relative_path, bbx)`` returns the ``src`` of an image (a thumbnail),
     ``image_href(relative_path)`` the link to the full image (None: no links).
@@ -148,14 +149,15 @@ def query_section(
     name = Path(view.image).stem
     q_src = image_src(f"q{view.index}", view.image, view.bbx)
     tags = ", ".join(view.tags)
-    ap_text = " &middot; ".join(f"{p.capitalize()} AP {pct(view.ap.get(p))}" for p in PROTOCOLS)
+    groups = PROTOCOLS if set(view.ap) <= set(PROTOCOLS) else tuple(view.ap)  # GLDv2: its split
+    ap_text = " &middot; ".join(f"{p.capitalize()} AP {pct(view.ap.get(p))}" for p in groups)
     ap_q = "" if view.ap_q is None else f" &middot; AP_Q {pct(view.ap_q)}"
     out = [
         f'<section class="query-block" id="query-{view.index}" data-query="{view.index}">',
         f'<h3>Query {view.index}: {esc(name)} <span class="meta">({esc(tags)}; {ap_text}'
         f"{ap_q})</span></h3>",
     ]
-    for protocol in SHOWN_PROTOCOLS:
+    for protocol in view.labels:  # SHOWN_PROTOCOLS, or a GLDv2 query's split
         head = (
             f'<div class="protocol"><b>{protocol.capitalize()}</b><br>'
             f"AP {pct(view.ap.get(protocol))}</div>"
@@ -193,17 +195,18 @@ def comparison_section(
         f'<h3>Query {index}: {esc(name)} <span class="meta">({esc(title)})</span></h3>',
     ]
     for label, view in views:
+        shown = protocol if protocol in view.labels else next(iter(view.labels))  # GLDv2 split
         head = (
             f'<div class="model"><b>{esc(label)}</b><br>'
-            f"{protocol.capitalize()} AP {pct(view.ap.get(protocol))}</div>"
+            f"{shown.capitalize()} AP {pct(view.ap.get(shown))}</div>"
         )
         out += _grid_row(
             head,
-            protocol,
+            shown,
             (q_src, name, first.image),
             view.top,
             view.scores,
-            view.labels[protocol],
+            view.labels[shown],
             database,
             image_src,
             model=label,

@@ -14,6 +14,7 @@ import numpy as np
 
 from apretrieval.apq_analysis import pearson
 from apretrieval.atomic import atomic_open
+from apretrieval.data.gldv2_retrieval import RETRIEVAL_SOLUTION, USAGES, Gldv2Retrieval
 from apretrieval.data.revisited import load_gnd
 from apretrieval.evaluation import protocol_sets
 from apretrieval.report.images import Thumbnails, file_src
@@ -26,6 +27,7 @@ from apretrieval.tables import protocol_table, render_table
 __all__ = [
     "load_gnd_entries",
     "plot_img",
+    "query_ap",
     "query_view",
     "resolve_path",
     "result_labels",
@@ -45,8 +47,12 @@ def result_labels(entry: Mapping[str, Any], indices: Iterable[int], protocol: st
 
     ``entry`` is the query's gnd dict (``easy``, ``hard``, ``junk`` index lists); the protocol
     decides which lists are positives and which are ignored (junk), as the official evaluation.
+    A GLDv2 retrieval entry (``relevant``, ``usage``) has positives and negatives only.
     """
-    pos, junk = protocol_sets(entry, protocol)
+    if "relevant" in entry:
+        pos, junk = np.asarray(entry["relevant"]), np.zeros(0, dtype=np.int64)
+    else:
+        pos, junk = protocol_sets(entry, protocol)
     pos_set, junk_set = set(pos.tolist()), set(junk.tolist())
     return [
         "positive" if i in pos_set else "junk" if i in junk_set else "negative"
@@ -58,6 +64,20 @@ def _typed(results: RetrievalResults | Mapping[str, Any]) -> RetrievalResults:
     if isinstance(results, RetrievalResults):
         return results
     return RetrievalResults.from_dict(results)
+
+
+def query_ap(results: RetrievalResults) -> tuple[str, np.ndarray]:
+    """The per-query AP the page ranks queries by, and its name: Medium AP on the Revisited
+    benchmarks, each query's AP@100 on its own split for GLDv2 retrieval -> (name, (Q,))."""
+    if all(set(q.ap) <= set(USAGES) for q in results.queries) and results.queries:
+        values = [next((v for v in q.ap.values() if v is not None), None) for q in results.queries]
+        return "AP@100", np.array([np.nan if v is None else v for v in values], dtype=np.float64)
+    return "Medium AP", results.ap("medium")
+
+
+def _by_ap(results: RetrievalResults) -> tuple[str, list[tuple[float, int]]]:
+    name, ap = query_ap(results)
+    return name, sorted((float(a), i) for i, a in enumerate(ap) if not np.isnan(a))
 
 
 def select_queries(
@@ -90,22 +110,19 @@ def select_queries(
             picked.append(i)
     if num_worst < 0:
         raise ValueError(f"num_worst must be >= 0, got {num_worst}")
-    scored = [(q.ap["medium"], i) for i, q in enumerate(queries) if q.ap.get("medium") is not None]
-    worst = [i for _, i in sorted(scored)[:num_worst]]
+    _, scored = _by_ap(_typed(results))
+    worst = [i for _, i in scored[:num_worst]]
     return picked, worst
 
 
 def typical_queries(results: RetrievalResults | Mapping[str, Any]) -> dict[str, int]:
-    """The median and the best query by Medium AP (ties by index), besides the worst ones:
-    what a model does on an ordinary query and at its best. Empty without any Medium AP."""
-    queries = _typed(results).queries
-    scored = sorted(
-        (q.ap["medium"], i) for i, q in enumerate(queries) if q.ap.get("medium") is not None
-    )
+    """The median and the best query by Medium AP (GLDv2: AP@100; ties by index), besides the
+    worst ones: what a model does on an ordinary query and at its best. Empty without any."""
+    name, scored = _by_ap(_typed(results))
     if not scored:
         return {}
     median, best = scored[(len(scored) - 1) // 2][1], scored[-1][1]
-    return {"median by Medium AP": median, "best by Medium AP": best}
+    return {f"median by {name}": median, f"best by {name}": best}
 
 
 def resolve_path(root: Path, rel: str) -> Path:
@@ -114,9 +131,16 @@ def resolve_path(root: Path, rel: str) -> Path:
 
 
 def load_gnd_entries(res: RetrievalResults, root: Path) -> list[dict[str, Any]]:
+    """Each query's ground truth: its gnd dict, or for GLDv2 retrieval ``relevant`` (database
+    rows) and ``usage`` (its split)."""
     path = resolve_path(root, res.gnd_file)
     if not path.is_file():
         raise ValueError(f"ground truth not found: {path} (pass the dataset root with --root)")
+    if path.name == RETRIEVAL_SOLUTION:
+        ds = Gldv2Retrieval(path.parent)
+        if ds.query_names != [q.image for q in res.queries] or ds.num_db != len(res.database):
+            raise ValueError(f"{path.parent} is not the benchmark the results were made on")
+        return [{"relevant": r, "usage": u} for r, u in zip(ds.relevant, ds.usage, strict=True)]
     gnd = load_gnd(path)["gnd"]
     if len(gnd) != len(res.queries):
         raise ValueError(f"{path} has {len(gnd)} queries but the results have {len(res.queries)}")
@@ -130,7 +154,8 @@ def query_view(
     q = res.queries[i]
     idx = list(q.topk[:top])
     scores = list(q.topk_scores[: len(idx)]) or [math.nan] * len(idx)
-    labels = {p: result_labels(entries[i], idx, p) for p in SHOWN_PROTOCOLS}
+    shown = (entries[i]["usage"],) if "usage" in entries[i] else SHOWN_PROTOCOLS
+    labels = {p: result_labels(entries[i], idx, p) for p in shown}
     return QueryView(i, q.image, tags, dict(q.ap), q.ap_q, idx, scores, labels, q.bbx)
 
 
@@ -143,8 +168,9 @@ def _views(
     typical: Mapping[str, int] | None = None,
 ) -> list[QueryView]:
     tags: dict[int, list[str]] = {i: ["chosen"] for i in chosen}
+    name, _ = query_ap(res)
     for n, i in enumerate(worst, 1):
-        tags.setdefault(i, []).append(f"worst #{n} by Medium AP")
+        tags.setdefault(i, []).append(f"worst #{n} by {name}")
     for tag, i in (typical or {}).items():
         tags.setdefault(i, []).append(tag)
     return [query_view(res, entries, i, t, top) for i, t in tags.items()]
