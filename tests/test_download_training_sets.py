@@ -309,6 +309,25 @@ def test_malicious_sfm120k_pickle_is_refused_removed_and_not_run(host, tmp_path,
     assert not any(p.endswith("ims.tar.gz") for p, _ in host.requests)  # stopped before images
 
 
+def test_sfm120k_full_disk_is_refused_before_the_images(host, tmp_path, monkeypatch, capsys):
+    db, whiten = sfm_db()
+    serve_sfm120k(host, db, whiten)
+    size = len(host.files["sfm120k/ims.tar.gz"])
+
+    class Usage:
+        free = 2 * size - 1  # the archive and its images need twice its size
+
+    monkeypatch.setattr(shards_module.shutil, "disk_usage", lambda _path: Usage)
+    args = ["download", "sfm120k", "--root", str(tmp_path), "--mirror", host.url, "--no-progress"]
+    rc = main(args)
+    err = without_thread_line(capsys.readouterr().err).strip()
+    assert rc == 1 and len(err.splitlines()) == 1 and "not enough free disk space" in err
+    assert f"need about {2 * size / 1024:.1f} KiB" in err
+    assert not any(p.endswith("ims.tar.gz") for p, _ in host.requests)
+    Usage.free = 2 * size
+    assert main(args) == 0
+
+
 def test_sfm120k_structure_errors(tmp_path):
     path = tmp_path / "retrieval-SfM-120k.pkl"
     path.write_bytes(pickle.dumps({"train": {"cids": ["a" * 8]}}))

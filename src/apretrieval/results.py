@@ -16,6 +16,10 @@ the demo (``results_<model>.json``) write it, ``apretrieval report`` reads it::
      "settings": {"scales": [...], "max_side": ..., ...},     # what produced the scores
      "apq_analysis": {"protocol": "medium", "num_bins": 20, "score_range": [-1.0, 1.0]}}
 
+GLDv2 retrieval results (:mod:`apretrieval.gldv2_evaluation`) have the same form with the
+splits ``public`` / ``private`` in place of the protocols: ``mAP`` is there mAP@100, ``mP@k``
+the plain precision at k, and each query's ``ap`` holds its own split only.
+
 Metrics are fractions in [0, 1]. In memory the ``mP@k`` keys are ints (as
 :func:`apretrieval.evaluation.evaluate_revisited` returns them); JSON turns them into strings;
 :meth:`ProtocolMetrics.from_dict` is the one place that reads either. Files written before

@@ -26,8 +26,9 @@ from typing import Any
 import numpy as np
 
 from apretrieval.data.download import RemoteFile, download_files, mirrored
-from apretrieval.data.fetch import DownloadError
+from apretrieval.data.fetch import DownloadError, remote_size
 from apretrieval.data.plain_pickle import load_plain_pickle
+from apretrieval.data.shards import check_free_space, disk_space_needed
 
 __all__ = [
     "DB_FILE",
@@ -159,13 +160,21 @@ def download_sfm120k(
     log: Callable[[str], None] | None = print,
 ) -> Path:
     """Download SfM-120k into ``root``: both pickles (checked to be plain data of the expected
-    structure), then the images (resumable; extracted under ``root/ims``)."""
+    structure), then the images (resumable; extracted under ``root/ims``), once the free disk
+    space is known to hold the archive and its images (when the server says its size)."""
     files = mirrored(SFM120K_FILES, mirror)
     root = Path(root)
     # The two small pickles first: a refused one stops the run before the large archive.
     download_files(files[:2], root, progress=progress, retries=retries, timeout=timeout, log=log)
     _check_pickle(root / DB_FILE, load_sfm120k)
     _check_pickle(root / WHITEN_FILE, load_whiten_pairs)
+    archive = files[2]
+    size = None if (root / f".{archive.filename}.done").exists() else remote_size(archive.url)
+    if size is not None:  # the archive beside its images (JPEGs: gzip barely shrinks them)
+        on_disk = [root / archive.filename, root / f"{archive.filename}.part"]
+        have = next((p.stat().st_size for p in on_disk if p.exists()), 0)
+        need = disk_space_needed([size], [have], 1, keep_archives)
+        check_free_space(root, need, "the images")
     download_files(
         files[2:],
         root,

@@ -36,7 +36,14 @@ from apretrieval.atomic import atomic_write_text
 from apretrieval.data.download import extract_archive
 from apretrieval.data.fetch import ChecksumError, DownloadError, download_file, remote_size
 
-__all__ = ["Shard", "disk_space_needed", "fetch_shards", "parse_shard_range", "read_md5_file"]
+__all__ = [
+    "Shard",
+    "check_free_space",
+    "disk_space_needed",
+    "fetch_shards",
+    "parse_shard_range",
+    "read_md5_file",
+]
 
 _T = TypeVar("_T")
 _R = TypeVar("_R")
@@ -100,8 +107,22 @@ def disk_space_needed(
     return sum(sizes) + archives
 
 
-def _gib(n: int) -> str:
-    return f"{n / 2**30:.1f} GiB"
+def _size(n: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} bytes"
+
+
+def check_free_space(folder: Path, need: int, what: str, hint: str = "free some space") -> None:
+    """DownloadError (before any transfer) unless ``folder``'s disk has ``need`` bytes free."""
+    folder.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(folder).free
+    if need > free:
+        raise DownloadError(
+            f"not enough free disk space in {folder}: {what} need about {_size(need)}, "
+            f"{_size(free)} free ({hint})"
+        )
 
 
 class _Stopped(Exception):
@@ -252,14 +273,12 @@ def fetch_shards(
         need = disk_space_needed(
             list(known.values()), [partial[i] for i in known], jobs, keep_archives
         )
-        root = todo[0].dest.parent
-        root.mkdir(parents=True, exist_ok=True)
-        free = shutil.disk_usage(root).free
-        if need > free:
-            raise DownloadError(
-                f"not enough free disk space in {root}: {len(todo)} shards need about "
-                f"{_gib(need)}, {_gib(free)} free (free some space, or fetch fewer with --shards)"
-            )
+        check_free_space(
+            todo[0].dest.parent,
+            need,
+            f"{len(todo)} shards",
+            "free some space, or fetch fewer with --shards",
+        )
     total = sum(known.values()) if len(known) == len(todo) else None
     bar = _Bar(total, len(shards) - len(todo), len(shards), label, progress)
     bar.add(sum(partial))
