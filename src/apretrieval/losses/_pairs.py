@@ -8,6 +8,9 @@ each a (K, N) matrix of differences whose size ``pair_budget_mb`` bounds.
 
 In a block, the differences at j = p and at the row's excluded column are set to -inf, so
 every ``r`` used here (sigmoid, step, ...) gives them weight 0 and slope 0: no mask is needed.
+A row has few positives, so what concerns them only (R+, their share of R) is read at their
+columns, a (K, P) gather, instead of a (K, N) relevance mask: the (K, N) passes, which set
+the cost, are only those that every item needs.
 """
 
 from __future__ import annotations
@@ -29,12 +32,14 @@ _BUFFERS = 5  # (K, N) temporaries a loss holds at once: differences, weights, r
 @dataclass
 class Positives:
     """The positives of a block of rows: relevance without the excluded column (c, N) bool,
-    each row's count (c,) int64, and the pairs' rows and columns (P,) int64."""
+    each row's count (c,) int64, the pairs' rows and columns (P,) int64 (row-major), and each
+    row's positive columns (c, max count), padded with -1."""
 
     relevance: Tensor
     count: Tensor
     rows: Tensor
     cols: Tensor
+    padded: Tensor
 
 
 def positives(relevance: Tensor, exclude: Tensor | None) -> Positives:
@@ -43,20 +48,26 @@ def positives(relevance: Tensor, exclude: Tensor | None) -> Positives:
         rel = relevance.clone()
         rel[torch.arange(rel.shape[0], device=rel.device), exclude] = False
     rows, cols = rel.nonzero(as_tuple=True)
-    return Positives(rel, rel.sum(1), rows, cols)
+    count = rel.sum(1)
+    slot = torch.arange(rows.shape[0], device=rel.device) - (count.cumsum(0) - count)[rows]
+    width = max(1, int(count.max())) if rows.numel() else 1
+    padded = torch.full((rel.shape[0], width), -1, dtype=torch.long, device=rel.device)
+    padded[rows, slot] = cols
+    return Positives(rel, count, rows, cols, padded)
 
 
 @dataclass
 class PairBlock:
     """K (row, positive) pairs: ``index`` their slice of the pairs, ``rows``/``cols`` (K,),
     ``d`` (K, N) the differences s_ij - s_ip (-inf at j = p and at the excluded column) and
-    ``relevance`` (K, N) float, 1 for the row's other positives."""
+    ``positives`` (K, P): the columns of the row's positives, padded with p itself (where
+    d = -inf, so a padded entry reads weight 0 and slope 0)."""
 
     index: slice
     rows: Tensor
     cols: Tensor
     d: Tensor
-    relevance: Tensor
+    positives: Tensor
 
 
 def pair_blocks(
@@ -69,12 +80,13 @@ def pair_blocks(
         b = min(a + k, pos.rows.shape[0])
         r, p = pos.rows[a:b], pos.cols[a:b]
         lane = torch.arange(b - a, device=scores.device)
-        d = scores[r]
+        d = scores.index_select(0, r)
         d.sub_(d[lane, p][:, None])
         d[lane, p] = -math.inf
         if exclude is not None:
             d[lane, exclude[r]] = -math.inf
-        yield PairBlock(slice(a, b), r, p, d, pos.relevance[r].to(scores.dtype))
+        pc = pos.padded[r]
+        yield PairBlock(slice(a, b), r, p, d, torch.where(pc < 0, p[:, None], pc))
 
 
 def scatter_pair_grads(grad: Tensor, block: PairBlock, w: Tensor) -> None:

@@ -75,14 +75,16 @@ class SmoothAPLoss(RankLoss):
         for blk in pair_blocks(scores, pos, exclude, self.pair_budget_mb):
             sig, slope = sigmoid_and_slope(blk.d, self.tau)
             rank = sig.sum(1).add_(1.0)
-            rank_pos = (sig * blk.relevance).sum(1).add_(1.0)
+            rank_pos = sig.gather(1, blk.positives).sum(1).add_(1.0)
             value.index_add_(0, blk.rows, rank_pos / rank * inv_n[blk.rows])
             if grad is None:
                 continue
-            del sig
-            # df/dd_j = g'(d_j) (1[j positive] / R - R+ / R^2), times dL/dAP_i / |P_i|.
-            coef = (grad_scale * inv_n)[blk.rows] / self.tau  # the slope comes without 1 / tau
-            w = blk.relevance.mul_((coef / rank)[:, None])
-            w.sub_((coef * rank_pos / rank**2)[:, None]).mul_(slope)
+            # df/dd_j = g'(d_j) (1[j positive] / R - R+ / R^2), times dL/dAP_i / |P_i|; the
+            # slope comes without its 1 / tau. Every item gets the second term, the
+            # positives also the first.
+            coef = (grad_scale * inv_n)[blk.rows] / self.tau
+            at_pos = slope.gather(1, blk.positives).mul_((coef / rank)[:, None])
+            w = slope.mul_((-coef * rank_pos / rank**2)[:, None])
+            w.scatter_add_(1, blk.positives, at_pos)
             scatter_pair_grads(grad, blk, w)
         return value, grad

@@ -86,13 +86,14 @@ class SupAPLoss(RankLoss):
         )
 
     def _negative_rank(self, d: Tensor) -> tuple[Tensor, Tensor]:
-        """r-(d) and its slope (K, N); the slope overwrites ``d``."""
-        sig = torch.sigmoid(d / self.tau)
-        near = d > 0
+        """r-(d) and ``tau`` x its slope (K, N) (callers fold the 1 / tau into their
+        coefficients); the slope overwrites ``d``."""
         far = d > self.delta
-        r = torch.where(far, (d - self.delta) * self.rho + self.offset, sig + near * self.start)
-        slope = torch.where(far, self.rho, sig * (1.0 - sig) / self.tau)
-        return r, d.copy_(slope)
+        sig = (d / self.tau).sigmoid_()
+        r = sig.add(d > 0, alpha=self.start)
+        r = torch.where(far, d.sub(self.delta).mul_(self.rho).add_(self.offset), r)
+        slope = torch.addcmul(sig, sig, sig, value=-1.0, out=d)
+        return r, slope.masked_fill_(far, self.rho * self.tau)
 
     def _rows(
         self,
@@ -110,17 +111,19 @@ class SupAPLoss(RankLoss):
         value = scores.new_zeros(scores.shape[0])
         grad = torch.zeros_like(scores) if need_grad else None
         for blk in pair_blocks(scores, pos, exclude, self.pair_budget_mb):
-            rank_pos = ((blk.d >= 0) * blk.relevance).sum(1).add_(1.0)
-            neg = blk.relevance.neg_().add_(1.0)  # the -inf columns get r- = 0 anyway
+            # R+ from the positives' columns; R = R+ + r- summed over every item but them.
+            d_pos = blk.d.gather(1, blk.positives)
+            rank_pos = (d_pos >= 0).sum(1).to(scores.dtype).add_(1.0)
             r, slope = self._negative_rank(blk.d)
-            rank = (r.mul_(neg)).sum(1).add_(rank_pos)
+            rank = r.sum(1).sub_(r.gather(1, blk.positives).sum(1)).add_(rank_pos)
             del r
             value.index_add_(0, blk.rows, rank_pos / rank * inv_n[blk.rows])
             if grad is None:
                 continue
             # Only the negatives carry a gradient: df/dd_j = -R+ / R^2 * r-'(d_j).
-            coef = -(grad_scale * inv_n)[blk.rows] * rank_pos / rank**2
-            scatter_pair_grads(grad, blk, slope.mul_(neg).mul_(coef[:, None]))
+            coef = -(grad_scale * inv_n)[blk.rows] * rank_pos / (rank**2 * self.tau)
+            w = slope.mul_(coef[:, None]).scatter_(1, blk.positives, 0.0)
+            scatter_pair_grads(grad, blk, w)
         return value, grad
 
 
