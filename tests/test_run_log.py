@@ -110,3 +110,17 @@ def test_step_line_shows_the_batch_ap_and_its_estimate():
     assert step_line(record, 10) == (
         "step 3/10  loss 0.2500  lr 2.00e-04  5.5 img/s  batch AP 0.610 (AP_Q 0.550)"
     )
+
+
+def test_the_validation_protocol_is_said_at_start():
+    facts = replace(
+        FACTS, validation="demo, Revisited protocol, single scale (1), images at most 224 px"
+    )
+    text = "\n".join(start_summary(config(val_dataset="demo", val_every=10), facts))
+    assert "validation: every 10 steps and at the end, Medium/Hard mAP on demo, Revisited" in text
+    assert (
+        "single scale (1), images at most 224 px (apretrieval evaluate's default: scales 1, "
+        in text
+    )
+    assert "best Medium mAP is kept as best.pt" in text
+    assert not any(ln.startswith("validation:") for ln in start_summary(config(), FACTS))

@@ -494,6 +494,9 @@ def test_validation_during_training_logs_map_and_keeps_the_best_model(folder, tm
     vals = {r["step"]: r["val"] for r in records if "val" in r}
     assert list(vals) == [2, 4]  # every 2 steps, the last one after the run
     assert all(set(v) == {"roxford5k/medium/mAP", "roxford5k/hard/mAP"} for v in vals.values())
+    # each score says how it was measured (it is not `evaluate`'s multi-scale figure)
+    protocols = {r["val_protocol"] for r in records if "val" in r}
+    assert protocols == {"roxford5k, Revisited protocol, single scale (1), images at most 32 px"}
     # The logged numbers are the final model's own, evaluated as `apretrieval evaluate` does.
     settings = ExtractionSettings(scales=(1.0,), max_side=32, num_workers=0, device="cpu")
     final = evaluate_checkpoint(

@@ -13,7 +13,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, TextIO
 
+from apretrieval.extraction import DEFAULT_MAX_SIDE, DEFAULT_SCALES
 from apretrieval.train_config import AP_LOSSES, TrainConfig
+
+_EVALUATE_DEFAULT = (
+    f"scales {', '.join(f'{s:.3g}' for s in DEFAULT_SCALES)}, images at most {DEFAULT_MAX_SIDE} px"
+)
 
 __all__ = [
     "RunFacts",
@@ -41,6 +46,7 @@ class RunFacts:
     start_step: int
     streamed: bool
     out_dim: int  # the network's descriptor dimension (``out_dim: null`` resolved: the width)
+    validation: str = ""  # how validation scores (Validator.protocol); "" without validation
     excluded_classes: int = 0  # classes left out by --exclude-landmarks
 
 
@@ -123,6 +129,14 @@ def start_summary(cfg: TrainConfig, facts: RunFacts) -> list[str]:
         f"{'streamed' if facts.streamed else 'decoded once'} per step), {start}; "
         f"writing to {cfg.output_dir}",
     ]
+    if facts.validation:
+        lines.append(
+            f"validation: every {cfg.val_every} steps and at the end, Medium/Hard mAP on "
+            f"{facts.validation} (apretrieval evaluate's default: {_EVALUATE_DEFAULT}, so its "
+            "figure differs); the best Medium mAP is kept as best.pt"
+            if cfg.val_every
+            else f"validation: at the end, Medium/Hard mAP on {facts.validation}"
+        )
     return lines + [n for n in (_batch_note(cfg, facts), _pca_note(cfg, facts)) if n]
 
 

@@ -335,6 +335,7 @@ def _train(
         start_step=start,
         streamed=not in_memory,
         out_dim=model.out_dim,
+        validation="" if validator is None else validator.protocol,
     )
     if ctx.is_main and cfg.progress:
         for line in start_summary(cfg, facts):
@@ -436,6 +437,7 @@ def _train(
             if validator is not None and cfg.val_every and done % cfg.val_every == 0:
                 if done < cfg.steps:  # the last step is validated after the loop
                     record["val"] = validate(done)
+                    record["val_protocol"] = validator.protocol
             shown = {"loss": f"{loss:.4f}", "img_s": f"{record['images_per_s']:.1f}"}
             if validator is not None and validator.best > -math.inf:
                 shown["val_best"] = f"{validator.best:.3f}"  # best Medium mAP so far
@@ -462,7 +464,7 @@ def _train(
     if validator is not None:
         val = validate(done)
         if ctx.is_main:
-            append_jsonl(log_path, {"step": done, "val": val})
+            append_jsonl(log_path, {"step": done, "val": val, "val_protocol": validator.protocol})
             step_log({"step": done, "val": val})
     checkpoint(done)
     if callback is not None:

@@ -41,6 +41,20 @@ class Validator:
             self.best = medium
         return {f"{name}/medium/mAP": medium, f"{name}/hard/mAP": hard}, improved
 
+    @property
+    def protocol(self) -> str:
+        """How the validation scores, in words (logged beside each score, shown in reports).
+
+        Validation is cheaper than ``apretrieval evaluate`` (one scale, training-size images),
+        so its mAP is lower than the evaluation of the same model: this says why.
+        """
+        scales = ", ".join(f"{s:.3g}" for s in self.settings.scales)
+        single = len(self.settings.scales) == 1
+        return (
+            f"{self.dataset.name}, Revisited protocol, {'single scale' if single else 'scales'} "
+            f"({scales}), images at most {self.settings.max_side} px"
+        )
+
     def state_dict(self) -> dict[str, Any]:
         return {"best": self.best}
 

@@ -251,7 +251,10 @@ def page(
     scatter: str,
     curves: str,
 ) -> str:
-    """The whole page; the arguments are HTML fragments (``title`` and ``meta`` are text)."""
+    """The whole page; the arguments are HTML fragments (``title`` and ``meta`` are text).
+
+    An empty ``curves`` (no training log: a pretrained model) leaves the training section out.
+    """
     body = f"""<h2>Top {top} results</h2>
 <p class="legend">Border: {legend()} (the query crop in black). Each query is shown under the
 Medium protocol (positives: easy + hard) and the Hard protocol (positives: hard; easy become
@@ -259,8 +262,7 @@ junk). Junk images are ignored by the evaluation.</p>
 {"".join(sections) if sections else "<p>No query selected.</p>"}
 <h2>AP vs AP_Q</h2>
 {scatter}
-<h2>Training</h2>
-{curves}"""
+{"<h2>Training</h2>" + curves if curves else ""}"""
     return _document(title, meta, metrics_table, body)
 
 

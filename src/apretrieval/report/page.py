@@ -20,7 +20,7 @@ from apretrieval.evaluation import protocol_sets
 from apretrieval.report.images import Thumbnails, file_src
 from apretrieval.report.markup import SHOWN_PROTOCOLS, QueryView, esc, page, query_section
 from apretrieval.report.plots import display_width, plot_ap_scatter, plot_training_curves
-from apretrieval.report.training_log import read_training_log
+from apretrieval.report.training_log import read_training_log, validation_protocol
 from apretrieval.results import RetrievalResults
 from apretrieval.tables import protocol_table, render_table
 
@@ -246,17 +246,21 @@ def plot_img(path: Path, id_: str, alt: str, embed: bool) -> str:
 
 def _curves(train_log: str | os.PathLike[str] | None, out: Path, embed: bool) -> str:
     if train_log is None:
-        return "<p>No training log given (<code>--train-log metrics.jsonl</code>).</p>"
+        return ""  # nothing to show: the section is left out
     try:
-        keys = plot_training_curves(read_training_log(train_log), out / CURVES_FILE)
+        records = read_training_log(train_log)
+        protocol = validation_protocol(train_log)
+        keys = plot_training_curves(records, out / CURVES_FILE, validation=protocol)
     except ValueError as err:
         # The retrieval results are the point of the page: a log without curves to draw
         # (empty, or from an interrupted run) is reported on it rather than failing it.
         warnings.warn(f"training curves not drawn: {err}", stacklevel=3)
         return f"<p>Training curves not drawn: {esc(err)}</p>"
+    validated = f" Validation during training: {protocol}." if protocol else ""
     return (
         f"{plot_img(out / CURVES_FILE, 'training-curves', 'training curves', embed)}"
-        f'<p class="meta">From {esc(Path(train_log).name)}: {esc(", ".join(keys))}.</p>'
+        f'<p class="meta">From {esc(Path(train_log).name)}: {esc(", ".join(keys))}.'
+        f"{esc(validated)}</p>"
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -145,10 +146,14 @@ def _series(records: list[dict[str, float]], xs: np.ndarray, key: str) -> tuple[
 
 
 def plot_training_curves(
-    records: list[dict[str, float]], path: str | os.PathLike[str]
+    records: list[dict[str, float]],
+    path: str | os.PathLike[str],
+    validation: str | None = None,
 ) -> list[str]:
-    """Loss, every key naming a mAP, the batch's exact AP and AP_Q, lr and images/s (those
-    logged) against the step; returns the plotted keys.
+    """Loss, every key naming a mAP (in %, as the tables), the batch's exact AP and AP_Q, lr and
+    images/s (those logged) against the step; returns the plotted keys. ``validation``: how
+    the mAP was measured (:attr:`apretrieval.validation.Validator.protocol`), the mAP panel's
+    title.
 
     Raises ValueError when the log has no loss and no mAP to show.
     """
@@ -166,7 +171,7 @@ def plot_training_curves(
     single = (("lr", "learning rate"), ("images_per_s", "images / s"))
     panels: list[tuple[list[str], str, bool]] = [
         (losses, "loss", len(losses) > 1),
-        (maps, "mAP", True),
+        (maps, "mAP (%)", True),
         (batch, "AP of the batch", True),
         *(([k], label, False) for k, label in single if k in keys),
     ]
@@ -176,10 +181,13 @@ def plot_training_curves(
         ax = fig.add_subplot(1, len(panels), n + 1)
         for key in group:
             x, y = _series(records, xs, key)
+            y = 100 * y if ylabel == "mAP (%)" else y
             # Evaluations are sparse: markers make single points visible.
             ax.plot(x, y, marker="o" if len(x) < 30 else None, ms=3, lw=1.2, label=key)
         ax.set_xlabel(xname)
         ax.set_ylabel(ylabel)
+        if ylabel == "mAP (%)" and validation:
+            ax.set_title(textwrap.fill(validation, 40), fontsize=8)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
         ax.grid(alpha=0.3)
         if legend:

@@ -10,7 +10,7 @@ from typing import Any
 
 from apretrieval.jsonl import read_jsonl
 
-__all__ = ["flatten_record", "read_training_log"]
+__all__ = ["flatten_record", "read_training_log", "validation_protocol"]
 
 
 def flatten_record(record: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
@@ -36,3 +36,12 @@ def read_training_log(path: str | os.PathLike[str]) -> list[dict[str, float]]:
     if not path.is_file():
         raise ValueError(f"training log not found: {path}")
     return [flatten_record(r) for r in read_jsonl(path)]
+
+
+def validation_protocol(path: str | os.PathLike[str]) -> str | None:
+    """How the log's validation scored (its last ``val_protocol``), None when not recorded."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"training log not found: {path}")
+    found = [r["val_protocol"] for r in read_jsonl(path) if isinstance(r.get("val_protocol"), str)]
+    return found[-1] if found else None
