@@ -1,4 +1,5 @@
-"""The README's Python examples run as written: each ```python block, in a fresh interpreter.
+"""The documentation's Python examples run as written: each ```python block of README.md and
+of the guides under docs/, in a fresh interpreter.
 
 A block that names something it does not define, or calls the library with a signature it no
 longer has, fails here. The blocks are run unchanged, in an empty temporary folder; the only
@@ -15,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 
 
 def python_blocks(text: str) -> list[str]:
@@ -26,7 +28,7 @@ def python_blocks(text: str) -> list[str]:
 def test_python_blocks_are_found():
     blocks = python_blocks("a\n```python\nx = 1\n```\n```bash\nls\n```\n```python\ny = 2\n```\n")
     assert blocks == ["x = 1\n", "y = 2\n"]
-    assert python_blocks(README.read_text(encoding="utf-8"))  # the README has examples
+    assert EXAMPLES, "no python example in README.md or docs/"
 
 
 def _needs_imagenet_weights(block: str) -> bool:
@@ -43,17 +45,31 @@ def _mobilenet_weights_available() -> bool:
     return True
 
 
-@pytest.mark.parametrize("index", range(len(python_blocks(README.read_text(encoding="utf-8")))))
-def test_readme_python_block_runs_as_written(index, tmp_path):
-    block = python_blocks(README.read_text(encoding="utf-8"))[index]
+def _examples() -> list[tuple[str, str]]:
+    """(where, block) of every python block of the documents, e.g. ("docs/guides/python.md #1",
+    ...)."""
+    out = []
+    for doc in DOCUMENTS:
+        for n, block in enumerate(python_blocks(doc.read_text(encoding="utf-8")), 1):
+            out.append((f"{doc.relative_to(ROOT).as_posix()} #{n}", block))
+    return out
+
+
+EXAMPLES = _examples()
+
+
+@pytest.mark.parametrize(("where", "block"), EXAMPLES, ids=[w for w, _ in EXAMPLES])
+def test_python_example_runs_as_written(where, block, tmp_path):
     if _needs_imagenet_weights(block):
         if "mobilenet_v2" not in block:
-            pytest.fail("a README example with ImageNet weights must use mobilenet_v2 (offline)")
+            pytest.fail(
+                f"{where}: an example with ImageNet weights must use mobilenet_v2 (offline)"
+            )
         if not _mobilenet_weights_available():
             pytest.skip("ImageNet MobileNetV2 weights not installed (make test installs them)")
-    script = tmp_path / f"readme_block_{index}.py"
+    script = tmp_path / "example.py"
     script.write_text(block, encoding="utf-8")
     done = subprocess.run(
         [sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=600
     )
-    assert done.returncode == 0, f"README python block {index} failed:\n{block}\n{done.stderr}"
+    assert done.returncode == 0, f"{where} failed:\n{block}\n{done.stderr}"
