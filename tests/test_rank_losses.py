@@ -329,3 +329,15 @@ def test_train_help_lists_the_rank_loss_options(capsys):
     for flag in ("--tau", "--sup-rho", "--calibration-weight", "--recall-k", "--recall-tau"):
         assert flag in out, flag
     assert "recall_at_k" in out
+
+
+@pytest.mark.parametrize("name", ["smooth_ap", "roadmap"])
+def test_half_precision_inputs_are_computed_in_float32(name):
+    """Under mixed precision the loss works in float32 whatever the descriptors' dtype."""
+    fn = LOSSES[name][0]()
+    x = normed(16, 6, 10).to(torch.bfloat16)
+    got = loss_and_grad(fn, x, LABELS)
+    want = loss_and_grad(fn, x.float(), LABELS)
+    assert got[1][0].dtype == torch.bfloat16
+    assert abs(float(got[0]) - float(want[0])) < 1e-2  # the bfloat16 rounding of the value
+    torch.testing.assert_close(got[1][0].float(), want[1][0].bfloat16().float())
