@@ -24,7 +24,7 @@ import time
 
 import torch
 
-from apretrieval.losses import APLoss
+from apretrieval.losses.ap import APLoss
 from apretrieval.models import MissingWeightsError, build_model
 from apretrieval.multistage import multistage_step
 from apretrieval.precision import LossScale, fast_net

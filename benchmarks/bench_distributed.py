@@ -36,7 +36,7 @@ from apretrieval.distributed import (
     init_distributed,
     shard_bounds,
 )
-from apretrieval.losses import APLoss
+from apretrieval.losses.ap import APLoss
 from apretrieval.models import build_model
 
 K = 4  # images per class

@@ -22,12 +22,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from apretrieval.extraction import (
-    DEFAULT_SCALES,
-    ImageFiles,
-    extract_descriptors,
-    multiscale_descriptors,
-)
+from apretrieval.extraction.images import ImageFiles
+from apretrieval.extraction.loop import extract_descriptors
+from apretrieval.extraction.multiscale import multiscale_descriptors
+from apretrieval.extraction.settings import DEFAULT_SCALES
 
 
 def make_jpegs(folder: Path, count: int, rng: np.random.Generator) -> list[Path]:

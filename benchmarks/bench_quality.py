@@ -62,24 +62,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from apretrieval.apq_analysis import pearson
 from apretrieval.atomic import atomic_open, atomic_path
 from apretrieval.data.lists import image_folder
 from apretrieval.data.revisited import crop_box, load_gnd
 from apretrieval.data.sampler import ClassBalancedBatchSampler
-from apretrieval.demo.dataset import BenchmarkConfig, prepare_benchmark
-from apretrieval.evaluation import evaluate_revisited_per_query, pearson
-from apretrieval.losses import (
-    APLoss,
-    ContrastiveLoss,
-    RecallAtKLoss,
-    RoadmapLoss,
-    SmoothAPLoss,
-    SupAPLoss,
-    TieAwareAPLoss,
-    TripletLoss,
-    average_precision,
-    quantized_ap,
-)
+from apretrieval.demo.config import BenchmarkConfig
+from apretrieval.demo.dataset import prepare_benchmark
+from apretrieval.evaluation import evaluate_revisited_per_query
+from apretrieval.losses.ap import APLoss, TieAwareAPLoss
+from apretrieval.losses.baselines import ContrastiveLoss, TripletLoss
+from apretrieval.losses.exact import average_precision
+from apretrieval.losses.histogram import quantized_ap
+from apretrieval.losses.recall_at_k import RecallAtKLoss
+from apretrieval.losses.smooth_ap import SmoothAPLoss
+from apretrieval.losses.supap import RoadmapLoss, SupAPLoss
 from apretrieval.multistage import multistage_backward
 from apretrieval.pooling import GeM
 

@@ -35,7 +35,10 @@ from collections.abc import Callable
 
 import torch
 
-from apretrieval.losses import APLoss, RecallAtKLoss, RoadmapLoss, SmoothAPLoss, SupAPLoss
+from apretrieval.losses.ap import APLoss
+from apretrieval.losses.recall_at_k import RecallAtKLoss
+from apretrieval.losses.smooth_ap import SmoothAPLoss
+from apretrieval.losses.supap import RoadmapLoss, SupAPLoss
 
 LOSSES: dict[str, Callable[[], torch.nn.Module]] = {
     "smooth_ap": SmoothAPLoss,

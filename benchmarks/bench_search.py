@@ -137,7 +137,8 @@ def run_child(a: argparse.Namespace) -> list[dict]:
     import faiss
     import torch
 
-    from apretrieval.search import IndexConfig, build_index, knn, rerank_candidates
+    from apretrieval.faiss_index import IndexConfig, build_index
+    from apretrieval.search import knn, rerank_candidates
 
     torch.set_num_threads(THREADS)
     faiss.omp_set_num_threads(THREADS)

@@ -131,7 +131,7 @@ def _dense_ap_loss(d: torch.Tensor, labels: torch.Tensor, num_bins: int = 20) ->
 
 
 def run_loss() -> None:
-    from apretrieval.losses import APLoss
+    from apretrieval.losses.ap import APLoss
 
     dim, per_class = 2048, 4
     for b in (4096, 16384, 65536):
@@ -186,7 +186,9 @@ def run_loss() -> None:
 
 
 def run_rank_losses() -> None:
-    from apretrieval.losses import RecallAtKLoss, RoadmapLoss, SmoothAPLoss, SupAPLoss
+    from apretrieval.losses.recall_at_k import RecallAtKLoss
+    from apretrieval.losses.smooth_ap import SmoothAPLoss
+    from apretrieval.losses.supap import RoadmapLoss, SupAPLoss
 
     dim, per_class = 2048, 8
     losses = {
@@ -252,7 +254,7 @@ def ddp_worker() -> int:
     import torch.distributed as dist
 
     from apretrieval.distributed import distributed_multistage_backward, init_distributed
-    from apretrieval.losses import APLoss
+    from apretrieval.losses.ap import APLoss
     from apretrieval.models import build_model
 
     local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -301,7 +303,7 @@ def run_torchrun() -> None:
 
 
 def run_multistage() -> None:
-    from apretrieval.losses import APLoss
+    from apretrieval.losses.ap import APLoss
     from apretrieval.models import build_model
     from apretrieval.multistage import multistage_step
 
@@ -338,7 +340,7 @@ def run_multistage() -> None:
 
 
 def run_extraction() -> None:
-    from apretrieval.extraction import extract_descriptors
+    from apretrieval.extraction.loop import extract_descriptors
     from apretrieval.models import build_model
 
     n = 48

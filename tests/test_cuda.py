@@ -5,8 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from apretrieval.extraction import extract_descriptors
-from apretrieval.losses import APLoss, RecallAtKLoss, RoadmapLoss, SmoothAPLoss, SupAPLoss
+from apretrieval.extraction.loop import extract_descriptors
+from apretrieval.losses.ap import APLoss
+from apretrieval.losses.recall_at_k import RecallAtKLoss
+from apretrieval.losses.smooth_ap import SmoothAPLoss
+from apretrieval.losses.supap import RoadmapLoss, SupAPLoss
 from apretrieval.models import build_model
 from apretrieval.multistage import multistage_step
 

@@ -99,7 +99,7 @@ def test_shortened_demo_end_to_end(tmp_path, capsys):
 
 def _run_shortened_demo(out: Path, capsys) -> None:
     from apretrieval.demo.run import run_demo
-    from apretrieval.evaluation import load_results
+    from apretrieval.results import load_results
 
     argv = ["demo", "--quick", "--out", str(out), "--no-progress", "--seed", "1", "--threads", "1"]
     assert main(argv) == 0

@@ -14,16 +14,11 @@ pytest.importorskip("skimage", reason="the demo photographs ship with scikit-ima
 
 from apretrieval.data.revisited import crop_box, load_gnd
 from apretrieval.demo import render as rd
-from apretrieval.demo.dataset import (
-    BENCHMARK_SIZES,
-    BenchmarkConfig,
-    grid_cells,
-    label_view,
-    plan_landmarks,
-    planned_counts,
-    prepare_benchmark,
-)
+from apretrieval.demo.config import BENCHMARK_SIZES, BenchmarkConfig
+from apretrieval.demo.dataset import planned_counts, prepare_benchmark
+from apretrieval.demo.landmarks import grid_cells, plan_landmarks
 from apretrieval.demo.sources import CATALOGUE, LANDMARK, available_photos
+from apretrieval.demo.views import label_view
 from apretrieval.evaluation import evaluate_revisited
 
 # Small and fast: a few photos, tiny images, few views.

@@ -28,23 +28,18 @@ from torch import nn
 
 from apretrieval.distributed import (
     DistContext,
-    MemoryBank,
-    ap_loss_with_memory,
     broadcast_model,
     distributed_multistage_backward,
     init_distributed,
     shard_bounds,
     sync_stop,
 )
-from apretrieval.losses import (
-    APLoss,
-    ContrastiveLoss,
-    RecallAtKLoss,
-    RoadmapLoss,
-    SmoothAPLoss,
-    SupAPLoss,
-    TieAwareAPLoss,
-)
+from apretrieval.losses.ap import APLoss, TieAwareAPLoss
+from apretrieval.losses.baselines import ContrastiveLoss
+from apretrieval.losses.memory_bank import MemoryBank, ap_loss_with_memory
+from apretrieval.losses.recall_at_k import RecallAtKLoss
+from apretrieval.losses.smooth_ap import SmoothAPLoss
+from apretrieval.losses.supap import RoadmapLoss, SupAPLoss
 from apretrieval.models import ModelConfig, RetrievalNet, load_checkpoint
 from apretrieval.multistage import multistage_backward
 from apretrieval.train_config import TrainConfig

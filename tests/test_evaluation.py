@@ -364,7 +364,8 @@ def test_cli_evaluate_end_to_end(tmp_path, monkeypatch, capsys):
     import apretrieval.pipeline as pipeline
     from apretrieval.cli import main
     from apretrieval.data.revisited import RevisitedDataset
-    from apretrieval.extraction import ImageFiles, extract_descriptors
+    from apretrieval.extraction.images import ImageFiles
+    from apretrieval.extraction.loop import extract_descriptors
     from test_extraction import TinyNet, fake_benchmark
 
     model = TinyNet()
@@ -632,7 +633,8 @@ def test_cli_evaluate_with_r1m_distractors(tmp_path, monkeypatch, capsys):
     import apretrieval.pipeline as pipeline
     from apretrieval.cli import main
     from apretrieval.data.revisited import RevisitedDataset
-    from apretrieval.extraction import ImageFiles, extract_descriptors
+    from apretrieval.extraction.images import ImageFiles
+    from apretrieval.extraction.loop import extract_descriptors
     from test_extraction import TinyNet, fake_benchmark
 
     model = TinyNet()

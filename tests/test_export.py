@@ -7,7 +7,7 @@ import torch
 
 from apretrieval.cli import main
 from apretrieval.export import MultiScaleDescriptor, export_onnx, export_torchscript
-from apretrieval.extraction import multiscale_descriptors
+from apretrieval.extraction.multiscale import multiscale_descriptors
 from apretrieval.models import build_model, save_checkpoint
 from test_multistage import tiny_model
 

@@ -13,15 +13,11 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from apretrieval.extraction import (
-    ImageFiles,
-    combine_scales,
-    extract_descriptors,
-    extract_to_file,
-    features_paths,
-    list_images,
-    multiscale_descriptors,
-)
+from apretrieval.descriptors import features_paths
+from apretrieval.extraction.images import ImageFiles, list_images
+from apretrieval.extraction.loop import extract_descriptors
+from apretrieval.extraction.multiscale import combine_scales, multiscale_descriptors
+from apretrieval.extraction.resumable import extract_to_file
 from apretrieval.pooling import GeM
 
 
@@ -288,7 +284,7 @@ def test_extract_to_file_refuses_foreign_partial_output(tmp_path):
 
 
 def test_output_is_readable_by_the_search_module(tmp_path):
-    from apretrieval.search import load_features
+    from apretrieval.descriptors import load_features
 
     rng = np.random.default_rng(7)
     imgs = make_images(rng, [(32, 32)] * 3)

@@ -21,7 +21,7 @@ from apretrieval.data.decode import decode_rgb, oriented_size, to_rgb
 from apretrieval.data.lists import ImageList
 from apretrieval.data.sampler import ClassBalancedBatchSampler, has_positive
 from apretrieval.data.transforms import AugmentConfig, TrainTransform, resize_max_side
-from apretrieval.extraction import ImageFiles
+from apretrieval.extraction.images import ImageFiles
 
 H, W = 36, 52
 
@@ -268,7 +268,7 @@ def test_revisited_dataset_decodes_every_mode(tmp_path):
 
 
 def test_sixteen_bit_descriptor_matches_its_8bit_twin(tmp_path):
-    from apretrieval.extraction import extract_descriptors
+    from apretrieval.extraction.loop import extract_descriptors
     from apretrieval.models import build_model
 
     g = twin_grey()

@@ -16,8 +16,10 @@ import torch
 from PIL import Image
 
 from apretrieval.cli import main
-from apretrieval.extraction import extract_descriptors, extract_to_file, features_paths
-from apretrieval.search import IndexConfig, SearchIndex, load_features, load_index
+from apretrieval.descriptors import features_paths, load_features
+from apretrieval.extraction.loop import extract_descriptors
+from apretrieval.extraction.resumable import extract_to_file
+from apretrieval.faiss_index import IndexConfig, SearchIndex, load_index
 from conftest import without_thread_line
 from test_extraction import TinyNet, make_images
 
@@ -152,7 +154,7 @@ def test_index_replaced_without_its_manifest_is_refused(tmp_path):
     rng = np.random.default_rng(2)
     a = rng.standard_normal((50, 8)).astype(np.float32)
     ids = [f"i{k}" for k in range(50)]
-    from apretrieval.search import FeatureSet
+    from apretrieval.descriptors import FeatureSet
 
     SearchIndex.from_features(FeatureSet(a, ids)).save(tmp_path / "ix")
     SearchIndex.from_features(FeatureSet(a[::-1].copy(), ids)).save(tmp_path / "new")
@@ -294,7 +296,7 @@ _FULL_DISK = """
 import sys
 sys.path.insert(0, sys.argv[2])
 import numpy as np
-from apretrieval.extraction import extract_to_file
+from apretrieval.extraction.resumable import extract_to_file
 from test_extraction import TinyNet, make_images
 
 imgs = make_images(np.random.default_rng(0), [(32, 32)] * 40)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from apretrieval import APLoss, TieAwareAPLoss, average_precision, quantized_ap
-from apretrieval.losses import ContrastiveLoss, TripletLoss
+from apretrieval.losses.baselines import ContrastiveLoss, TripletLoss
 
 
 @pytest.fixture(autouse=True)

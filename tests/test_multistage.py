@@ -9,7 +9,8 @@ from PIL import Image
 from torch import nn
 
 from apretrieval.data.transforms import AugmentConfig, TrainTransform, batch_seeds
-from apretrieval.losses import APLoss, ContrastiveLoss, TripletLoss
+from apretrieval.losses.ap import APLoss
+from apretrieval.losses.baselines import ContrastiveLoss, TripletLoss
 from apretrieval.models import ModelConfig, RetrievalNet
 from apretrieval.multistage import (
     backward_descriptor_grads,

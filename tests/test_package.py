@@ -45,6 +45,7 @@ def test_every_public_name_imports_and_is_the_defining_modules_object():
             continue
         module = __import__(apretrieval._PUBLIC[name], fromlist=[name])
         assert value is getattr(module, name), name
+        assert value.__module__ == module.__name__, name  # the owner, not a re-export
     assert set(apretrieval.__all__) == {*apretrieval._PUBLIC, "__version__"}
     assert dir(apretrieval) == sorted(apretrieval.__all__)  # no Any, TYPE_CHECKING, importlib
 

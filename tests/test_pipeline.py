@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 
 from apretrieval.data.revisited import RevisitedDataset
-from apretrieval.extraction import DEFAULT_MAX_SIDE, ImageFiles, extract_descriptors
+from apretrieval.extraction.images import ImageFiles
+from apretrieval.extraction.loop import extract_descriptors
+from apretrieval.extraction.settings import DEFAULT_MAX_SIDE
 from apretrieval.pipeline import (
     ExtractionSettings,
     extract_benchmark,

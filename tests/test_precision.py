@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from apretrieval.losses import APLoss
+from apretrieval.losses.ap import APLoss
 from apretrieval.models import ModelConfig, RetrievalNet, load_checkpoint
 from apretrieval.multistage import multistage_step
 from apretrieval.precision import LossScale, PrecisionNet, amp_dtype, fast_net
@@ -150,8 +150,8 @@ def test_extraction_in_half_precision_is_close_and_recorded(tmp_path):
 
     import numpy as np
 
-    from apretrieval.extraction import extract_descriptors
-    from apretrieval.resumable import extract_to_file
+    from apretrieval.extraction.loop import extract_descriptors
+    from apretrieval.extraction.resumable import extract_to_file
 
     model = tiny_model().eval()
     g = torch.Generator().manual_seed(5)

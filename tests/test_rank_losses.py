@@ -11,14 +11,11 @@ import pytest
 import torch
 from torch import nn
 
-from apretrieval.losses import (
-    ListwiseLoss,
-    RecallAtKLoss,
-    RoadmapLoss,
-    SmoothAPLoss,
-    SupAPLoss,
-    ap_loss_with_memory,
-)
+from apretrieval.losses.ap import ListwiseLoss
+from apretrieval.losses.memory_bank import ap_loss_with_memory
+from apretrieval.losses.recall_at_k import RecallAtKLoss
+from apretrieval.losses.smooth_ap import SmoothAPLoss
+from apretrieval.losses.supap import RoadmapLoss, SupAPLoss
 from apretrieval.multistage import multistage_backward
 from test_multistage import assert_grad_equal, plain_grads, tiny_model
 

@@ -20,17 +20,10 @@ import pytest
 from PIL import Image, ImageDraw
 
 from apretrieval.cli import main
-from apretrieval.evaluation import write_results
-from apretrieval.report import (
-    comparison_inputs,
-    flatten_record,
-    read_training_log,
-    result_labels,
-    select_queries,
-    write_comparison,
-    write_report,
-)
-from apretrieval.report.page import typical_queries
+from apretrieval.report.compare import comparison_inputs, write_comparison
+from apretrieval.report.page import result_labels, select_queries, typical_queries, write_report
+from apretrieval.report.training_log import flatten_record, read_training_log
+from apretrieval.scoring import write_results
 
 NUM_DB, NUM_Q, NUM_LANDMARKS = 36, 6, 4
 # Image colours far from the border colours, so a screenshot tells borders from content.

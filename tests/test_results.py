@@ -18,32 +18,13 @@ from apretrieval.results import (
     QueryResult,
     RetrievalResults,
     check_writable,
-    format_results_table,
     load_results,
     metrics_from_dict,
-    model_table,
-    protocol_table,
-    render_table,
 )
 from apretrieval.scoring import evaluate_descriptors, evaluate_score_blocks, score_blocks
 from apretrieval.scoring import write_results as write_results_here
+from apretrieval.tables import format_results_table, model_table, protocol_table, render_table
 from test_evaluation import load_sample, random_gnd, reference_metrics, reference_revisited
-
-
-def test_names_keep_their_old_homes():
-    import apretrieval
-    import apretrieval.evaluation as evaluation
-    from apretrieval import apq_analysis, results, scoring
-
-    assert evaluation.write_results is scoring.write_results is apretrieval.write_results
-    assert evaluation.load_results is results.load_results is apretrieval.load_results
-    assert evaluation.format_results_table is results.format_results_table
-    assert evaluation.ap_vs_quantized_ap is apq_analysis.ap_vs_quantized_ap
-    assert evaluation.pearson is apq_analysis.pearson
-    assert evaluation.APComparison is apq_analysis.APComparison
-    with pytest.raises(AttributeError):
-        evaluation.no_such_name  # noqa: B018
-
 
 # --------------------------------------------------------------------------------------------
 # AP vs AP_Q
@@ -307,7 +288,7 @@ def _medium_ap(row: np.ndarray, entry: dict) -> float:
 
 def test_results_carry_the_sharp_ap_q_of_each_query(tmp_path):
     """``ap_q_sharp``: the sharp estimator on the Medium ranking (junk out), beside ``ap_q``."""
-    from apretrieval.losses import quantized_ap
+    from apretrieval.losses.histogram import quantized_ap
 
     rng = np.random.default_rng(22)
     q, n = 6, 300

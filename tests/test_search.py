@@ -8,17 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from apretrieval.search import (
-    FeatureSet,
-    IndexConfig,
-    SearchIndex,
-    build_index,
-    knn,
-    load_features,
-    load_index,
-    ranked_ids,
-    rerank_candidates,
-)
+from apretrieval.descriptors import FeatureSet, load_features
+from apretrieval.faiss_index import IndexConfig, SearchIndex, build_index, load_index
+from apretrieval.search import knn, ranked_ids, rerank_candidates
 from conftest import without_thread_line
 
 
@@ -309,7 +301,8 @@ def image_index(tmp_path_factory) -> dict:
     from PIL import Image, ImageDraw
 
     from apretrieval.cli import main
-    from apretrieval.extraction import ImageFiles, extract_to_file
+    from apretrieval.extraction.images import ImageFiles
+    from apretrieval.extraction.resumable import extract_to_file
     from apretrieval.models import build_model, save_checkpoint
 
     base = tmp_path_factory.mktemp("search_cli")
@@ -506,7 +499,7 @@ def test_missing_faiss_is_a_clear_error(monkeypatch, tmp_path, capsys):
     import sys
 
     from apretrieval.cli import main
-    from apretrieval.search import require_faiss
+    from apretrieval.faiss_index import require_faiss
 
     monkeypatch.setitem(sys.modules, "faiss", None)  # makes `import faiss` fail
     with pytest.raises(ImportError, match=r"apretrieval\[search\]"):

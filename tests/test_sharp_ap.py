@@ -308,7 +308,7 @@ def test_batch_metrics_are_the_exact_ap_and_the_loss_estimate(estimator):
     got = batch_ap_metrics(desc, labels, loss_fn)
     assert got["batch_ap"] == pytest.approx(exact_ap_leave_one_out(desc, labels), abs=1e-6)
     assert got["batch_ap_q"] == pytest.approx(1 - loss_fn(desc, labels).item(), abs=1e-6)
-    from apretrieval.losses import ContrastiveLoss
+    from apretrieval.losses.baselines import ContrastiveLoss
 
     assert set(batch_ap_metrics(desc, labels, ContrastiveLoss())) == {"batch_ap"}
     assert batch_ap_metrics(desc, torch.arange(24), loss_fn) == {}

@@ -7,8 +7,9 @@ import sys
 import pytest
 import torch
 
-from apretrieval.extraction import extract_descriptors, multiscale_descriptors
-from apretrieval.losses import APLoss
+from apretrieval.extraction.loop import extract_descriptors
+from apretrieval.extraction.multiscale import multiscale_descriptors
+from apretrieval.losses.ap import APLoss
 from apretrieval.models import build_model, load_model, save_checkpoint
 from apretrieval.multistage import multistage_step
 

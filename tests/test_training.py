@@ -18,17 +18,12 @@ from PIL import Image
 
 from apretrieval import training
 from apretrieval.cli import main
-from apretrieval.losses import APLoss, ContrastiveLoss, TieAwareAPLoss, TripletLoss
+from apretrieval.losses.ap import APLoss, TieAwareAPLoss
+from apretrieval.losses.baselines import ContrastiveLoss, TripletLoss
 from apretrieval.models import load_checkpoint, load_model
+from apretrieval.run_folder import RunFolderInUse, TrainingDiverged, TrainingInterrupted
 from apretrieval.train_config import TrainConfig
-from apretrieval.training import (
-    RunFolderInUse,
-    TrainingDiverged,
-    TrainingInterrupted,
-    lr_factor,
-    make_loss,
-    train,
-)
+from apretrieval.training import lr_factor, make_loss, train
 
 CONFIGS = Path(__file__).parents[1] / "src" / "apretrieval" / "configs"
 

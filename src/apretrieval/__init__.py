@@ -18,23 +18,23 @@ __version__ = "0.1.0"
 
 # Public name -> module that defines it.
 _PUBLIC: dict[str, str] = {
-    "APLoss": "apretrieval.losses",
-    "ContrastiveLoss": "apretrieval.losses",
-    "ListwiseLoss": "apretrieval.losses",
-    "RecallAtKLoss": "apretrieval.losses",
-    "RoadmapLoss": "apretrieval.losses",
-    "SmoothAPLoss": "apretrieval.losses",
-    "SupAPLoss": "apretrieval.losses",
-    "TieAwareAPLoss": "apretrieval.losses",
-    "TripletLoss": "apretrieval.losses",
-    "average_precision": "apretrieval.losses",
-    "quantized_ap": "apretrieval.losses",
-    "MemoryBank": "apretrieval.distributed",
+    "APLoss": "apretrieval.losses.ap",
+    "ContrastiveLoss": "apretrieval.losses.baselines",
+    "ListwiseLoss": "apretrieval.losses.ap",
+    "RecallAtKLoss": "apretrieval.losses.recall_at_k",
+    "RoadmapLoss": "apretrieval.losses.supap",
+    "SmoothAPLoss": "apretrieval.losses.smooth_ap",
+    "SupAPLoss": "apretrieval.losses.supap",
+    "TieAwareAPLoss": "apretrieval.losses.ap",
+    "TripletLoss": "apretrieval.losses.baselines",
+    "average_precision": "apretrieval.losses.exact",
+    "quantized_ap": "apretrieval.losses.histogram",
+    "MemoryBank": "apretrieval.losses.memory_bank",
     "distributed_multistage_backward": "apretrieval.distributed",
     "init_distributed": "apretrieval.distributed",
     "evaluate_revisited": "apretrieval.evaluation",
-    "load_results": "apretrieval.evaluation",
-    "write_results": "apretrieval.evaluation",
+    "load_results": "apretrieval.results",
+    "write_results": "apretrieval.scoring",
     "RetrievalNet": "apretrieval.models",
     "build_model": "apretrieval.models",
     "load_model": "apretrieval.models",
@@ -42,12 +42,12 @@ _PUBLIC: dict[str, str] = {
     "multistage_backward": "apretrieval.multistage",
     "GeM": "apretrieval.pooling",
     "gem": "apretrieval.pooling",
-    "write_report": "apretrieval.report",
-    "IndexConfig": "apretrieval.search",
-    "SearchIndex": "apretrieval.search",
-    "build_index": "apretrieval.search",
+    "write_report": "apretrieval.report.page",
+    "IndexConfig": "apretrieval.faiss_index",
+    "SearchIndex": "apretrieval.faiss_index",
+    "build_index": "apretrieval.faiss_index",
     "knn": "apretrieval.search",
-    "load_index": "apretrieval.search",
+    "load_index": "apretrieval.faiss_index",
     "TrainConfig": "apretrieval.train_config",
     "train": "apretrieval.training",
 }
@@ -111,29 +111,23 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # static type checkers and IDEs see the eager imports
-    from apretrieval.distributed import (
-        MemoryBank,
-        distributed_multistage_backward,
-        init_distributed,
-    )
-    from apretrieval.evaluation import evaluate_revisited, load_results, write_results
-    from apretrieval.losses import (
-        APLoss,
-        ContrastiveLoss,
-        ListwiseLoss,
-        RecallAtKLoss,
-        RoadmapLoss,
-        SmoothAPLoss,
-        SupAPLoss,
-        TieAwareAPLoss,
-        TripletLoss,
-        average_precision,
-        quantized_ap,
-    )
+    from apretrieval.distributed import distributed_multistage_backward, init_distributed
+    from apretrieval.evaluation import evaluate_revisited
+    from apretrieval.faiss_index import IndexConfig, SearchIndex, build_index, load_index
+    from apretrieval.losses.ap import APLoss, ListwiseLoss, TieAwareAPLoss
+    from apretrieval.losses.baselines import ContrastiveLoss, TripletLoss
+    from apretrieval.losses.exact import average_precision
+    from apretrieval.losses.histogram import quantized_ap
+    from apretrieval.losses.memory_bank import MemoryBank
+    from apretrieval.losses.recall_at_k import RecallAtKLoss
+    from apretrieval.losses.smooth_ap import SmoothAPLoss
+    from apretrieval.losses.supap import RoadmapLoss, SupAPLoss
     from apretrieval.models import RetrievalNet, build_model, load_model, save_checkpoint
     from apretrieval.multistage import multistage_backward
     from apretrieval.pooling import GeM, gem
-    from apretrieval.report import write_report
-    from apretrieval.search import IndexConfig, SearchIndex, build_index, knn, load_index
+    from apretrieval.report.page import write_report
+    from apretrieval.results import load_results
+    from apretrieval.scoring import write_results
+    from apretrieval.search import knn
     from apretrieval.train_config import TrainConfig
     from apretrieval.training import train

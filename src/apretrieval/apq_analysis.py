@@ -1,7 +1,7 @@
 """How closely AP_Q, the quantized AP that training optimises, follows the exact AP.
 
 The AP loss replaces the ranking by a histogram: every score is soft-assigned to ``num_bins``
-bins spread over ``score_range`` (:func:`apretrieval.losses.quantized_ap`). Positives that
+bins spread over ``score_range`` (:func:`apretrieval.losses.histogram.quantized_ap`). Positives that
 share a bin with negatives count as tied with them, so on real rankings AP_Q tends to sit below
 the exact AP; the supplementary's Fig. 1 plots one against the other per query and
 reports a Pearson correlation of ~0.98 on RParis (Medium protocol, M = 20 bins).
@@ -34,7 +34,7 @@ from apretrieval.evaluation import (
     protocol_sets,
     query_sets,
 )
-from apretrieval.losses import quantized_ap
+from apretrieval.losses.histogram import quantized_ap
 
 __all__ = [
     "APComparison",

@@ -46,8 +46,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-# MemoryBank and ap_loss_with_memory live with the losses; re-exported for existing imports.
-from apretrieval.losses.memory_bank import MemoryBank, ap_loss_with_memory
+from apretrieval.losses.memory_bank import MemoryBank
 from apretrieval.multistage import (
     Inputs,
     StepResult,
@@ -62,10 +61,7 @@ __all__ = [
     "BACKENDS",
     "DistContext",
     "DistributedError",
-    "MemoryBank",
-    "StepResult",
     "all_reduce_gradients",
-    "ap_loss_with_memory",
     "barrier",
     "broadcast_model",
     "distributed_multistage_backward",

@@ -27,7 +27,6 @@ This module is ranks and metrics only: typed results and the results file are in
 
 from __future__ import annotations
 
-import importlib
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -396,23 +395,3 @@ def evaluate_revisited(
             raise ValueError(f"no query has a positive under the {p!r} protocol")
         out[p] = res.summary()
     return out
-
-
-# --------------------------------------------------------------------------------------------
-# Names that moved to their own modules, still importable from here.
-
-_MOVED: dict[str, str] = {
-    "APComparison": "apretrieval.apq_analysis",
-    "ap_vs_quantized_ap": "apretrieval.apq_analysis",
-    "pearson": "apretrieval.apq_analysis",
-    "format_results_table": "apretrieval.results",
-    "load_results": "apretrieval.results",
-    "write_results": "apretrieval.scoring",
-}
-
-
-def __getattr__(name: str) -> Any:
-    # Imported on first use: those modules import this one.
-    if name in _MOVED:
-        return getattr(importlib.import_module(_MOVED[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -4,8 +4,8 @@ What is exported is the extraction's descriptor, multi-scale included: for an im
 (B, 3, H, W) of RGB floats in [0, 1], every scale ``s`` gives the network's descriptor of the
 image resized to ``(round(H s), round(W s))`` (bilinear, antialiased), and the scales are
 combined by the signed generalized mean of power ``p`` (the model's GeM power), then L2 —
-exactly :func:`apretrieval.extraction.multiscale_descriptors`. H and W are free in both
-formats (dynamic axes), and so is B.
+exactly :func:`apretrieval.extraction.multiscale.multiscale_descriptors`. H and W are free in
+both formats (dynamic axes), and so is B.
 
 * TorchScript: the network is traced (its graph does not depend on the image size) and the
   multi-scale wrapper, whose resize sizes do, is scripted around it.
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from apretrieval.atomic import atomic_path
-from apretrieval.extraction import DEFAULT_SCALES
+from apretrieval.extraction.settings import DEFAULT_SCALES, check_scales
 
 __all__ = ["FORMATS", "MultiScaleDescriptor", "export_onnx", "export_torchscript"]
 
@@ -40,9 +40,7 @@ class MultiScaleDescriptor(nn.Module):
         self, net: nn.Module, scales: Sequence[float] = DEFAULT_SCALES, p: float = 3.0
     ) -> None:
         super().__init__()
-        scales = [float(s) for s in scales]
-        if not scales or any(not s > 0 for s in scales):
-            raise ValueError(f"scales must be positive numbers, got {scales!r}")
+        scales = list(check_scales(scales))
         if not p > 0:
             raise ValueError(f"power p must be > 0, got {p}")
         self.net = net
@@ -55,8 +53,9 @@ class MultiScaleDescriptor(nn.Module):
         for s in self.scales:
             y = x
             if s != 1.0:
-                # extraction.scaled_size, written out (TorchScript scripts this method); floor
-                # keeps the size symbolic in torch.export, where int() fixes it to the example's
+                # extraction.settings.scaled_size, written out (TorchScript scripts this
+                # method); floor keeps the size symbolic in torch.export, where int() fixes
+                # it to the example's
                 size = [max(1, math.floor(h * s + 0.5)), max(1, math.floor(w * s + 0.5))]
                 y = F.interpolate(
                     x, size=size, mode="bilinear", align_corners=False, antialias=True

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,6 @@ from torch import Tensor, nn
 from apretrieval.backbones import is_timm_name, timm_trunk
 from apretrieval.checkpoints import (
     CheckpointError,
-    UnsafeCheckpointError,
     atomic_torch_save,
     load_weights,
     require_finite_weights,
@@ -35,16 +36,13 @@ from apretrieval.postprocess import pca_whitening_matrix
 
 __all__ = [
     "BACKBONES",
-    "CheckpointError",
     "MissingWeightsError",
     "ModelConfig",
     "RetrievalNet",
-    "UnsafeCheckpointError",
     "build_model",
+    "eval_mode",
     "load_model",
-    "load_weights",
     "pca_whitening",
-    "safe_load",
     "save_checkpoint",
 ]
 
@@ -173,6 +171,17 @@ class RetrievalNet(nn.Module):
         weight, bias = pca_whitening(pooled, self.whiten.out_features, eps=eps)
         self.whiten.weight.copy_(weight)
         self.whiten.bias.copy_(bias)
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode inside the block, back in the mode it had after (even on error)."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 def pca_whitening(x: Tensor, out_dim: int, eps: float = 1e-6) -> tuple[Tensor, Tensor]:

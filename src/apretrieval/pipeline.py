@@ -21,7 +21,6 @@ Example:
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,14 +34,10 @@ from torch import nn
 from apretrieval.apq_analysis import APQSettings
 from apretrieval.benchmark_results import PostProcessing, benchmark_results
 from apretrieval.data.revisited import RevisitedDataset
-from apretrieval.extraction import (
-    DEFAULT_MAX_SIDE,
-    DEFAULT_SCALES,
-    ImageFiles,
-    extract_descriptors,
-    list_images,
-)
-from apretrieval.resumable import extract_to_file
+from apretrieval.extraction.images import ImageFiles, list_images
+from apretrieval.extraction.loop import extract_descriptors
+from apretrieval.extraction.resumable import extract_to_file
+from apretrieval.extraction.settings import DEFAULT_MAX_SIDE, DEFAULT_SCALES, check_scales
 
 if TYPE_CHECKING:
     from apretrieval.faiss_index import SearchIndex
@@ -83,10 +78,7 @@ class ExtractionSettings:
     amp: str = "off"  # off, bf16, fp16: autocast of the network (see precision)
 
     def __post_init__(self) -> None:
-        scales = tuple(float(s) for s in self.scales)
-        if not scales or any(not (math.isfinite(s) and s > 0) for s in scales):
-            raise ValueError(f"scales must be positive numbers, got {list(self.scales)}")
-        object.__setattr__(self, "scales", scales)
+        object.__setattr__(self, "scales", check_scales(self.scales))
         for name in ("batch_size", "shard_size", "max_side"):
             value = getattr(self, name)
             if value is None and name == "max_side":

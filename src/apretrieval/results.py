@@ -374,22 +374,3 @@ def load_results(path: str | os.PathLike[str]) -> dict[str, Any]:
     The typed form is :meth:`RetrievalResults.load`.
     """
     return RetrievalResults.load(path).to_dict()
-
-
-# The tables moved to apretrieval.tables (which reads these types); the old names still work.
-_TABLES = (
-    "Table",
-    "benchmarks_table",
-    "format_results_table",
-    "model_table",
-    "protocol_table",
-    "render_table",
-)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _TABLES:
-        from apretrieval import tables
-
-        return getattr(tables, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -7,56 +7,21 @@ places hold score ``-inf`` and index ``-1``.
 
 This module needs neither faiss nor a model. faiss indexes live in
 :mod:`apretrieval.faiss_index`, the descriptor files in :mod:`apretrieval.descriptors`, and the
-extraction of query images in :mod:`apretrieval.pipeline`; their names stay importable from here.
+extraction of query images in :mod:`apretrieval.pipeline`.
 """
 
 from __future__ import annotations
 
-import importlib
 import math
 import warnings
 from collections.abc import Sequence
-from typing import Any, overload
+from typing import overload
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from apretrieval.descriptors import FeatureSet, load_features
-
-# The faiss names (provided by __getattr__ below) are listed too: they stay importable from here.
-__all__ = [
-    "INDEX_TYPES",  # noqa: F822
-    "FeatureSet",
-    "IndexConfig",  # noqa: F822
-    "SearchIndex",  # noqa: F822
-    "build_index",  # noqa: F822
-    "knn",
-    "load_features",
-    "load_index",  # noqa: F822
-    "ranked_ids",
-    "require_faiss",  # noqa: F822
-    "rerank_candidates",
-]
-
-# Names that moved to the faiss module; imported on first use (faiss_index imports this
-# module, so a top-level import here would be circular, and faiss stays optional).
-_MOVED = {
-    "INDEX_TYPES": "apretrieval.faiss_index",
-    "INDEX_FILE": "apretrieval.faiss_index",
-    "MANIFEST_FILE": "apretrieval.faiss_index",
-    "IndexConfig": "apretrieval.faiss_index",
-    "SearchIndex": "apretrieval.faiss_index",
-    "build_index": "apretrieval.faiss_index",
-    "load_index": "apretrieval.faiss_index",
-    "require_faiss": "apretrieval.faiss_index",
-}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _MOVED:
-        return getattr(importlib.import_module(_MOVED[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__all__ = ["knn", "ranked_ids", "rerank_candidates"]
 
 
 # Budget for one block of the score matrix in knn (elements, i.e. 4 bytes each): 32M floats =

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from apretrieval.atomic import remove_stale_temporaries
 from apretrieval.batches import fits_in_memory, step_batches
+from apretrieval.checkpoints import load_weights
 from apretrieval.data.lists import ImageList, open_image_list
 from apretrieval.data.sampler import ClassBalancedBatchSampler, has_positive
 from apretrieval.data.transforms import resize_max_side
@@ -39,30 +40,18 @@ from apretrieval.distributed import (
     shard_bounds,
     sync_stop,
 )
-from apretrieval.extraction import eval_mode
 from apretrieval.jsonl import append_jsonl
-from apretrieval.losses import (
-    APLoss,
-    ContrastiveLoss,
-    MemoryBank,
-    RecallAtKLoss,
-    RoadmapLoss,
-    SmoothAPLoss,
-    SupAPLoss,
-    TieAwareAPLoss,
-    TripletLoss,
-)
+from apretrieval.losses.ap import APLoss, TieAwareAPLoss
+from apretrieval.losses.baselines import ContrastiveLoss, TripletLoss
 from apretrieval.losses.batch_ap import batch_ap_metrics
-from apretrieval.models import (
-    RetrievalNet,
-    build_model,
-    load_checkpoint,
-    load_weights,
-)
-from apretrieval.multistage import StepResult, multistage_backward
+from apretrieval.losses.memory_bank import MemoryBank
+from apretrieval.losses.recall_at_k import RecallAtKLoss
+from apretrieval.losses.smooth_ap import SmoothAPLoss
+from apretrieval.losses.supap import RoadmapLoss, SupAPLoss
+from apretrieval.models import RetrievalNet, build_model, eval_mode, load_checkpoint
+from apretrieval.multistage import StepResult
 from apretrieval.precision import LossScale, fast_net
 from apretrieval.run_folder import (
-    RunFolderInUse,
     SignalStop,
     TrainingDiverged,
     TrainingInterrupted,
@@ -86,12 +75,7 @@ from apretrieval.train_config import TrainConfig, write_yaml_atomic
 from apretrieval.validation import make_validator
 
 __all__ = [
-    "RunFolderInUse",
-    "TrainConfig",
-    "TrainingDiverged",
-    "TrainingInterrupted",
     "make_loss",
-    "multistage_backward",
     "train",
     "train_step",
 ]

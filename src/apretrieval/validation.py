@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from apretrieval.data.revisited import RevisitedDataset, locate_benchmark
-from apretrieval.extraction import eval_mode
+from apretrieval.models import eval_mode
 from apretrieval.pipeline import ExtractionSettings, check_benchmark_images, evaluate_checkpoint
 from apretrieval.train_config import TrainConfig
 

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from apretrieval.extraction import DEFAULT_SCALES
+from apretrieval.extraction.settings import DEFAULT_SCALES
 
 
 def register(subparsers: Any) -> None:

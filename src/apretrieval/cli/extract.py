@@ -6,17 +6,15 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from apretrieval.extraction import DEFAULT_MAX_SIDE, DEFAULT_SCALES
-from apretrieval.pipeline import ExtractionSettings, load_checkpoint_model, resolve_device
+from apretrieval.extraction.settings import DEFAULT_MAX_SIDE, DEFAULT_SCALES
+from apretrieval.pipeline import ExtractionSettings, resolve_device
 
 # Imported by `apretrieval evaluate` from here.
 __all__ = [
     "add_extraction_args",
     "check_extraction_args",
     "extraction_settings",
-    "load_checkpoint_model",
     "register",
-    "resolve_device",
 ]
 
 

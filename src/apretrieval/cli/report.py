@@ -73,7 +73,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def run(args: argparse.Namespace) -> int:
-    from apretrieval.report import comparison_inputs, write_comparison, write_report
+    from apretrieval.report.compare import comparison_inputs, write_comparison
+    from apretrieval.report.page import write_report
 
     models = comparison_inputs(args.results)  # checks that each file exists and is readable
     if len(args.results) > 1 or len(models) > 1:

@@ -33,18 +33,12 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from apretrieval.demo.config import (
-    BENCHMARK_SIZES,
     DATASET_NAME,
-    GENERATOR_VERSION,
     BenchmarkConfig,
 )
 from apretrieval.demo.landmarks import (
-    Box,
     Landmark,
-    grid_cells,
-    has_content,
     plan_landmarks,
-    shrink,
 )
 from apretrieval.demo.layout import save_jpeg, write_test_set
 from apretrieval.demo.sources import available_photos
@@ -58,21 +52,10 @@ from apretrieval.demo.views import (
 )
 
 __all__ = [
-    "BENCHMARK_SIZES",
-    "DATASET_NAME",
-    "GENERATOR_VERSION",
     "Benchmark",
-    "BenchmarkConfig",
-    "Box",
-    "Landmark",
     "generate",
-    "grid_cells",
-    "has_content",
-    "label_view",
-    "plan_landmarks",
     "planned_counts",
     "prepare_benchmark",
-    "shrink",
 ]
 
 

@@ -25,7 +25,8 @@ import numpy as np
 import torch
 
 from apretrieval.configs import recipe_path
-from apretrieval.demo.dataset import Benchmark, BenchmarkConfig, prepare_benchmark
+from apretrieval.demo.config import BenchmarkConfig
+from apretrieval.demo.dataset import Benchmark, prepare_benchmark
 from apretrieval.jsonl import read_jsonl
 from apretrieval.pipeline import ExtractionSettings, evaluate_checkpoint
 from apretrieval.results import RetrievalResults, metrics_to_dict
@@ -256,8 +257,10 @@ def probe_training_set(
     mAP instead.
     """
     from apretrieval.data.lists import image_folder
-    from apretrieval.extraction import ImageFiles, extract_descriptors
-    from apretrieval.losses import APLoss, average_precision
+    from apretrieval.extraction.images import ImageFiles
+    from apretrieval.extraction.loop import extract_descriptors
+    from apretrieval.losses.ap import APLoss
+    from apretrieval.losses.exact import average_precision
 
     images = image_folder(bench.train_dir)
     rng = np.random.default_rng([cfg.seed, 11])
@@ -403,7 +406,8 @@ def _train_losses(runs: dict[str, str]) -> dict[str, dict[str, float]]:
 def write_reports(out: Path, runs: dict[str, str]) -> dict[str, str]:
     """HTML report of each model (top-10 grids, AP vs AP_Q, training curves)."""
     try:
-        from apretrieval.report import write_comparison, write_report
+        from apretrieval.report.compare import write_comparison
+        from apretrieval.report.page import write_report
     except ImportError:  # report module not available: the numbers are still written
         return {}
     pages = {}

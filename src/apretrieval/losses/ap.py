@@ -365,7 +365,7 @@ class APLoss(ListwiseLoss):
     gradient (descriptors x 10 give a zero gradient almost everywhere).
 
     ``estimator``: the AP_Q (``"plain"``, the paper's; ``"tie_aware"``; ``"sharp"``, see
-    :func:`apretrieval.losses.quantized_ap`); None: the class's own (plain here).
+    :func:`apretrieval.losses.histogram.quantized_ap`); None: the class's own (plain here).
     """
 
     tie_aware = False

@@ -23,23 +23,3 @@ Modules: :mod:`~apretrieval.report.page` (``write_report``, query choice, border
 :mod:`~apretrieval.report.markup` (markup), :mod:`~apretrieval.report.images` (thumbnails),
 :mod:`~apretrieval.report.plots` (scatter, curves), :mod:`~apretrieval.report.training_log`.
 """
-
-from apretrieval.report.compare import comparison_inputs, write_comparison
-from apretrieval.report.markup import LABELS, QueryView
-from apretrieval.report.page import result_labels, select_queries, write_report
-from apretrieval.report.plots import plot_ap_scatter, plot_training_curves
-from apretrieval.report.training_log import flatten_record, read_training_log
-
-__all__ = [
-    "LABELS",
-    "QueryView",
-    "comparison_inputs",
-    "flatten_record",
-    "plot_ap_scatter",
-    "plot_training_curves",
-    "read_training_log",
-    "result_labels",
-    "select_queries",
-    "write_comparison",
-    "write_report",
-]

@@ -37,19 +37,11 @@ from tqdm import tqdm
 
 from apretrieval.atomic import atomic_open
 from apretrieval.descriptors import check_finite, features_paths, load_features, write_features
-from apretrieval.extraction import (
-    DEFAULT_MAX_SIDE,
-    DEFAULT_SCALES,
-    _check_scales,
-    _descriptor_dim,
-    _extract_into,
-    _model_device,
-    _prepare,
-    eval_mode,
-)
+from apretrieval.extraction.loop import Extractor
+from apretrieval.extraction.settings import DEFAULT_MAX_SIDE, DEFAULT_SCALES
 from apretrieval.filekey import file_key, matches
 from apretrieval.locking import output_lock
-from apretrieval.precision import fast_net
+from apretrieval.models import eval_mode
 
 __all__ = ["extract_to_file"]
 
@@ -152,7 +144,7 @@ def _shard_contents(
 
 
 def _extract_shards(
-    model: nn.Module,
+    run: Extractor,
     images: Any,
     ids: Sequence[str],
     stamps: Sequence[str],
@@ -164,14 +156,13 @@ def _extract_shards(
     shard_size: int,
     skip_bad: bool,
     bar: tqdm[Any],
-    **extract: Any,
 ) -> None:
     """Extract images ``todo`` into new shards ``first, first + 1, ...`` of ``parts``."""
     for k, s in enumerate(range(0, len(todo), shard_size), start=first):
         rows = list(todo[s : s + shard_size])
         block = np.zeros((len(rows), dim), dtype=np.float32)
         skipped: dict[int, str] | None = {} if skip_bad else None
-        _extract_into(block, model, images, rows, bar=bar, skipped=skipped, **extract)
+        run.fill(block, images, rows, bar, skipped)
         keep = [j for j, i in enumerate(rows) if not skipped or i not in skipped]
         good = [rows[j] for j in keep]
         block = block[keep]
@@ -234,9 +225,17 @@ def extract_to_file(
     ``amp``: half-precision autocast of the network (recorded: a file made otherwise is not
     reused).
     """
-    scales = _check_scales(scales)
-    model = fast_net(model, amp)
-    _prepare(model, images, batch_size, num_workers)
+    run = Extractor.prepare(
+        model,
+        images,
+        scales=scales,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        device=device,
+        max_side=max_side,
+        sort_by_size=sort_by_size,
+        amp=amp,
+    )
     ids = [str(i) for i in ids]
     if len(ids) != len(images):
         raise ValueError(f"{len(ids)} ids for {len(images)} images")
@@ -246,7 +245,7 @@ def extract_to_file(
         raise ValueError("no images to extract")
     npy, manifest_path = features_paths(out)
     with output_lock(npy.with_suffix("")):
-        settings = {"scales": list(scales), "max_side": max_side, **(meta or {})}
+        settings = {"scales": list(run.scales), "max_side": max_side, **(meta or {})}
         if amp != "off":  # float32 files keep the settings (and reuse) they always had
             settings["amp"] = amp
         if checkpoint is not None:
@@ -276,7 +275,7 @@ def extract_to_file(
         parts.mkdir(parents=True, exist_ok=True)
         _write_json(parts / "settings.json", settings)
         _run(
-            model,
+            run,
             images,
             ids,
             stamps,
@@ -288,19 +287,13 @@ def extract_to_file(
             skip_bad=skip_bad,
             progress=progress,
             desc=desc,
-            scales=scales,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            max_side=max_side,
-            sort_by_size=sort_by_size,
-            device=torch.device(device) if device is not None else _model_device(model),
         )
         shutil.rmtree(parts, ignore_errors=True)
     return npy
 
 
 def _run(
-    model: nn.Module,
+    run: Extractor,
     images: Any,
     ids: list[str],
     stamps: list[str],
@@ -313,19 +306,18 @@ def _run(
     skip_bad: bool,
     progress: bool,
     desc: str,
-    **extract: Any,
 ) -> None:
     """Extract what the shards lack, then write the final pair."""
     shards = _committed_shards(parts)
     have, bad = _shard_contents(shards)
     keys = list(zip(ids, stamps, strict=True))
     todo = [i for i, key in enumerate(keys) if key not in have and key not in bad]
-    with eval_mode(model):  # the dimension may take a forward pass: in eval mode too
-        dim = _descriptor_dim(model, extract["device"])
+    with eval_mode(run.model):  # the dimension may take a forward pass: in eval mode too
+        dim = run.dim()
         done = len(ids) - len(todo)
         with tqdm(total=len(ids), initial=done, desc=desc, unit="img", disable=not progress) as bar:
             _extract_shards(
-                model,
+                run,
                 images,
                 ids,
                 stamps,
@@ -336,7 +328,6 @@ def _run(
                 shard_size=shard_size,
                 skip_bad=skip_bad,
                 bar=bar,
-                **extract,
             )
     if todo:
         have, bad = _shard_contents(_committed_shards(parts))
