@@ -122,7 +122,10 @@ def test_every_train_option_is_documented_in_help(capsys):
         )
     ]
     assert positions == sorted(positions)
-    assert "{ap,tie_aware_ap,sharp_ap,contrastive,triplet}" in out and "[pixels]" in out
+    assert (
+        "{ap,tie_aware_ap,sharp_ap,smooth_ap,sup_ap,roadmap,recall_at_k,contrastive,triplet}" in out
+        and "[pixels]" in out
+    )
     assert "cpu-small" in out  # the bundled recipes are named
 
 
