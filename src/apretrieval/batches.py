@@ -18,6 +18,7 @@ from torch import Tensor
 from apretrieval.data.lists import ImageList
 from apretrieval.data.sampler import ClassBalancedBatchSampler
 from apretrieval.data.transforms import TrainTransform, batch_seeds
+from apretrieval.threads import pin_worker
 from apretrieval.train_config import TrainConfig
 
 __all__ = ["AugmentedImages", "fits_in_memory", "step_batches"]
@@ -100,6 +101,7 @@ def step_batches(
         num_workers=cfg.num_workers,
         collate_fn=_keep_list,
         prefetch_factor=1 if cfg.num_workers > 0 else None,
+        worker_init_fn=pin_worker,  # one thread each; signals are the main process's to handle
     )
     for step, tensors in zip(steps, loader, strict=True):
         ok = [j for j, t in enumerate(tensors) if t is not None]

@@ -82,11 +82,15 @@ def _take_over_if_stale(path: Path, target: Path) -> None:
             f"{target} is being written by another process (lock {path}); "
             "if none is running, remove the lock file"
         )
-    if host != here or _alive(pid):
-        where = f"process {pid}" + ("" if host == here else f" on {host}")
+    if host != here:  # whether it still runs cannot be told from here
         raise OutputLockedError(
-            f"{target} is being written by {where} (lock {path}): wait for it to finish or "
-            "choose another output"
+            f"{target} is being written by process {pid} on {host} (lock {path}): wait for it "
+            "to finish or choose another output; if it no longer runs there, remove the lock"
+        )
+    if _alive(pid):
+        raise OutputLockedError(
+            f"{target} is being written by process {pid} on {host} (lock {path}): wait for it "
+            "to finish or choose another output"
         )
     stale = path.with_name(f"{path.name}.stale.{os.getpid()}")
     try:

@@ -1,8 +1,11 @@
 """A training run's folder and how a run stops without losing it.
 
 ``output_dir`` holds ``config.yaml``, ``metrics.jsonl``, ``checkpoint.pt``, ``model.pt`` (and
-``best.pt`` with validation). A new run never writes over an earlier one unless told to:
-resuming continues it, overwriting removes it first. SIGINT/SIGTERM end a run after its step
+``best.pt`` with validation). One process writes it at a time: a run holds the folder's lock
+(``OUTPUT_DIR.lock``, see :mod:`apretrieval.locking`) from before it looks at the folder until
+it ends, so a second run into the same folder is refused with the holder's pid and host. A new
+run never writes over an earlier one unless told to: resuming continues it, overwriting
+removes it first. SIGINT/SIGTERM end a run after its step
 with a checkpoint; weights that turn NaN/inf are never written (the last finite checkpoint
 stays), and the run fails with TrainingDiverged.
 """
@@ -11,8 +14,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +27,7 @@ import torch
 from apretrieval.atomic import atomic_open
 from apretrieval.checkpoints import NonFiniteWeights
 from apretrieval.jsonl import read_jsonl
+from apretrieval.locking import output_lock
 from apretrieval.models import RetrievalNet, save_checkpoint
 from apretrieval.train_config import TrainConfig
 
@@ -32,6 +39,7 @@ __all__ = [
     "TrainingInterrupted",
     "claim_run_folder",
     "finite_parameters",
+    "own_run_folder",
     "save_finite",
     "top_level_files",
     "truncate_log",
@@ -67,6 +75,21 @@ def claim_run_folder(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
         (run_dir / name).unlink(missing_ok=True)
 
 
+@contextmanager
+def own_run_folder(run_dir: Path, *, resume: bool, overwrite: bool) -> Iterator[None]:
+    """Hold ``run_dir``'s lock and claim it (:func:`claim_run_folder`) for the block.
+
+    Of the ranks of a distributed run only rank 0 writes the folder, hence takes the lock; the
+    rank is read from the launcher's environment (the process group does not exist yet).
+    """
+    if os.environ.get("RANK", "0") != "0":
+        yield
+        return
+    with output_lock(run_dir):
+        claim_run_folder(run_dir, resume=resume, overwrite=overwrite)
+        yield
+
+
 def truncate_log(path: Path, last_step: int) -> None:
     """Drop records of steps after ``last_step`` (done after the checkpoint, lost on resume),
     and a last line torn by a crash or a full disk."""
@@ -100,11 +123,17 @@ class TrainingDiverged(ValueError):
 
 
 class SignalStop:
-    """First SIGINT/SIGTERM: finish the step, checkpoint, stop. A second SIGINT: stop now."""
+    """First SIGINT/SIGTERM: finish the step, checkpoint, stop. A second SIGINT: stop now.
 
-    def __init__(self) -> None:
+    ``second_sigint_stops=False`` (several ranks): a launcher forwards the signal it got to
+    every rank, which a job-wide signal has reached already (torchrun after Ctrl-C, srun), so
+    one request arrives twice; there the launcher escalates (torchrun: SIGKILL after 30 s).
+    """
+
+    def __init__(self, *, second_sigint_stops: bool = True) -> None:
         self.signum: int | None = None
         self._old: dict[int, Any] = {}
+        self._second_stops = second_sigint_stops
 
     def __enter__(self) -> SignalStop:
         if threading.current_thread() is threading.main_thread():
@@ -113,7 +142,7 @@ class SignalStop:
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if self.signum is not None and signum == signal.SIGINT:
+        if self.signum is not None and signum == signal.SIGINT and self._second_stops:
             raise KeyboardInterrupt
         self.signum = signum
 

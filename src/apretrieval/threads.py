@@ -19,12 +19,16 @@ choice. A long run re-checks at each phase (:func:`recheck`): the load of a shar
 changes within minutes.
 
 Loader workers run one intra-op thread each (:func:`pin_worker`): their work is decoding and
-resizing, which does not parallelise inside one image.
+resizing, which does not parallelise inside one image. They also ignore SIGINT and SIGTERM: a
+scheduler (SLURM, ``timeout``) or a terminal's Ctrl-C signals every process of the job, and a
+worker killed first would make the main process fail before it could write its checkpoint.
+The main process owns shutdown; its workers end with it.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import statistics
 import time
 from collections.abc import Callable, Mapping
@@ -211,6 +215,12 @@ def apply_threads(plan: ThreadPlan) -> None:
 
 
 def pin_worker(worker_id: int) -> None:
-    """DataLoader ``worker_init_fn``: one intra-op thread per loader worker process."""
+    """DataLoader ``worker_init_fn``: one intra-op thread per loader worker process, and
+    SIGINT/SIGTERM ignored (the main process decides when to stop; see the module docstring).
+
+    A worker whose main process is gone exits by itself (torch's loader watches its parent).
+    """
     del worker_id  # same budget for every worker
     torch.set_num_threads(1)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)

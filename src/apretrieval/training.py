@@ -55,8 +55,8 @@ from apretrieval.run_folder import (
     SignalStop,
     TrainingDiverged,
     TrainingInterrupted,
-    claim_run_folder,
     finite_parameters,
+    own_run_folder,
     save_finite,
     top_level_files,
     truncate_log,
@@ -217,7 +217,8 @@ def train(
     """Train per ``cfg``; returns the final model checkpoint (``<output_dir>/model.pt``).
 
     ``resume``: continue from ``<output_dir>/checkpoint.pt`` if it exists; a folder holding an
-    earlier run is refused (RunFolderInUse) unless ``resume`` or ``overwrite``. ``callback(step,
+    earlier run is refused (RunFolderInUse) unless ``resume`` or ``overwrite``, one that another
+    live run holds always (OutputLockedError). ``callback(step,
     model)`` runs every ``callback_every`` steps and at the end (model in eval mode); a dict it
     returns is added to that step's metrics line. SIGINT/SIGTERM write a checkpoint after the
     current step and raise TrainingInterrupted. A non-finite loss or weights raise
@@ -229,8 +230,8 @@ def train(
     plan = plan_threads(cfg.cpu_threads, workers=cfg.num_workers)
     apply_threads(plan)
     try:
-        claim_run_folder(Path(cfg.output_dir), resume=resume, overwrite=overwrite)
-        return _train(cfg, resume, callback, callback_every, plan)
+        with own_run_folder(Path(cfg.output_dir), resume=resume, overwrite=overwrite):
+            return _train(cfg, resume, callback, callback_every, plan)
     finally:
         torch.set_num_threads(threads)
 
@@ -364,7 +365,7 @@ def _train(
         unit="step",
         disable=not cfg.progress or not ctx.is_main or not on_terminal,
     )
-    with SignalStop() as stop:
+    with SignalStop(second_sigint_stops=ctx.world_size == 1) as stop:
         batches = step_batches(cfg, images, sampler, start, in_memory, shard)
         tic = time.perf_counter()
         while done < cfg.steps and stop.signum is None:
@@ -445,19 +446,23 @@ def _train(
         if stop.signum is not None:
             path = checkpoint(done)
             raise TrainingInterrupted(path, stop.signum)
-    if validator is not None:
-        val = validate(done)
+        # Still under SignalStop: a signal from here on gets the run's last files written
+        # (what a stop would write anyway) and the run ends as finished.
+        if validator is not None:
+            val = validate(done)
+            if ctx.is_main:
+                append_jsonl(
+                    log_path, {"step": done, "val": val, "val_protocol": validator.protocol}
+                )
+                step_log({"step": done, "val": val})
+        checkpoint(done)
+        if callback is not None:
+            extra = _run_callback(callback, done, model)
+            if extra and ctx.is_main:
+                append_jsonl(log_path, {"step": done, **extra})
         if ctx.is_main:
-            append_jsonl(log_path, {"step": done, "val": val, "val_protocol": validator.protocol})
-            step_log({"step": done, "val": val})
-    checkpoint(done)
-    if callback is not None:
-        extra = _run_callback(callback, done, model)
-        if extra and ctx.is_main:
-            append_jsonl(log_path, {"step": done, **extra})
-    if ctx.is_main:
-        save_finite(final_path, model, step=done, train_config=cfg.to_dict())
-    barrier(ctx)  # the other ranks return once the model file exists
+            save_finite(final_path, model, step=done, train_config=cfg.to_dict())
+        barrier(ctx)  # the other ranks return once the model file exists
     return final_path
 
 
