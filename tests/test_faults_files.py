@@ -361,3 +361,50 @@ def test_unwritable_outputs_fail_before_any_work(tmp_path, monkeypatch, capsys):
         ]
     )
     assert rc == 1 and "file" in capsys.readouterr().err and built == []
+
+
+# ------------------------------------------------------------------ outputs of another kind
+
+
+def test_outputs_never_replace_a_fifo_or_a_device(tmp_path):
+    from apretrieval.atomic import atomic_write_text
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    null = tmp_path / "null"
+    null.symlink_to("/dev/null")  # replacing the link itself would be harmless; refused too
+    for target, kind in ((fifo, r"a FIFO \(named pipe\)"), (null, "a character device")):
+        with pytest.raises(ValueError, match=f"it is {kind}, not a regular file"):
+            atomic_write_text(target, "x")
+    assert fifo.is_fifo() and null.is_symlink() and Path("/dev/null").is_char_device()
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_commands_refuse_an_output_of_another_kind_before_any_work(
+    tmp_path, stand_in, monkeypatch, capsys
+):
+    import apretrieval.models as models
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    loaded = []
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: loaded.append(1))
+    rc = main(["export", "--checkpoint", str(tmp_path / "m.pt"), "--out", str(fifo)])
+    assert rc == 2 and "it is a FIFO" in capsys.readouterr().err and loaded == []
+    np.save(tmp_path / "f.npy", np.eye(4, dtype=np.float32))
+    rc = main(["index", "build", "--features", str(tmp_path / "f.npy"), "--out", str(fifo)])
+    assert rc == 2 and "it is a FIFO (named pipe), not a folder" in capsys.readouterr().err
+    from test_extraction import fake_benchmark
+
+    fake_benchmark(tmp_path / "bench", np.random.default_rng(0))
+    stand_in.calls = 0
+    args = ["--checkpoint", str(tmp_path / "m.pt"), "--dataset", "roxford5k"]
+    rc = main(["evaluate", *args, "--root", str(tmp_path / "bench"), "--out", str(fifo)])
+    assert rc == 2 and "it is a FIFO" in capsys.readouterr().err and stand_in.calls == 0
+    assert fifo.is_fifo()
+    # extraction's descriptor file: never replaced
+    npy = tmp_path / "x.npy"
+    os.mkfifo(npy)
+    _images(tmp_path / "imgs", 2)
+    assert _extract_cli(tmp_path / "m.pt", tmp_path / "imgs", tmp_path / "x") == 2
+    assert "it is a FIFO" in capsys.readouterr().err and npy.is_fifo()

@@ -10,6 +10,10 @@ The temporary file is ``.NAME.<random>.tmp`` in the target's folder. It gets the
 outputs are as readable as any other file the user writes. A process killed (SIGKILL) while
 writing leaves its temporary behind; :func:`remove_stale_temporaries` clears those of a path.
 
+An existing path is replaced only if it is a regular file (:func:`check_replaceable`): a
+device node, a FIFO or a socket given as an output (``--out /dev/null`` as root) would
+otherwise be swapped for a regular file under its name.
+
 Example:
     >>> with atomic_open(tmp / "scores.txt", "w") as f:  # doctest: +SKIP
     ...     f.write("0.93\\n")
@@ -17,8 +21,10 @@ Example:
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -31,8 +37,17 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_json",
     "atomic_write_text",
+    "check_replaceable",
     "remove_stale_temporaries",
 ]
+
+_KINDS = {
+    stat.S_IFDIR: "a folder",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFIFO: "a FIFO (named pipe)",
+    stat.S_IFSOCK: "a socket",
+}
 
 
 def _umask() -> int:
@@ -50,6 +65,29 @@ def _umask() -> int:
     return mask
 
 
+def check_replaceable(path: str | os.PathLike, *, folder: bool = False) -> None:
+    """ValueError unless ``path`` is absent or a regular file (``folder``: a folder; a file
+    there is a NotADirectoryError, as creating the folder would raise).
+
+    Symbolic links are followed: a link to a device is refused like the device.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return  # absent, or a dangling link (replacing the link harms nothing)
+    except NotADirectoryError:
+        return  # a part of the path is a file: the write reports it with the path
+    if folder and stat.S_ISREG(mode):  # what mkdir would say, before any work
+        raise NotADirectoryError(errno.ENOTDIR, "it is a file, not a folder", str(path))
+    wanted = stat.S_ISDIR(mode) if folder else stat.S_ISREG(mode)
+    if not wanted:
+        kind = _KINDS.get(stat.S_IFMT(mode), "of another kind")
+        expected = "a folder" if folder else "a regular file"
+        raise ValueError(
+            f"refusing to write {path}: it is {kind}, not {expected}; choose another path"
+        )
+
+
 def _temporary_prefix(path: Path) -> str:
     return f".{path.name}."
 
@@ -62,6 +100,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     exception the temporary is removed and ``path`` is left as it was.
     """
     path = Path(path)
+    check_replaceable(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=_temporary_prefix(path), suffix=".tmp", dir=path.parent)
     try:

@@ -20,6 +20,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from apretrieval.atomic import check_replaceable
+
 __all__ = ["OutputLockedError", "check_writable", "lock_path", "output_lock"]
 
 
@@ -37,6 +39,8 @@ def lock_path(target: str | os.PathLike[str]) -> Path:
 
 def _holder(path: Path) -> tuple[int | None, str]:
     """(pid, host) written in a lock file; pid None when unreadable (being written, or junk)."""
+    if path.exists() and not path.is_file():  # a FIFO would block the read: not a lock of ours
+        return None, ""
     try:
         pid_text, _, host = path.read_text(encoding="utf-8").partition("\n")
         return int(pid_text), host.strip()
@@ -57,6 +61,7 @@ def _alive(pid: int) -> bool:
 def check_writable(folder: str | os.PathLike[str]) -> None:
     """Create ``folder`` if needed; OSError (with the path) when nothing can be written there."""
     folder = Path(folder)
+    check_replaceable(folder, folder=True)
     folder.mkdir(parents=True, exist_ok=True)
     if not os.access(folder, os.W_OK | os.X_OK):
         raise PermissionError(errno.EACCES, "Permission denied (not writable)", str(folder))

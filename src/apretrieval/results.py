@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 
 from apretrieval.apq_analysis import APQSettings, pearson
-from apretrieval.atomic import atomic_open
+from apretrieval.atomic import atomic_open, check_replaceable
 from apretrieval.data.gldv2_retrieval import USAGES
 from apretrieval.evaluation import PROTOCOLS, ProtocolResult
 
@@ -356,8 +356,7 @@ def check_writable(path: str | os.PathLike[str]) -> Path:
     fails at once rather than after hours of extraction.
     """
     path = Path(path)
-    if path.is_dir():
-        raise ValueError(f"cannot write the results to {path}: it is a folder")
+    check_replaceable(path)  # a folder, a device, a FIFO: refused
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=path.parent)

@@ -35,11 +35,13 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from apretrieval.atomic import check_replaceable
     from apretrieval.export import export_onnx, export_torchscript
     from apretrieval.models import load_model
 
     if not args.scales or any(not s > 0 for s in args.scales):
         raise ValueError(f"--scales must be positive numbers, got {args.scales}")
+    check_replaceable(args.out)
     model = load_model(args.checkpoint).eval()
     export = export_onnx if args.format == "onnx" else export_torchscript
     path = export(model, args.out, scales=args.scales)

@@ -96,6 +96,7 @@ def faiss_or_error(command: str) -> bool:
 
 
 def run_build(args: argparse.Namespace) -> int:
+    from apretrieval.atomic import check_replaceable
     from apretrieval.descriptors import load_features
     from apretrieval.faiss_index import IndexConfig, build_index_folder
     from apretrieval.locking import check_writable
@@ -113,6 +114,7 @@ def run_build(args: argparse.Namespace) -> int:
         nprobe=args.nprobe,
         train_size=args.train_size or None,
     )
+    check_replaceable(args.out, folder=True)
     check_writable(args.out.parent)  # before the build, which may take long
     features = load_features(args.features, args.manifest)
     if args.checkpoint is not None:
