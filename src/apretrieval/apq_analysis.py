@@ -26,13 +26,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from apretrieval.data.gnd import query_sets
 from apretrieval.evaluation import (
     PROTOCOLS,
     as_scores,
     evaluate_revisited_per_query,
     gnd_entries,
     protocol_sets,
-    query_sets,
 )
 from apretrieval.losses.histogram import quantized_ap
 

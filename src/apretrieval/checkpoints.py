@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import pickle
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -54,12 +55,13 @@ def non_finite_tensors(state_dict: dict[str, Any]) -> list[str]:
     ]
 
 
-def require_finite_weights(state_dict: dict[str, Any], what: str) -> None:
-    """NonFiniteWeights naming the first bad tensors of ``state_dict`` (``what``: its file)."""
+def require_finite_weights(state_dict: dict[str, Any], what: str, verb: str = "write") -> None:
+    """NonFiniteWeights naming the first bad tensors of ``state_dict`` (``what``: its file,
+    ``verb``: what was to be done with it, ``write`` or ``load``)."""
     bad = non_finite_tensors(state_dict)
     if bad:
         raise NonFiniteWeights(
-            f"refusing to write {what}: {len(bad)} of {len(state_dict)} tensors hold NaN/inf "
+            f"refusing to {verb} {what}: {len(bad)} of {len(state_dict)} tensors hold NaN/inf "
             f"(e.g. {', '.join(bad[:3])})"
         )
 
@@ -101,12 +103,25 @@ def _looks_pickled(path: Path) -> bool:
     return len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5
 
 
-def load_weights(module: nn.Module, state_dict: dict[str, Tensor], source: str) -> None:
+def load_weights(module: nn.Module, state_dict: Any, source: str) -> None:
     """``module.load_state_dict(state_dict)`` (strict), failing with a short CheckpointError.
 
     torch's message lists every key; this one counts missing, unexpected and mis-shaped
     entries and names the first few, which is what tells an architecture change apart.
+    Weights holding NaN/inf are refused (NonFiniteWeights): every command that loads a
+    network loads it here, and such weights would give NaN descriptors (an empty search
+    result, an exported model that outputs NaN) without an error.
     """
+    if not isinstance(state_dict, Mapping):
+        raise CheckpointError(
+            f"{source}: the weights are a {type(state_dict).__name__}, not a dict of tensors"
+        )
+    odd = [k for k, v in state_dict.items() if not isinstance(k, str) or not isinstance(v, Tensor)]
+    if odd:
+        raise CheckpointError(
+            f"{source}: the weights hold {len(odd)} entries that are not named tensors "
+            f"(e.g. {', '.join(repr(k) for k in odd[:3])})"
+        )
     own = module.state_dict()
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
@@ -131,6 +146,7 @@ def load_weights(module: nn.Module, state_dict: dict[str, Tensor], source: str) 
             + ". It was made for another backbone or out_dim: use the same settings, or "
             "another output folder / weights file"
         )
+    require_finite_weights(state_dict, source, verb="load")
     module.load_state_dict(state_dict, strict=True)
 
 

@@ -34,6 +34,8 @@ from typing import Any
 
 import numpy as np
 
+from apretrieval.data.gnd import index_array, query_sets
+
 __all__ = [
     "PROTOCOLS",
     "ProtocolResult",
@@ -43,7 +45,6 @@ __all__ = [
     "evaluate_revisited_per_query",
     "gnd_entries",
     "protocol_sets",
-    "query_sets",
     "stable_ranks",
     "stable_topk",
 ]
@@ -82,33 +83,6 @@ def gnd_entries(gnd: Any) -> list[Mapping[str, Any]]:
     if not isinstance(gnd, Sequence) or isinstance(gnd, str | bytes):
         raise ValueError(f"gnd must be a list of per-query dicts, got {type(gnd).__name__}")
     return list(gnd)
-
-
-def _index_array(values: Any, what: str, num_db: int) -> np.ndarray:
-    a = np.asarray(values if values is not None else [], dtype=np.float64).reshape(-1)
-    if a.size and (not np.all(np.isfinite(a)) or np.any(a != np.round(a))):
-        raise ValueError(f"{what} must hold integer indices, got {values!r}")
-    idx = a.astype(np.int64)
-    if idx.size and (idx.min() < 0 or idx.max() >= num_db):
-        bad = idx[(idx < 0) | (idx >= num_db)][0]
-        raise ValueError(f"{what} has index {bad} outside the database [0, {num_db})")
-    if np.unique(idx).size != idx.size:
-        raise ValueError(f"{what} lists an index more than once")
-    return idx
-
-
-def query_sets(entry: Mapping[str, Any], q: int, num_db: int) -> dict[str, np.ndarray]:
-    """Validated ``easy`` / ``hard`` / ``junk`` index arrays of query ``q``'s gnd entry."""
-    if not isinstance(entry, Mapping):
-        raise ValueError(f"gnd[{q}] must be a dict, got {type(entry).__name__}")
-    missing = [k for k in ("easy", "hard", "junk") if k not in entry]
-    if missing:
-        raise ValueError(f"gnd[{q}] lacks key(s) {missing} (has {sorted(entry)})")
-    sets = {k: _index_array(entry[k], f"gnd[{q}]['{k}']", num_db) for k in ("easy", "hard", "junk")}
-    allidx = np.concatenate(list(sets.values()))
-    if np.unique(allidx).size != allidx.size:
-        raise ValueError(f"gnd[{q}]: 'easy', 'hard' and 'junk' must be disjoint")
-    return sets
 
 
 def protocol_sets(entry: Mapping[str, Any], protocol: str) -> tuple[np.ndarray, np.ndarray]:
@@ -321,8 +295,8 @@ def evaluate_protocol(
     prec = np.full((q, len(ks)), np.nan)
     ranker = _Ranker(n, s.dtype)
     for i in range(q):
-        pos = _index_array(positives[i], f"positives[{i}]", n)
-        jnk = _index_array(junk[i], f"junk[{i}]", n)
+        pos = index_array(positives[i], f"positives[{i}]", n)
+        jnk = index_array(junk[i], f"junk[{i}]", n)
         if np.intersect1d(pos, jnk).size:
             raise ValueError(f"query {i}: positives and junk overlap")
         if pos.size == 0:

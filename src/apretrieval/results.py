@@ -356,7 +356,9 @@ def check_writable(path: str | os.PathLike[str]) -> Path:
     fails at once rather than after hours of extraction.
     """
     path = Path(path)
-    check_replaceable(path)  # a folder, a device, a FIFO: refused
+    if path.is_dir():
+        raise ValueError(f"cannot write the results to {path}: it is a folder")
+    check_replaceable(path)  # a device, a FIFO, a socket: refused
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=path.parent)

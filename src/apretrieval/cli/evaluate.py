@@ -4,6 +4,7 @@ GLDv2 retrieval benchmark's mAP@100 (Public and Private)."""
 from __future__ import annotations
 
 import argparse
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -214,6 +215,7 @@ def _summary(name: str, metrics: dict[str, Any]) -> str:
 def run(args: argparse.Namespace) -> int:
     from apretrieval.apq_analysis import APQSettings
     from apretrieval.benchmark_results import PostProcessing
+    from apretrieval.locking import output_lock
     from apretrieval.results import check_writable
     from apretrieval.tables import benchmarks_table, protocol_table, render_table
 
@@ -238,16 +240,20 @@ def run(args: argparse.Namespace) -> int:
     datasets = [_open(name, root, args.r1m) for name, root in located]
     suffix = "+R1M" if args.r1m else ""
     metrics = {}
-    for ds, out in zip(datasets, outs, strict=True):
-        features = args.features
-        if features is not None and several:
-            features = features.with_name(f"{features.name}_{ds.name}")
-        res = _evaluate(ds, out, features, args, post=post, apq=apq, settings=settings)
-        name = ds.name + suffix
-        metrics[name] = res.metrics
-        if not several:
-            title = f"{name}: {ds.num_queries} queries, {ds.num_db} database images"
-            print(render_table(protocol_table(res.metrics, title=title), "text"))
+    with ExitStack() as held:
+        # One writer per results file (and per folder of several), from before any work.
+        for target in [args.out, *outs] if several else outs:
+            held.enter_context(output_lock(target))
+        for ds, out in zip(datasets, outs, strict=True):
+            features = args.features
+            if features is not None and several:
+                features = features.with_name(f"{features.name}_{ds.name}")
+            res = _evaluate(ds, out, features, args, post=post, apq=apq, settings=settings)
+            name = ds.name + suffix
+            metrics[name] = res.metrics
+            if not several:
+                title = f"{name}: {ds.num_queries} queries, {ds.num_db} database images"
+                print(render_table(protocol_table(res.metrics, title=title), "text"))
     if several:
         sizes = ", ".join(f"{d.name} {d.num_queries} q / {d.num_db} db" for d in datasets)
         print(render_table(benchmarks_table(metrics, title=f"mAP and mP@10 in % ({sizes})")))

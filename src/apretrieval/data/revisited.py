@@ -16,7 +16,6 @@ can run.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ import numpy as np
 from PIL import Image
 
 from apretrieval.data.decode import decode_rgb, oriented_size
+from apretrieval.data.gnd import check_entry
 from apretrieval.data.plain_pickle import load_plain_pickle
 
 __all__ = [
@@ -146,10 +146,17 @@ class RevisitedDataset:
             )
         raw = load_gnd(self.gnd_path)
         self.images: list[str] = [str(n) for n in raw["imlist"]]
+        # Every entry checked now (indices, boxes): a bad file fails before any extraction.
+        try:
+            self.gnd: list[dict[str, Any]] = [
+                check_entry(g, i, len(self.images)) for i, g in enumerate(raw["gnd"])
+            ]
+        except ValueError as err:
+            raise ValueError(f"{self.gnd_path}: {err}") from None
         self._queries = [
-            _Query(str(q), _bbx(g["bbx"])) for q, g in zip(raw["qimlist"], raw["gnd"], strict=True)
+            _Query(str(q), (b[0], b[1], b[2], b[3]))
+            for q, b in zip(raw["qimlist"], (g["bbx"] for g in self.gnd), strict=True)
         ]
-        self.gnd: list[dict[str, Any]] = [_plain_entry(g, i) for i, g in enumerate(raw["gnd"])]
         self.r1m_root = Path(r1m_root) if r1m_root is not None else None
         self.distractors: list[str] = read_r1m_list(self.r1m_root) if self.r1m_root else []
 
@@ -211,21 +218,3 @@ class RevisitedDataset:
         """Image files the lists name but the disk lacks (empty when complete)."""
         paths = self.query_paths() + self.db_paths()
         return [p for p in paths if not p.is_file()]
-
-
-def _bbx(value: Any) -> tuple[float, float, float, float]:
-    """``[x1, y1, x2, y2]`` of a ground-truth entry as four floats."""
-    v = [float(x) for x in np.asarray(value, dtype=float).ravel()]
-    if len(v) != 4:
-        raise ValueError(f"bbx must hold 4 numbers (x1, y1, x2, y2), got {value!r}")
-    return v[0], v[1], v[2], v[3]
-
-
-def _plain_entry(g: Mapping[str, Any], i: int) -> dict[str, Any]:
-    if not isinstance(g, Mapping) or "bbx" not in g:
-        raise ValueError(f"gnd[{i}] must be a dict with a 'bbx'")
-    out: dict[str, Any] = {"bbx": [float(v) for v in np.asarray(g["bbx"], dtype=float).ravel()]}
-    for key in ("easy", "hard", "junk", "ok"):
-        if key in g:
-            out[key] = [int(v) for v in np.asarray(g[key], dtype=np.int64).ravel()]
-    return out

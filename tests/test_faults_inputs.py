@@ -1,0 +1,160 @@
+"""Inputs under faults: checkpoints holding NaN or the wrong structure, ground truth checked
+whole before any work, non-finite whitening, huge k, image bombs, odd file names."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from apretrieval.checkpoints import NonFiniteWeights
+from apretrieval.cli import main
+from apretrieval.models import build_model, load_checkpoint, load_model, save_checkpoint
+from conftest import without_thread_line
+from test_training import folder
+
+__all__ = ["folder"]  # test_training's module fixture (a small training folder)
+
+
+def _one_error(capsys, command: str) -> str:
+    err = without_thread_line(capsys.readouterr().err).strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"apretrieval {command}: error: "), err
+    return err[0]
+
+
+def _image(path: Path, seed: int = 0, size=(40, 32)) -> Path:
+    rng = np.random.default_rng(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """A small finite checkpoint (random ResNet-18, 8 dimensions)."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "model.pt"
+    return save_checkpoint(path, build_model("resnet18", pretrained=None, out_dim=8), step=1)
+
+
+# ------------------------------------------------------------------ NaN weights
+
+
+@pytest.fixture(scope="module")
+def nan_checkpoint(checkpoint, tmp_path_factory) -> Path:
+    """``checkpoint`` with one NaN weight (written by torch.save: save_checkpoint refuses it)."""
+    ckpt = load_checkpoint(checkpoint)
+    ckpt["state_dict"]["whiten.weight"][0, 0] = float("nan")
+    path = tmp_path_factory.mktemp("nan") / "nan.pt"
+    torch.save(ckpt, path)
+    return path
+
+
+def test_nan_weights_are_refused_wherever_a_checkpoint_is_loaded(nan_checkpoint, tmp_path):
+    with pytest.raises(NonFiniteWeights, match=r"refusing to load .*nan\.pt.*whiten\.weight"):
+        load_model(nan_checkpoint)
+    with pytest.raises(NonFiniteWeights, match="NaN/inf"):
+        build_model("resnet18", pretrained=None, out_dim=8, weights=nan_checkpoint)
+
+
+def test_export_and_search_refuse_nan_weights(nan_checkpoint, checkpoint, tmp_path, capsys):
+    out = tmp_path / "model.ts"
+    assert main(["export", "--checkpoint", str(nan_checkpoint), "--out", str(out)]) == 1
+    assert "NaN/inf" in _one_error(capsys, "export") and not out.exists()
+    pytest.importorskip("faiss")
+    q = _image(tmp_path / "q.png")
+    np.save(tmp_path / "f.npy", np.eye(8, dtype=np.float32))
+    args = ["--features", str(tmp_path / "f.npy"), "--checkpoint", str(checkpoint)]
+    assert main(["index", "build", *args, "--out", str(tmp_path / "ix")]) == 0
+    capsys.readouterr()
+    argv = ["search", "--index", str(tmp_path / "ix"), "--query", str(q)]
+    assert main([*argv, "--checkpoint", str(nan_checkpoint)]) == 1
+    assert "NaN/inf" in _one_error(capsys, "search")
+    assert main(argv) == 0  # the finite checkpoint recorded in the index: 8 results
+    assert capsys.readouterr().out.count("\n") == 9
+
+
+# ------------------------------------------------------------------ ground truth checked whole
+
+SAMPLES = Path(__file__).parent / "data" / "revisited"
+
+
+def _benchmark(root: Path, name: str = "roxford5k", **change) -> Path:
+    """A 6-image benchmark in the Revisited layout; ``change``: replace entry 1's values."""
+    from test_extraction import fake_benchmark
+
+    fake_benchmark(root, np.random.default_rng(3), n_db=6)
+    gnd_file = root / "gnd_roxford5k.pkl"
+    data = pickle.loads(gnd_file.read_bytes())
+    data["gnd"][1].update(change)
+    gnd_file.unlink()
+    (root / f"gnd_{name}.pkl").write_bytes(pickle.dumps(data, protocol=3))
+    return root
+
+
+BAD_GROUND_TRUTH = {
+    "index-out-of-range": ({"junk": [6]}, r"gnd\[1\]\['junk'\] has index 6 outside"),
+    "negative-index": ({"hard": [-1]}, r"index -1 outside"),
+    "float-index": ({"easy": [2.5]}, r"gnd\[1\]\['easy'\] must hold integer indices, got 2.5"),
+    "nan-bbx": ({"bbx": [0, float("nan"), 4, 4]}, r"gnd\[1\]\['bbx'\] must be 4 finite"),
+    "three-value-bbx": ({"bbx": [0, 0, 4]}, r"must be 4 finite numbers"),
+    "empty-bbx": ({"bbx": [5, 0, 5, 4]}, r"is empty"),
+    "overlapping-lists": ({"easy": [4], "junk": [4]}, r"must be disjoint"),
+    "duplicate-index": ({"hard": [0, 0]}, r"more than once"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_GROUND_TRUTH))
+def test_a_bad_ground_truth_file_is_refused_when_read(tmp_path, case):
+    from apretrieval.data.revisited import RevisitedDataset
+
+    change, message = BAD_GROUND_TRUTH[case]
+    root = _benchmark(tmp_path / "b", **change)
+    with pytest.raises(ValueError, match=r"gnd_roxford5k\.pkl: .*" + message):
+        RevisitedDataset("roxford5k", root)
+
+
+def test_real_ground_truth_and_integral_float_indices_are_accepted(tmp_path):
+    from apretrieval.data.revisited import RevisitedDataset
+
+    for name in ("roxford5k", "rparis6k", "oxford5k"):
+        (tmp_path / f"gnd_{name}.pkl").write_bytes((SAMPLES / f"{name}_sample.pkl").read_bytes())
+        assert RevisitedDataset(name, tmp_path).num_queries > 0
+    ds = RevisitedDataset("roxford5k", _benchmark(tmp_path / "b", easy=np.array([4.0])))
+    assert ds.gnd[1]["easy"] == [4]
+
+
+def test_evaluate_checks_every_benchmark_before_extracting_any(tmp_path, monkeypatch, capsys):
+    import apretrieval.pipeline as pipeline
+
+    loaded = []
+    monkeypatch.setattr(pipeline, "load_checkpoint_model", lambda *a, **k: loaded.append(1))
+    _benchmark(tmp_path / "good")
+    _benchmark(tmp_path / "bad", name="rparis6k", easy=[1.5])
+    good, bad = tmp_path / "good" / "gnd_roxford5k.pkl", tmp_path / "bad" / "gnd_rparis6k.pkl"
+    benchmarks = f"{good},{bad}"
+    argv = ["evaluate", "--checkpoint", "m.pt", "--datasets", benchmarks]
+    assert main([*argv, "--out", str(tmp_path / "res")]) == 2
+    assert "gnd_rparis6k.pkl: gnd[1]['easy']" in _one_error(capsys, "evaluate")
+    assert loaded == []  # not even the first benchmark was extracted
+
+
+def test_training_checks_its_validation_benchmark_before_the_first_step(folder, tmp_path):
+    from apretrieval.training import train
+    from test_training import tiny_config
+
+    _benchmark(tmp_path / "bad", bbx=[1, 2, 3])
+    cfg = tiny_config(
+        folder,
+        tmp_path / "run",
+        val_dataset="roxford5k",
+        val_root=str(tmp_path / "bad"),
+        val_every=1,
+    )
+    with pytest.raises(ValueError, match=r"gnd\[1\]\['bbx'\] must be 4 finite"):
+        train(cfg)
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()

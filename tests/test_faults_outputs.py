@@ -1,0 +1,91 @@
+"""Outputs under faults: paths of another kind (devices, FIFOs) never replaced, one writer per
+results file, stale temporaries swept by their owner, full disks named as such."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from apretrieval.cli import main
+from conftest import without_thread_line
+from test_faults_files import _extract_cli, _images, stand_in
+
+__all__ = ["stand_in"]  # test_faults_files' fixture: the checkpoint loader returns TinyNet
+
+
+# ------------------------------------------------------------------ outputs of another kind
+
+
+def test_outputs_never_replace_a_fifo_or_a_device(tmp_path):
+    from apretrieval.atomic import atomic_write_text
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    null = tmp_path / "null"
+    null.symlink_to("/dev/null")  # replacing the link itself would be harmless; refused too
+    for target, kind in ((fifo, r"a FIFO \(named pipe\)"), (null, "a character device")):
+        with pytest.raises(ValueError, match=f"it is {kind}, not a regular file"):
+            atomic_write_text(target, "x")
+    assert fifo.is_fifo() and null.is_symlink() and Path("/dev/null").is_char_device()
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_commands_refuse_an_output_of_another_kind_before_any_work(
+    tmp_path, stand_in, monkeypatch, capsys
+):
+    import apretrieval.models as models
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    loaded = []
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: loaded.append(1))
+    rc = main(["export", "--checkpoint", str(tmp_path / "m.pt"), "--out", str(fifo)])
+    assert rc == 2 and "it is a FIFO" in capsys.readouterr().err and loaded == []
+    np.save(tmp_path / "f.npy", np.eye(4, dtype=np.float32))
+    rc = main(["index", "build", "--features", str(tmp_path / "f.npy"), "--out", str(fifo)])
+    assert rc == 2 and "it is a FIFO (named pipe), not a folder" in capsys.readouterr().err
+    from test_extraction import fake_benchmark
+
+    fake_benchmark(tmp_path / "bench", np.random.default_rng(0))
+    stand_in.calls = 0
+    args = ["--checkpoint", str(tmp_path / "m.pt"), "--dataset", "roxford5k"]
+    rc = main(["evaluate", *args, "--root", str(tmp_path / "bench"), "--out", str(fifo)])
+    assert rc == 2 and "it is a FIFO" in capsys.readouterr().err and stand_in.calls == 0
+    assert fifo.is_fifo()
+    # extraction's descriptor file: never replaced
+    npy = tmp_path / "x.npy"
+    os.mkfifo(npy)
+    _images(tmp_path / "imgs", 2)
+    assert _extract_cli(tmp_path / "m.pt", tmp_path / "imgs", tmp_path / "x") == 2
+    assert "it is a FIFO" in capsys.readouterr().err and npy.is_fifo()
+
+
+# ------------------------------------------------------------------ one writer per results file
+
+
+@pytest.mark.parametrize("several", [False, True], ids=["one-benchmark", "two-benchmarks"])
+def test_evaluate_refuses_a_results_output_another_run_writes(tmp_path, stand_in, capsys, several):
+    from test_extraction import fake_benchmark
+
+    for name in ("roxford5k", "rparis6k"):
+        fake_benchmark(tmp_path / name, np.random.default_rng(0))
+        if name != "roxford5k":
+            (tmp_path / name / "gnd_roxford5k.pkl").rename(tmp_path / name / f"gnd_{name}.pkl")
+    gnds = [str(tmp_path / n / f"gnd_{n}.pkl") for n in ("roxford5k", "rparis6k")]
+    out = tmp_path / ("res" if several else "res.json")
+    holder = os.getppid()  # a live process: the other run
+    lock = out.with_name(out.name + ".lock")
+    lock.write_text(f"{holder}\n{socket.gethostname()}\n")
+    stand_in.calls = 0
+    argv = ["evaluate", "--checkpoint", "m.pt", "--datasets", ",".join(gnds[: 1 + several])]
+    assert main([*argv, "--out", str(out), "--workers", "0", "--no-progress"]) == 1
+    err = without_thread_line(capsys.readouterr().err)
+    assert f"being written by process {holder}" in err and err.count("\n") == 1
+    assert stand_in.calls == 0 and not (out / "roxford5k.json" if several else out).exists()
+    lock.unlink()  # the other run ended: this one runs, and leaves no lock behind
+    assert main([*argv, "--out", str(out), "--workers", "0", "--no-progress"]) == 0
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".lock")] == []
