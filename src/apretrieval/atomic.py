@@ -65,7 +65,7 @@ def _umask() -> int:
     return mask
 
 
-def check_replaceable(path: str | os.PathLike, *, folder: bool = False) -> None:
+def check_replaceable(path: str | os.PathLike[str], *, folder: bool = False) -> None:
     """ValueError unless ``path`` is absent or a regular file (``folder``: a folder; a file
     there is a NotADirectoryError, as creating the folder would raise).
 

@@ -46,7 +46,7 @@ class NonFiniteWeights(CheckpointError):
     """Weights holding NaN/inf: written, they would pass silently into every descriptor."""
 
 
-def non_finite_tensors(state_dict: dict[str, Any]) -> list[str]:
+def non_finite_tensors(state_dict: Mapping[str, Any]) -> list[str]:
     """Names of the floating-point tensors of ``state_dict`` holding a NaN or an inf."""
     return [
         name
@@ -55,7 +55,7 @@ def non_finite_tensors(state_dict: dict[str, Any]) -> list[str]:
     ]
 
 
-def require_finite_weights(state_dict: dict[str, Any], what: str, verb: str = "write") -> None:
+def require_finite_weights(state_dict: Mapping[str, Any], what: str, verb: str = "write") -> None:
     """NonFiniteWeights naming the first bad tensors of ``state_dict`` (``what``: its file,
     ``verb``: what was to be done with it, ``write`` or ``load``)."""
     bad = non_finite_tensors(state_dict)

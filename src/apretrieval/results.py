@@ -59,6 +59,7 @@ __all__ = [
     "load_results",
     "metrics_from_dict",
     "metrics_to_dict",
+    "results_output",
 ]
 
 
