@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, TextIO
 
-from apretrieval.extraction import DEFAULT_MAX_SIDE, DEFAULT_SCALES
+from apretrieval.extraction.settings import DEFAULT_MAX_SIDE, DEFAULT_SCALES
 from apretrieval.train_config import AP_LOSSES, TrainConfig
 
 _EVALUATE_DEFAULT = (
