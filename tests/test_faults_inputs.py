@@ -15,9 +15,11 @@ from apretrieval.checkpoints import NonFiniteWeights
 from apretrieval.cli import main
 from apretrieval.models import build_model, load_checkpoint, load_model, save_checkpoint
 from conftest import without_thread_line
+from test_faults_files import stand_in
 from test_training import folder
 
-__all__ = ["folder"]  # test_training's module fixture (a small training folder)
+# Fixtures of other test modules: a small training folder; a TinyNet checkpoint loader.
+__all__ = ["folder", "stand_in"]
 
 
 def _one_error(capsys, command: str) -> str:
@@ -158,3 +160,39 @@ def test_training_checks_its_validation_benchmark_before_the_first_step(folder, 
     with pytest.raises(ValueError, match=r"gnd\[1\]\['bbx'\] must be 4 finite"):
         train(cfg)
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+# ------------------------------------------------------------------ hostile images
+
+
+def _bomb(path: Path, side: int = 50000) -> Path:
+    """A PNG of a few dozen bytes whose header declares ``side`` x ``side`` pixels."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+        return struct.pack(">I", len(data)) + kind + data + crc
+
+    header = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b""))
+    path.write_bytes(png + chunk(b"IEND", b""))
+    return path
+
+
+def test_skip_bad_skips_a_decompression_bomb(tmp_path, stand_in, capsys):
+    from apretrieval.descriptors import load_features
+    from test_faults_files import _extract_cli
+
+    _image(tmp_path / "imgs" / "a.png")
+    assert _bomb(tmp_path / "imgs" / "bomb.png").stat().st_size < 100
+    assert _extract_cli(tmp_path / "m.pt", tmp_path / "imgs", tmp_path / "x", "--skip-bad") == 0
+    features = load_features(tmp_path / "x.npy")
+    assert features.ids == ["a.png"]
+    assert [s["id"] for s in features.extra["skipped"]] == ["bomb.png"]
+    assert "decompression bomb" in features.extra["skipped"][0]["error"]
+    capsys.readouterr()
+    # Without --skip-bad: one line naming the file.
+    assert _extract_cli(tmp_path / "m.pt", tmp_path / "imgs", tmp_path / "y") == 2
+    line = _one_error(capsys, "extract")
+    assert "cannot read image" in line and "bomb.png" in line

@@ -27,7 +27,11 @@ import math
 import numpy as np
 from PIL import Image
 
-__all__ = ["decode_rgb", "jpeg_draft", "orientation", "oriented_size", "to_rgb"]
+__all__ = ["DECODE_ERRORS", "decode_rgb", "jpeg_draft", "orientation", "oriented_size", "to_rgb"]
+
+# What Pillow raises for an unreadable, truncated or hostile file (a decompression bomb: a
+# header declaring billions of pixels, refused at open before any pixel is decoded).
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 _ORIENTATION_TAG = 0x0112
 # EXIF orientation -> the transpose that shows the stored pixels upright.

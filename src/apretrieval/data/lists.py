@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from apretrieval.data.decode import decode_rgb
+from apretrieval.data.decode import DECODE_ERRORS, decode_rgb
 from apretrieval.data.sfm120k import training_images
 
 __all__ = [
@@ -38,8 +38,6 @@ log = logging.getLogger("apretrieval.data")
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 CHECKS = ("none", "exists", "header")
-# Errors PIL raises for unreadable, truncated or hostile files.
-_DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 _MAX_REPORTED = 10
 
 
@@ -82,7 +80,7 @@ class ImageList:
         try:
             with Image.open(path) as img:
                 return fn(img) if fn is not None else decode_rgb(img)
-        except _DECODE_ERRORS as err:
+        except DECODE_ERRORS as err:
             self.num_bad += 1
             if self.num_bad <= _MAX_REPORTED:
                 log.warning("skipping unreadable image %s: %s", path, err)
@@ -136,7 +134,7 @@ def _usable(path: str, header: bool) -> bool:
     try:
         with Image.open(path) as img:  # reads the header only
             return img.size[0] > 0 and img.size[1] > 0
-    except _DECODE_ERRORS:
+    except DECODE_ERRORS:
         return False
 
 

@@ -13,7 +13,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision.transforms.v2 import functional as TF
 
-from apretrieval.data.decode import decode_rgb, oriented_size
+from apretrieval.data.decode import DECODE_ERRORS, decode_rgb, oriented_size
 from apretrieval.data.lists import IMAGE_EXTENSIONS
 from apretrieval.data.revisited import crop_box
 from apretrieval.extraction.settings import DEFAULT_MAX_SIDE
@@ -59,9 +59,13 @@ class ImageFiles(Dataset[Tensor]):
         return (0, 0, *size) if box is None else crop_box(box, size)
 
     def output_size(self, i: int) -> tuple[int, int]:
-        """(H, W) of item ``i`` from the file header, without decoding the pixels."""
-        with Image.open(self.paths[i]) as img:
-            x1, y1, x2, y2 = self._box(i, oriented_size(img))
+        """(H, W) of item ``i`` from the file header, without decoding the pixels; ValueError
+        naming the file when the header cannot be used."""
+        try:
+            with Image.open(self.paths[i]) as img:
+                x1, y1, x2, y2 = self._box(i, oriented_size(img))
+        except DECODE_ERRORS as err:
+            raise ValueError(f"cannot read image {self.paths[i]}: {err}") from None
         w, h = _fit_size(x2 - x1, y2 - y1, self.max_side)
         return h, w
 
@@ -71,7 +75,7 @@ class ImageFiles(Dataset[Tensor]):
                 box = self._box(i, oriented_size(img))
                 size = _fit_size(box[2] - box[0], box[3] - box[1], self.max_side)
                 rgb = decode_rgb(img, box, size)
-        except OSError as err:
+        except DECODE_ERRORS as err:  # a bomb too: refused at open, named with its file
             raise ValueError(f"cannot read image {self.paths[i]}: {err}") from None
         return TF.to_dtype(TF.pil_to_tensor(rgb), torch.float32, scale=True)
 

@@ -103,10 +103,12 @@ def _size_order(images: Any, indices: Sequence[int]) -> list[int]:
     sizer: Callable[[int], tuple[int, int]] | None = getattr(images, "output_size", None)
     if sizer is None:
         return list(indices)
-    try:
-        sizes = {i: sizer(i) for i in indices}
-    except (OSError, ValueError):  # unreadable header: fall back, the loader will report it
-        return list(indices)
+    sizes = {}
+    for i in indices:
+        try:
+            sizes[i] = sizer(i)
+        except ValueError:  # unreadable header (a bomb too): the loader reports or skips it
+            sizes[i] = (0, 0)
     return sorted(indices, key=lambda i: (sizes[i], i))
 
 
