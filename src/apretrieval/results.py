@@ -59,7 +59,6 @@ __all__ = [
     "load_results",
     "metrics_from_dict",
     "metrics_to_dict",
-    "results_output",
 ]
 
 
