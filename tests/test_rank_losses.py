@@ -338,3 +338,18 @@ def test_half_precision_inputs_are_computed_in_float32(name):
     assert got[1][0].dtype == torch.bfloat16
     assert abs(float(got[0]) - float(want[0])) < 1e-2  # the bfloat16 rounding of the value
     torch.testing.assert_close(got[1][0].float(), want[1][0].bfloat16().float())
+
+
+def test_training_runs_with_a_rank_loss_and_a_memory_bank(tmp_path):
+    import json
+
+    from apretrieval.training import train
+    from test_distributed import make_folder
+    from test_training import tiny_config
+
+    folder = make_folder(tmp_path / "data")
+    cfg = tiny_config(folder, tmp_path / "run", loss="roadmap", tau=0.1, memory_batches=1)
+    assert train(cfg).is_file()
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [x["loss"] for x in lines if "loss" in x]
+    assert len(losses) == cfg.steps and all(math.isfinite(v) for v in losses)
