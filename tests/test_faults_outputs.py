@@ -3,6 +3,7 @@ results file, stale temporaries swept by their owner, full disks named as such."
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import socket
 from pathlib import Path
@@ -89,3 +90,48 @@ def test_evaluate_refuses_a_results_output_another_run_writes(tmp_path, stand_in
     lock.unlink()  # the other run ended: this one runs, and leaves no lock behind
     assert main([*argv, "--out", str(out), "--workers", "0", "--no-progress"]) == 0
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".lock")] == []
+
+
+# ------------------------------------------------------------------ what a kill -9 leaves
+
+
+def test_an_extraction_killed_while_it_replaced_its_settings_resumes(tmp_path, stand_in):
+    from apretrieval.descriptors import load_features
+
+    _images(tmp_path / "imgs", 3)
+    parts = tmp_path / "x.parts"
+    parts.mkdir()
+    # kill -9 inside atomic_open(settings.json): the temporary exists, settings.json does not
+    (parts / ".settings.json.k2j4h1.tmp").write_text('{"scales": [1.0], "max_')
+    assert _extract_cli(tmp_path / "m.pt", tmp_path / "imgs", tmp_path / "x") == 0
+    assert load_features(tmp_path / "x.npy").ids == ["im00.png", "im01.png", "im02.png"]
+    assert not parts.exists()
+
+
+def test_owners_sweep_the_temporaries_a_killed_writer_left(tmp_path, stand_in):
+    from test_extraction import fake_benchmark
+
+    def leftovers(folder: Path) -> list[str]:
+        return sorted(p.name for p in folder.iterdir() if p.name.endswith(".tmp"))
+
+    _images(tmp_path / "imgs", 2)
+    stale = [".x.json.d4e5f6.tmp", ".x.npy.a1b2c3.tmp"]
+    for name in stale:
+        (tmp_path / name).write_bytes(b"\0" * 100_000)  # a killed write of the descriptors
+    assert leftovers(tmp_path) == stale
+    assert _extract_cli(tmp_path / "m.pt", tmp_path / "imgs", tmp_path / "x") == 0
+    assert leftovers(tmp_path) == []
+    if importlib.util.find_spec("faiss") is not None:
+        ix = tmp_path / "ix"
+        ix.mkdir()
+        for name in (".index.faiss.j1k2l3.tmp", ".manifest.json.m4n5o6.tmp"):
+            (ix / name).write_bytes(b"\0" * 1000)
+        args = ["--features", str(tmp_path / "x.npy"), "--out", str(ix)]
+        assert main(["index", "build", *args, "--checkpoint", str(tmp_path / "m.pt")]) == 0
+        assert leftovers(ix) == []
+    fake_benchmark(tmp_path / "bench", np.random.default_rng(0))
+    (tmp_path / ".res.json.p7q8r9.tmp").write_text('{"dataset": "roxf')
+    argv = ["evaluate", "--checkpoint", "m.pt", "--dataset", "roxford5k", "--workers", "0"]
+    argv += ["--root", str(tmp_path / "bench"), "--out", str(tmp_path / "res.json")]
+    assert main([*argv, "--no-progress"]) == 0
+    assert leftovers(tmp_path) == []

@@ -237,6 +237,18 @@ def test_a_run_takes_over_the_lock_of_a_dead_run_and_releases_it(folder, tmp_pat
     assert not (tmp_path / "run.lock").exists()
 
 
+def test_a_run_sweeps_the_temporaries_of_a_killed_run(folder, tmp_path):
+    from apretrieval.training import train
+
+    run = tmp_path / "run"
+    run.mkdir()
+    stale = [".best.pt.a1b2c3.tmp", ".checkpoint.pt.d4e5f6.tmp", ".metrics.jsonl.g7h8.tmp"]
+    for name in stale:
+        (run / name).write_bytes(b"\0" * 10_000)
+    train(tiny_config(folder, run, steps=1, warmup_steps=0), resume=True)
+    assert sorted(p.name for p in run.iterdir() if p.name.endswith(".tmp")) == []
+
+
 def test_the_run_folder_is_locked_while_the_run_lives(folder, tmp_path):
     from apretrieval.training import train
 

@@ -8,7 +8,9 @@ helpers built on them).
 The temporary file is ``.NAME.<random>.tmp`` in the target's folder. It gets the permissions
 ``open()`` would give a new file (0666 minus the umask), not ``mkstemp``'s private 0600, so
 outputs are as readable as any other file the user writes. A process killed (SIGKILL) while
-writing leaves its temporary behind; :func:`remove_stale_temporaries` clears those of a path.
+writing leaves its temporary behind, as large as the file it was writing: the owner of a
+file (holding its lock) clears those with :func:`remove_stale_temporaries` (of a path) or
+:func:`remove_stale_temporaries_in` (of a folder it owns whole).
 
 An existing path is replaced only if it is a regular file (:func:`check_replaceable`): a
 device node, a FIFO or a socket given as an output (``--out /dev/null`` as root) would
@@ -39,6 +41,7 @@ __all__ = [
     "atomic_write_text",
     "check_replaceable",
     "remove_stale_temporaries",
+    "remove_stale_temporaries_in",
 ]
 
 _KINDS = {
@@ -172,6 +175,20 @@ def remove_stale_temporaries(path: str | os.PathLike[str]) -> list[Path]:
     removed = []
     for p in path.parent.iterdir():
         if p.name.startswith(prefix) and p.name.endswith(".tmp") and p.is_file():
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
+def remove_stale_temporaries_in(folder: str | os.PathLike[str]) -> list[Path]:
+    """Delete the temporaries of every atomic write in ``folder`` (``.NAME.*.tmp``); returns
+    them. For a folder whose every file one owner writes, called while it holds the lock."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for p in folder.iterdir():
+        if p.name.startswith(".") and p.name.endswith(".tmp") and p.is_file():
             p.unlink(missing_ok=True)
             removed.append(p)
     return removed

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
-from apretrieval.atomic import atomic_open, atomic_path
+from apretrieval.atomic import atomic_open, atomic_path, remove_stale_temporaries
 from apretrieval.descriptors import FeatureSet, read_manifest
 from apretrieval.filekey import file_key, matches
 from apretrieval.locking import output_lock
@@ -316,6 +316,8 @@ class SearchIndex:
 def _write_folder(index: SearchIndex, out: Path) -> None:
     faiss = _faiss()
     out.mkdir(parents=True, exist_ok=True)
+    for name in (INDEX_FILE, MANIFEST_FILE):  # what a killed writer left (we hold the lock)
+        remove_stale_temporaries(out / name)
     with atomic_path(out / INDEX_FILE) as tmp:
         faiss.write_index(index.index, str(tmp))
     manifest = {**index.manifest(), "index_file": file_key(out / INDEX_FILE)}

@@ -52,6 +52,7 @@ from apretrieval.models import RetrievalNet, build_model, eval_mode, load_checkp
 from apretrieval.multistage import StepResult
 from apretrieval.precision import LossScale, fast_net
 from apretrieval.run_folder import (
+    RUN_FILES,
     SignalStop,
     TrainingDiverged,
     TrainingInterrupted,
@@ -254,8 +255,8 @@ def _train(
     ctx = init_distributed(cfg.dist_backend, cfg.dist_timeout, cfg.device)
     device = ctx.device
     if ctx.is_main:  # temporary files of writes killed mid-way (SIGKILL) in an earlier run
-        for path in (ckpt_path, final_path, log_path, run_dir / "config.yaml"):
-            remove_stale_temporaries(path)
+        for name in (*RUN_FILES, "config.yaml"):
+            remove_stale_temporaries(run_dir / name)
     shard = slice(*shard_bounds(cfg.batch_size, ctx.rank, ctx.world_size))
     images = open_image_list(
         cfg.data, cfg.data_format, cfg.image_root, cfg.check_images, cfg.exclude_landmarks

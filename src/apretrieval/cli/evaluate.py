@@ -214,6 +214,7 @@ def _summary(name: str, metrics: dict[str, Any]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from apretrieval.apq_analysis import APQSettings
+    from apretrieval.atomic import remove_stale_temporaries
     from apretrieval.benchmark_results import PostProcessing
     from apretrieval.locking import output_lock
     from apretrieval.results import check_writable
@@ -244,6 +245,8 @@ def run(args: argparse.Namespace) -> int:
         # One writer per results file (and per folder of several), from before any work.
         for target in [args.out, *outs] if several else outs:
             held.enter_context(output_lock(target))
+        for out in outs:  # what an evaluation killed while writing it left
+            remove_stale_temporaries(out)
         for ds, out in zip(datasets, outs, strict=True):
             features = args.features
             if features is not None and several:

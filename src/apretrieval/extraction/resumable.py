@@ -10,7 +10,9 @@ While an extraction to ``X`` runs, finished work is kept under ``X.parts/``:
 
 A rerun with the same settings reuses every row whose image id and file are unchanged, in
 whichever shard it is: removing a bad image, adding images or fixing one re-extracts only
-those. Other settings are refused (the folder belongs to another extraction). When all rows
+those. Finished shards made with other settings are refused (the folder belongs to another
+extraction); a folder without a finished shard (a run killed before its first, even while it
+replaced ``settings.json``) is simply started over. When all rows
 exist, ``X.npy`` + ``X.json`` are written from the shards, in the order of the ids, and
 ``X.parts/`` is removed. A complete ``X`` whose manifest records the same inputs is returned
 as it is: that is the descriptor cache of ``apretrieval evaluate --features``.
@@ -35,7 +37,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from apretrieval.atomic import atomic_open
+from apretrieval.atomic import atomic_open, remove_stale_temporaries, remove_stale_temporaries_in
 from apretrieval.descriptors import check_finite, features_paths, load_features, write_features
 from apretrieval.extraction.loop import Extractor
 from apretrieval.extraction.settings import DEFAULT_MAX_SIDE, DEFAULT_SCALES
@@ -265,9 +267,13 @@ def extract_to_file(
             "inputs_sha256": hashlib.sha256("\n".join(stamps).encode("utf-8")).hexdigest(),
             **settings,
         }
+        # What a run killed mid-write left: temporaries as large as the files (the lock is ours).
+        for path in (npy, manifest_path):
+            remove_stale_temporaries(path)
+        remove_stale_temporaries_in(parts)
         if _complete(npy, manifest_path, fp):
             return npy
-        if parts.exists() and any(parts.iterdir()) and not _same(old_settings, settings):
+        if _committed_shards(parts) and not _same(old_settings, settings):
             raise ValueError(
                 f"{parts} holds a partial extraction with other images or settings; "
                 "delete it or choose another output"
