@@ -196,3 +196,38 @@ def test_skip_bad_skips_a_decompression_bomb(tmp_path, stand_in, capsys):
     assert _extract_cli(tmp_path / "m.pt", tmp_path / "imgs", tmp_path / "y") == 2
     line = _one_error(capsys, "extract")
     assert "cannot read image" in line and "bomb.png" in line
+
+
+def test_a_file_name_that_is_not_utf8_is_extracted_and_printed(tmp_path, stand_in, checkpoint):
+    import os
+    import subprocess
+    import sys
+
+    from apretrieval.descriptors import load_features
+    from test_faults_files import _extract_cli
+
+    imgs = tmp_path / "imgs"
+    _image(imgs / "ok.png")
+    latin1 = imgs / os.fsdecode(b"caf\xe9.png")  # a Latin-1 name: byte 0xE9 alone
+    _image(latin1, seed=1)
+    for out, extra in (("x", ()), ("y", ("--skip-bad",))):
+        assert _extract_cli(tmp_path / "m.pt", imgs, tmp_path / out, *extra) == 0
+        assert load_features(tmp_path / f"{out}.npy").ids == ["caf\\xe9.png", "ok.png"]
+    # Printed where stdout cannot encode the name as it is (a strict UTF-8 locale).
+    pytest.importorskip("faiss")
+    np.save(tmp_path / "f.npy", np.eye(8, dtype=np.float32))  # the checkpoint's 8 dimensions
+    argv = ["index", "build", "--features", str(tmp_path / "f.npy")]
+    assert main([*argv, "--out", str(tmp_path / "ix")]) == 0
+    src = str(Path(__file__).parents[1] / "src")
+    env = {**os.environ, "PYTHONPATH": src, "PYTHONIOENCODING": "utf-8:strict"}
+    code = "import sys; from apretrieval.cli import main; sys.exit(main())"
+    argv = ["search", "--index", str(tmp_path / "ix"), "--query", str(latin1)]
+    proc = subprocess.run(
+        [sys.executable, "-c", code, *argv, "--checkpoint", str(checkpoint), "--k", "1"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "caf\\udce9.png" in proc.stdout.splitlines()[0]

@@ -34,7 +34,7 @@ from torch import nn
 from apretrieval.apq_analysis import APQSettings
 from apretrieval.benchmark_results import PostProcessing, benchmark_results
 from apretrieval.data.revisited import RevisitedDataset
-from apretrieval.extraction.images import ImageFiles, list_images
+from apretrieval.extraction.images import ImageFiles, image_ids, list_images
 from apretrieval.extraction.loop import extract_descriptors
 from apretrieval.extraction.resumable import extract_to_file
 from apretrieval.extraction.settings import DEFAULT_MAX_SIDE, DEFAULT_SCALES, check_scales
@@ -228,7 +228,7 @@ def extract_folder(
     ids are the paths relative to ``folder``. Resumable like the benchmark files."""
     folder = Path(folder)
     paths = list_images(folder)
-    ids = [p.relative_to(folder).as_posix() for p in paths]
+    ids = image_ids(paths, folder)
     return extract_to_file(
         model,
         ImageFiles(paths, None, settings.max_side),

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import importlib
+import io
 import os
 import sys
 import traceback
@@ -133,6 +134,14 @@ def _reject_unknown(
     target.error(msg)
 
 
+def _printable_paths() -> None:
+    """Print a file name that is not valid UTF-8 with its odd bytes as ``\\xNN`` rather than
+    fail on it: stdout's strict error handler (a UTF-8 locale) cannot encode such a name."""
+    stream = sys.stdout
+    if isinstance(stream, io.TextIOWrapper) and stream.errors == "strict":
+        stream.reconfigure(errors="backslashreplace")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the process exit status.
 
@@ -140,6 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     values (argparse, ``ValueError``), 130 interrupted.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
+    _printable_paths()
     command = _command_in(argv)
     if command is not None and command not in COMMANDS:
         close = difflib.get_close_matches(command, COMMANDS, n=1)

@@ -18,7 +18,7 @@ from apretrieval.data.lists import IMAGE_EXTENSIONS
 from apretrieval.data.revisited import crop_box
 from apretrieval.extraction.settings import DEFAULT_MAX_SIDE
 
-__all__ = ["ImageFiles", "list_images"]
+__all__ = ["ImageFiles", "image_ids", "list_images"]
 
 
 def _fit_size(w: int, h: int, max_side: int | None) -> tuple[int, int]:
@@ -89,3 +89,19 @@ def list_images(folder: str | os.PathLike[str]) -> list[Path]:
     if not files:
         raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {folder}")
     return sorted(files, key=lambda p: p.relative_to(folder).as_posix())
+
+
+def image_ids(paths: Sequence[Path], folder: str | os.PathLike[str]) -> list[str]:
+    """Ids of image files: their paths relative to ``folder``, with ``/`` separators.
+
+    An id is text (it is written in the descriptor file's JSON manifest and printed): the
+    bytes of a file name that are not valid UTF-8 (a Latin-1 name from an old archive) are
+    written ``\\xNN``, so ``caf\\xe9.jpg`` names the file whose name holds byte 0xE9.
+    """
+    return [
+        p.relative_to(folder)
+        .as_posix()
+        .encode("utf-8", "surrogateescape")
+        .decode("utf-8", "backslashreplace")
+        for p in paths
+    ]
