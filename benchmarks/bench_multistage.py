@@ -32,7 +32,7 @@ import torch
 from apretrieval.models import build_model
 from apretrieval.multistage import multistage_backward
 from apretrieval.train_config import TrainConfig
-from apretrieval.training import make_loss
+from apretrieval.train_setup import make_loss
 
 K = 4  # images per class
 

@@ -9,13 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from apretrieval.data.transforms import (
-    AugmentConfig,
-    TrainTransform,
-    batch_seeds,
-    resize_max_side,
-    sample_seed,
-)
+from apretrieval.augment_config import AugmentConfig
+from apretrieval.data.transforms import TrainTransform, batch_seeds, resize_max_side, sample_seed
 
 
 def photo(w=120, h=90, fmt=None):

@@ -17,10 +17,11 @@ import pytest
 import torch
 from PIL import Image
 
+from apretrieval.augment_config import AugmentConfig
 from apretrieval.data.decode import decode_rgb, oriented_size, to_rgb
 from apretrieval.data.lists import ImageList
 from apretrieval.data.sampler import ClassBalancedBatchSampler, has_positive
-from apretrieval.data.transforms import AugmentConfig, TrainTransform, resize_max_side
+from apretrieval.data.transforms import TrainTransform, resize_max_side
 from apretrieval.extraction.images import ImageFiles
 
 H, W = 36, 52

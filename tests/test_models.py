@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from apretrieval import models
+from apretrieval.backbone_names import BACKBONES
 from apretrieval.models import (
-    BACKBONES,
     MissingWeightsError,
     build_model,
     load_model,

@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from apretrieval.data.transforms import AugmentConfig, TrainTransform, batch_seeds
+from apretrieval.augment_config import AugmentConfig
+from apretrieval.data.transforms import TrainTransform, batch_seeds
 from apretrieval.losses.ap import APLoss
 from apretrieval.losses.baselines import ContrastiveLoss, TripletLoss
 from apretrieval.models import ModelConfig, RetrievalNet

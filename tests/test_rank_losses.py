@@ -286,7 +286,7 @@ def test_training_config_selects_the_rank_losses_with_their_settings(tmp_path):
     import yaml
 
     from apretrieval.train_config import TrainConfig
-    from apretrieval.training import make_loss
+    from apretrieval.train_setup import make_loss
 
     cfg = TrainConfig(data="x", tau=0.05, memory_batches=2)
     assert isinstance(make_loss(cfg.replace(loss="smooth_ap")), SmoothAPLoss)

@@ -23,7 +23,8 @@ from apretrieval.losses.baselines import ContrastiveLoss, TripletLoss
 from apretrieval.models import load_checkpoint, load_model
 from apretrieval.run_folder import RunFolderInUse, TrainingDiverged, TrainingInterrupted
 from apretrieval.train_config import TrainConfig
-from apretrieval.training import lr_factor, make_loss, train
+from apretrieval.train_setup import lr_factor, make_loss
+from apretrieval.training import train
 
 CONFIGS = Path(__file__).parents[1] / "src" / "apretrieval" / "configs"
 

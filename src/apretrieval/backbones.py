@@ -37,15 +37,11 @@ from typing import Any
 
 from torch import Tensor, nn
 
-__all__ = ["TIMM_PREFIX", "TimmTrunk", "is_timm_name", "timm_trunk"]
+from apretrieval.backbone_names import TIMM_PREFIX, is_timm_name
 
-TIMM_PREFIX = "timm/"
+__all__ = ["TimmTrunk", "timm_trunk"]
+
 _INSTALL_HINT = "pip install 'apretrieval[timm]'  (or: pip install timm)"
-
-
-def is_timm_name(name: str) -> bool:
-    """True for backbone names of the form ``timm/<model>``."""
-    return isinstance(name, str) and name.startswith(TIMM_PREFIX)
 
 
 def _import_timm() -> Any:

@@ -43,7 +43,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from apretrieval.models import BACKBONES, ModelConfig, RetrievalNet, save_checkpoint
+from apretrieval.backbone_names import BACKBONES
+from apretrieval.models import ModelConfig, RetrievalNet, save_checkpoint
 from apretrieval.postprocess import Whitening, save_whitening
 
 __all__ = [

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["append_jsonl", "read_jsonl"]
+from apretrieval.atomic import atomic_open
+
+__all__ = ["append_jsonl", "keep_jsonl", "read_jsonl"]
 
 
 def append_jsonl(path: str | os.PathLike[str], record: dict[str, Any]) -> None:
@@ -39,3 +42,14 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
             raise ValueError(f"{path}:{n}: expected a JSON object, got {type(obj).__name__}")
         records.append(obj)
     return records
+
+
+def keep_jsonl(path: str | os.PathLike[str], keep: Callable[[dict[str, Any]], bool]) -> None:
+    """Rewrite ``path`` (atomically) with only the records ``keep`` accepts; a torn last line
+    goes too. Nothing to do when the file does not exist."""
+    path = Path(path)
+    if not path.exists():
+        return
+    kept = [r for r in read_jsonl(path) if keep(r)]
+    with atomic_open(path, "w", encoding="utf-8") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in kept))

@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from apretrieval.backbones import is_timm_name, timm_trunk
+from apretrieval.backbone_names import BACKBONES, is_timm_name
+from apretrieval.backbones import timm_trunk
 from apretrieval.checkpoints import (
     CheckpointError,
     atomic_torch_save,
@@ -35,7 +36,6 @@ from apretrieval.pooling import GeM
 from apretrieval.postprocess import pca_whitening_matrix
 
 __all__ = [
-    "BACKBONES",
     "MissingWeightsError",
     "ModelConfig",
     "RetrievalNet",
@@ -46,15 +46,6 @@ __all__ = [
     "save_checkpoint",
 ]
 
-# Feature width of each backbone's last convolutional map.
-BACKBONES: dict[str, int] = {
-    "resnet18": 512,
-    "resnet34": 512,
-    "resnet50": 2048,
-    "resnet101": 2048,
-    "resnet152": 2048,
-    "mobilenet_v2": 1280,
-}
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
 _CHECKPOINT_FORMAT = "apretrieval-model"

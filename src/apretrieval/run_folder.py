@@ -12,7 +12,6 @@ stays), and the run fails with TrainingDiverged.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -24,9 +23,8 @@ from typing import Any
 
 import torch
 
-from apretrieval.atomic import atomic_open
 from apretrieval.checkpoints import NonFiniteWeights
-from apretrieval.jsonl import read_jsonl
+from apretrieval.jsonl import keep_jsonl
 from apretrieval.locking import output_lock
 from apretrieval.models import RetrievalNet, save_checkpoint
 from apretrieval.train_config import TrainConfig
@@ -93,11 +91,7 @@ def own_run_folder(run_dir: Path, *, resume: bool, overwrite: bool) -> Iterator[
 def truncate_log(path: Path, last_step: int) -> None:
     """Drop records of steps after ``last_step`` (done after the checkpoint, lost on resume),
     and a last line torn by a crash or a full disk."""
-    if not path.exists():
-        return
-    keep = [r for r in read_jsonl(path) if r.get("step", 0) <= last_step]
-    with atomic_open(path, "w", encoding="utf-8") as f:
-        f.write("".join(json.dumps(r) + "\n" for r in keep))
+    keep_jsonl(path, lambda record: record.get("step", 0) <= last_step)
 
 
 def top_level_files(data: str) -> int:

@@ -9,20 +9,15 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
 from difflib import get_close_matches
-from pathlib import Path
 from typing import Any
 
-import yaml
-
-from apretrieval.atomic import atomic_open
-from apretrieval.backbones import is_timm_name
+from apretrieval.augment_config import AugmentConfig
+from apretrieval.backbone_names import BACKBONES, is_timm_name
 from apretrieval.configs import recipe_path
-from apretrieval.data.transforms import AugmentConfig
-from apretrieval.models import BACKBONES
+from apretrieval.recipe_values import coerce_value, read_yaml_mapping
 
 __all__ = [
     "GROUPS",
@@ -30,8 +25,6 @@ __all__ = [
     "LOSSES",
     "SCHEDULES",
     "TrainConfig",
-    "read_yaml_mapping",
-    "write_yaml_atomic",
 ]
 
 AP_LOSSES = ("ap", "tie_aware_ap", "sharp_ap")  # the histogram AP losses (bins)
@@ -202,7 +195,7 @@ class TrainConfig:
         "backpropagation (memory, not the result, depends on it)",
         unit="images",
     )
-    # Augmentation (see data.transforms.AugmentConfig).
+    # Augmentation (see augment_config.AugmentConfig).
     max_side: int = _opt("data", 800, "longer side of a training image", unit="pixels")
     crop_scale: tuple[float, float] = _opt(
         "data",
@@ -252,8 +245,15 @@ class TrainConfig:
         "folder holding the validation benchmark (its jpg/ and gnd_NAME.pkl, or a NAME/ "
         "sub-folder with them); none: found from --val-dataset",
     )
-    val_every: int = _opt("validation", 0, "validate every N steps and at the end", unit="steps")
-    val_max_side: int | None = _opt("validation", None, "validation image side (none: max_side)")
+    val_every: int = _opt(
+        "validation", 0, "validate every N steps, and at the end (0: at the end only)", unit="steps"
+    )
+    val_max_side: int | None = _opt(
+        "validation",
+        None,
+        "longest image side for validation (none: max_side)",
+        unit="pixels",
+    )
     # Run.
     output_dir: str = _opt(
         "run",
@@ -322,7 +322,7 @@ class TrainConfig:
                 f"unknown config keys {unknown}: {', '.join(hints)}; known keys: {sorted(known)}"
             )
         types = typing.get_type_hints(cls)
-        cfg = cls(**{k: _coerce(k, v, types[k]) for k, v in d.items()})
+        cfg = cls(**{k: coerce_value(k, v, types[k]) for k, v in d.items()})
         cfg.validate(require_data=require_data)
         return cfg
 
@@ -435,97 +435,3 @@ def _choice(name: str, value: Any, allowed: tuple[Any, ...]) -> None:
     if value not in allowed:
         shown = ["null" if a is None else a for a in allowed]
         raise ValueError(f"{name} must be one of {shown}, got {value!r}")
-
-
-_NULL_WORDS = ("none", "null", "~")
-
-
-def _coerce(name: str, value: Any, hint: Any) -> Any:
-    """Check/convert one YAML value to the field's declared type."""
-    args = typing.get_args(hint)
-    optional = typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in args
-    if optional and isinstance(value, str) and value.strip().lower() in _NULL_WORDS:
-        value = None  # `--pretrained none`, as a person types it
-    if value is None:
-        if optional:
-            return None
-        raise ValueError(f"{name} cannot be null")
-    base = next(a for a in args if a is not type(None)) if optional else hint
-    origin = typing.get_origin(base)
-    try:
-        if origin is tuple:
-            if isinstance(value, int | float) and not isinstance(value, bool):
-                value = [value]  # `--recall-k 4`
-            if isinstance(value, str):  # `--crop-scale 0.5,1.0`
-                value = [v for v in value.strip("[]() ").split(",") if v.strip()]
-            items = list(value) if isinstance(value, list | tuple) else None
-            kinds = typing.get_args(base)
-            if kinds[-1:] == (Ellipsis,):  # tuple[int, ...]: any length, whole numbers
-                if items is None or any(float(v) != int(float(v)) for v in items):
-                    raise TypeError
-                return tuple(int(float(v)) for v in items)
-            if items is None or len(items) != len(kinds):
-                raise TypeError
-            return tuple(float(v) for v in items)
-        if origin is dict:
-            if not isinstance(value, dict):
-                raise TypeError
-            return dict(value)
-        if base is bool:
-            if not isinstance(value, bool):
-                raise TypeError
-            return value
-        if base is int:
-            if isinstance(value, bool) or float(value) != int(float(value)):
-                raise TypeError
-            return int(float(value))
-        if base is float:
-            if isinstance(value, bool):
-                raise TypeError
-            return float(value)
-        if base is str:
-            if not isinstance(value, str | int | float) or isinstance(value, bool):
-                raise TypeError
-            return str(value)
-    except (TypeError, ValueError, OverflowError):  # OverflowError: int(inf)
-        raise ValueError(f"{name}: expected {_type_name(hint)}, got {value!r}") from None
-    return value
-
-
-def _type_name(hint: Any) -> str:
-    return hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
-
-
-def read_yaml_mapping(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """A YAML file holding a mapping of settings (safe loader: plain values, no tags).
-
-    ValueError naming the file and the line for a syntax error or a ``!!python`` tag.
-    """
-    p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ValueError(f"config file not found: {p}") from None
-    except UnicodeDecodeError:
-        raise ValueError(f"{p}: not a text (UTF-8) YAML file") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"{p}, line {mark.line + 1}" if mark is not None else str(p)
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        if "python/" in str(err):
-            problem += " (recipes hold plain values; Python tags are never executed)"
-        raise ValueError(f"{where}: invalid YAML: {problem}") from None
-    data = {} if data is None else data
-    if not isinstance(data, dict):
-        raise ValueError(f"{p}: expected a mapping of settings, got {type(data).__name__}")
-    return data
-
-
-def write_yaml_atomic(path: str | os.PathLike[str], data: dict[str, Any]) -> Path:
-    """Write ``data`` as YAML through :func:`apretrieval.atomic.atomic_open`."""
-    path = Path(path)
-    with atomic_open(path, "w", encoding="utf-8") as f:
-        yaml.safe_dump(data, f, sort_keys=False)
-    return path

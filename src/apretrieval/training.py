@@ -16,41 +16,33 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from apretrieval.atomic import remove_stale_temporaries
 from apretrieval.batches import fits_in_memory, step_batches
-from apretrieval.checkpoints import load_weights
 from apretrieval.data.lists import ImageList, open_image_list
 from apretrieval.data.sampler import ClassBalancedBatchSampler, has_positive
-from apretrieval.data.transforms import resize_max_side
 from apretrieval.distributed import (
     DistContext,
     barrier,
-    broadcast_model,
     distributed_multistage_backward,
     init_distributed,
     shard_bounds,
     sync_stop,
 )
 from apretrieval.jsonl import append_jsonl
-from apretrieval.losses.ap import APLoss, TieAwareAPLoss
-from apretrieval.losses.baselines import ContrastiveLoss, TripletLoss
 from apretrieval.losses.batch_ap import batch_ap_metrics
 from apretrieval.losses.memory_bank import MemoryBank
-from apretrieval.losses.recall_at_k import RecallAtKLoss
-from apretrieval.losses.smooth_ap import SmoothAPLoss
-from apretrieval.losses.supap import RoadmapLoss, SupAPLoss
-from apretrieval.models import RetrievalNet, build_model, eval_mode, load_checkpoint
+from apretrieval.models import RetrievalNet
 from apretrieval.multistage import StepResult
-from apretrieval.precision import LossScale, fast_net
+from apretrieval.precision import LossScale
+from apretrieval.recipe_values import write_yaml_atomic
 from apretrieval.run_folder import (
     RUN_FILES,
     SignalStop,
@@ -60,8 +52,6 @@ from apretrieval.run_folder import (
     own_run_folder,
     save_finite,
     top_level_files,
-    truncate_log,
-    warn_config_changes,
 )
 from apretrieval.run_log import (
     RunFacts,
@@ -72,68 +62,13 @@ from apretrieval.run_log import (
     weights_source,
 )
 from apretrieval.threads import ThreadPlan, apply_threads, plan_threads, recheck
-from apretrieval.train_config import TrainConfig, write_yaml_atomic
-from apretrieval.validation import make_validator
+from apretrieval.train_config import TrainConfig
+from apretrieval.train_setup import RunState, make_loss, start_run
 
-__all__ = [
-    "make_loss",
-    "train",
-    "train_step",
-]
+__all__ = ["train", "train_step"]
 
 log = logging.getLogger("apretrieval.training")
 Callback = Callable[[int, RetrievalNet], "dict[str, Any] | None"]
-
-
-def make_loss(cfg: TrainConfig) -> torch.nn.Module:
-    """The loss named by ``cfg.loss`` (one of ``train_config.LOSSES``) with its settings."""
-    # Score rows per block: about 256K scores, so the loss's temporaries stay ~10 MB for any B.
-    rows = max(1, 2**18 // cfg.batch_size)
-    if cfg.loss == "ap":
-        return APLoss(num_bins=cfg.num_bins, chunk_size=rows)
-    if cfg.loss == "tie_aware_ap":
-        return TieAwareAPLoss(num_bins=cfg.num_bins, chunk_size=rows)
-    if cfg.loss == "sharp_ap":
-        return APLoss(num_bins=cfg.num_bins, chunk_size=rows, estimator="sharp")
-    sup: dict[str, Any] = {"rho": cfg.sup_rho, "delta": cfg.sup_delta, "start": cfg.sup_start}
-    sup |= {"offset": cfg.sup_offset, "chunk_size": rows}
-    if cfg.loss == "smooth_ap":
-        return SmoothAPLoss(tau=cfg.tau, chunk_size=rows)
-    if cfg.loss == "sup_ap":
-        return SupAPLoss(tau=cfg.tau, **sup)
-    if cfg.loss == "roadmap":
-        pos_margin, neg_margin = cfg.calibration_margins
-        return RoadmapLoss(
-            tau=cfg.tau,
-            **sup,
-            calibration_weight=cfg.calibration_weight,
-            pos_margin=pos_margin,
-            neg_margin=neg_margin,
-        )
-    if cfg.loss == "recall_at_k":
-        return RecallAtKLoss(k=cfg.recall_k, tau=cfg.tau, tau_k=cfg.recall_tau, chunk_size=rows)
-    if cfg.loss == "contrastive":
-        return ContrastiveLoss(margin=cfg.margin or 0.7, num_hard=cfg.num_hard)
-    if cfg.loss == "triplet":
-        return TripletLoss(margin=cfg.margin or 0.1)
-    raise ValueError(f"unknown loss {cfg.loss!r}")
-
-
-def lr_factor(cfg: TrainConfig) -> Callable[[int], float]:
-    """Multiplier of ``cfg.lr`` at step t: linear warm-up, then constant/cosine/exponential."""
-
-    def factor(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        t = step - cfg.warmup_steps
-        if cfg.schedule == "cosine":
-            span = max(1, cfg.steps - cfg.warmup_steps)
-            return 0.5 * (1.0 + math.cos(math.pi * min(t, span) / span))
-        if cfg.schedule == "exponential":
-            return cfg.lr_decay**t
-        return 1.0
-
-    return factor
 
 
 def train_step(
@@ -185,28 +120,6 @@ def train_step(
     return step
 
 
-# --------------------------------------------------------------------------------------------
-# The loop.
-
-
-def init_whitening_from_data(
-    model: RetrievalNet, images: ImageList, cfg: TrainConfig, device: torch.device
-) -> None:
-    """PCA-whitening initialisation of the FC from ``cfg.pca_images`` random training images."""
-    rng = np.random.default_rng([cfg.seed, 7])
-    n = min(cfg.pca_images, len(images))
-    chosen = np.sort(rng.choice(len(images), size=n, replace=False))
-    pooled = []
-    with eval_mode(model), torch.no_grad():
-        for i in tqdm(chosen, desc="PCA whitening init", disable=not cfg.progress, leave=False):
-            x = images.load(int(i), lambda img: resize_max_side(img, cfg.max_side))
-            if x is not None:
-                pooled.append(model.pooled(x[None].to(device)).cpu())
-    if len(pooled) < 2:
-        raise ValueError(f"PCA whitening needs at least 2 readable images, got {len(pooled)}")
-    model.init_whitening(torch.cat(pooled).to(torch.float64))
-
-
 def train(
     cfg: TrainConfig,
     *,
@@ -246,128 +159,125 @@ def _train(
 ) -> Path:
     run_dir = Path(cfg.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_path, final_path, log_path = (
-        run_dir / "checkpoint.pt",
-        run_dir / "model.pt",
-        run_dir / "metrics.jsonl",
-    )
     # Under torchrun: join the process group; every rank takes its shard of each batch.
     ctx = init_distributed(cfg.dist_backend, cfg.dist_timeout, cfg.device)
-    device = ctx.device
+    loop = _Loop(cfg, ctx, run_dir, plan, callback, callback_every)
     if ctx.is_main:  # temporary files of writes killed mid-way (SIGKILL) in an earlier run
         for name in (*RUN_FILES, "config.yaml"):
             remove_stale_temporaries(run_dir / name)
+    images, sampler = _open_data(cfg)
+    loop.run = start_run(cfg, ctx, images, sampler, loop.ckpt_path, loop.log_path, resume)
+    if ctx.is_main:
+        write_yaml_atomic(run_dir / "config.yaml", cfg.to_dict())
+    in_memory = fits_in_memory(cfg)
+    _announce(cfg, ctx, loop.run, images, plan, in_memory)
     shard = slice(*shard_bounds(cfg.batch_size, ctx.rank, ctx.world_size))
+    with SignalStop(second_sigint_stops=ctx.world_size == 1) as stop:
+        batches = step_batches(cfg, images, sampler, loop.run.start, in_memory, shard)
+        done = loop.steps(batches, stop, in_memory)
+        if stop.signum is not None:
+            raise TrainingInterrupted(loop.checkpoint(done), stop.signum)
+        # Still under SignalStop: a signal from here on gets the run's last files written
+        # (what a stop would write anyway) and the run ends as finished.
+        loop.finish(done)
+    return loop.final_path
+
+
+def _open_data(cfg: TrainConfig) -> tuple[ImageList, ClassBalancedBatchSampler]:
+    """The training images and the sampler drawing each step's batch from them."""
     images = open_image_list(
         cfg.data, cfg.data_format, cfg.image_root, cfg.check_images, cfg.exclude_landmarks
     )
     sampler = ClassBalancedBatchSampler(
         images.labels, cfg.batch_size, cfg.images_per_class, cfg.seed, steps=cfg.steps
     )
-    state = load_checkpoint(ckpt_path) if resume and ckpt_path.exists() else None
-    with torch.random.fork_rng(devices=[]):  # deterministic init, global RNG left untouched
-        torch.manual_seed(cfg.seed)
-        model = build_model(
-            cfg.backbone,
-            pretrained=None if state is not None else cfg.pretrained,
-            weights=None if state is not None else cfg.weights,
-            out_dim=cfg.out_dim,
-            gem_p=cfg.gem_p,
-            whiten=cfg.whiten,
-        ).to(device)
-    net = fast_net(model, cfg.amp, cfg.channels_last, cfg.compile)
-    loss_scale = LossScale() if cfg.amp == "fp16" else None
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg))
-    start = 0
-    if state is not None:
-        load_weights(model, state["state_dict"], f"{ckpt_path} (--resume)")
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        sampler.load_state_dict(state["sampler"])
-        if loss_scale is not None and "loss_scale" in state:
-            loss_scale.load_state_dict(state["loss_scale"])
-        start = int(state["step"])
-        warn_config_changes(state.get("train_config", {}), cfg)
-        if ctx.is_main:
-            truncate_log(log_path, start)
-    else:
-        if ctx.is_main:
-            log_path.unlink(missing_ok=True)
-        if cfg.whiten and cfg.whiten_init == "pca":
-            init_whitening_from_data(model, images, cfg, device)
-    broadcast_model(ctx, model)  # one starting point for all ranks, whatever happened above
-    memory = MemoryBank(cfg.memory_batches) if cfg.memory_batches else None
-    validator = make_validator(cfg, device)
-    if validator is not None and state is not None:
-        validator.load_state_dict(state.get("validation", {}))
-    if memory is not None and state is not None and "memory" in state:
-        memory.load_state_dict(state["memory"], device)
-    if ctx.is_main:
-        write_yaml_atomic(run_dir / "config.yaml", cfg.to_dict())
-    loss_fn = make_loss(cfg)
-    in_memory = fits_in_memory(cfg)
+    return images, sampler
+
+
+def _announce(
+    cfg: TrainConfig,
+    ctx: DistContext,
+    run: RunState,
+    images: ImageList,
+    plan: ThreadPlan,
+    in_memory: bool,
+) -> None:
+    """The start summary (with progress on) and the warnings about the settings, rank 0 only."""
+    if not ctx.is_main:
+        return
     facts = RunFacts(
         images=len(images),
         classes=images.num_classes,
-        drawable_classes=sampler.num_classes,
+        drawable_classes=run.sampler.num_classes,
         dropped_files=images.dropped,
         excluded_classes=images.excluded_classes,
         top_level_files=top_level_files(cfg.data),
-        device=str(device),
+        device=str(ctx.device),
         threads=plan.describe(),
         world_size=ctx.world_size,
-        weights=weights_source(cfg, start),
-        start_step=start,
+        weights=weights_source(cfg, run.start),
+        start_step=run.start,
         streamed=not in_memory,
-        out_dim=model.out_dim,
-        validation="" if validator is None else validator.protocol,
+        out_dim=run.model.out_dim,
+        validation="" if run.validator is None else run.validator.protocol,
     )
-    if ctx.is_main and cfg.progress:
+    if cfg.progress:
         for line in start_summary(cfg, facts):
             print(f"apretrieval train: {line}", file=sys.stderr, flush=True)
-    if ctx.is_main:
-        for warning in setting_warnings(cfg, facts):
-            log.warning(warning)
-    # On a terminal a progress bar; in a log file (cluster jobs) a plain line every few steps.
-    on_terminal = is_terminal()
-    step_log = StepLog(cfg.steps, enabled=cfg.progress and ctx.is_main and not on_terminal)
+    for warning in setting_warnings(cfg, facts):
+        log.warning(warning)
 
-    def checkpoint(step: int) -> Path:
-        sampler.step = step
-        if not ctx.is_main:  # rank 0 writes; the state is the same on every rank
-            return ckpt_path
-        return save_finite(
-            ckpt_path,
-            model,
-            step=step,
-            optimizer=optimizer.state_dict(),
-            scheduler=scheduler.state_dict(),
-            sampler=sampler.state_dict(),
-            train_config=cfg.to_dict(),
-            **({"memory": memory.state_dict()} if memory is not None else {}),
-            **({"validation": validator.state_dict()} if validator is not None else {}),
-            **({"loss_scale": loss_scale.state_dict()} if loss_scale is not None else {}),
-        )
 
-    def validate(step: int) -> dict[str, float]:
+class _Loop:
+    """The steps of one run and what they write: each phase of the loop is a method."""
+
+    run: RunState
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        ctx: DistContext,
+        run_dir: Path,
+        plan: ThreadPlan,
+        callback: Callback | None,
+        callback_every: int,
+    ) -> None:
+        self.cfg, self.ctx, self.run_dir, self.plan = cfg, ctx, run_dir, plan
+        self.callback, self.callback_every = callback, callback_every
+        self.ckpt_path = run_dir / "checkpoint.pt"
+        self.final_path = run_dir / "model.pt"
+        self.log_path = run_dir / "metrics.jsonl"
+        self.loss_fn = make_loss(cfg)
+        # On a terminal a progress bar; in a log file (cluster jobs) a plain line every few steps.
+        self.on_terminal = is_terminal()
+        shown = cfg.progress and ctx.is_main
+        self.step_log = StepLog(cfg.steps, enabled=shown and not self.on_terminal)
+
+    def checkpoint(self, step: int) -> Path:
+        """``checkpoint.pt`` after ``step`` (rank 0 writes; the state is the same everywhere)."""
+        self.run.sampler.step = step
+        if not self.ctx.is_main:
+            return self.ckpt_path
+        extras = self.run.checkpoint_extras(self.cfg)
+        return save_finite(self.ckpt_path, self.run.model, step=step, **extras)
+
+    def validate(self, step: int) -> dict[str, float]:
         """Validation metrics of the model now; a new best Medium mAP is saved as best.pt."""
-        assert validator is not None  # called only when validation is on
-        metrics, improved = validator(model)
-        if improved and ctx.is_main:
-            save_finite(run_dir / "best.pt", model, step=step, train_config=cfg.to_dict())
+        assert self.run.validator is not None  # called only when validation is on
+        metrics, improved = self.run.validator(self.run.model)
+        if improved and self.ctx.is_main:
+            best = self.run_dir / "best.pt"
+            save_finite(best, self.run.model, step=step, train_config=self.cfg.to_dict())
         return metrics
 
-    done = start
-    bar = tqdm(
-        total=cfg.steps,
-        initial=start,
-        desc="train",
-        unit="step",
-        disable=not cfg.progress or not ctx.is_main or not on_terminal,
-    )
-    with SignalStop(second_sigint_stops=ctx.world_size == 1) as stop:
-        batches = step_batches(cfg, images, sampler, start, in_memory, shard)
+    def steps(
+        self, batches: Iterator[tuple[Any, Tensor]], stop: SignalStop, in_memory: bool
+    ) -> int:
+        """Train until ``cfg.steps`` or a stop signal; returns the number of steps done."""
+        cfg, ctx, run = self.cfg, self.ctx, self.run
+        done = run.start
+        disable = not cfg.progress or not ctx.is_main or not self.on_terminal
+        bar = tqdm(total=cfg.steps, initial=done, desc="train", unit="step", disable=disable)
         tic = time.perf_counter()
         while done < cfg.steps and stop.signum is None:
             try:
@@ -384,87 +294,90 @@ def _train(
                     len(labels),
                 )
             step = train_step(
-                model,
-                optimizer,
+                run.model,
+                run.optimizer,
                 inputs,
                 labels,
-                loss_fn,
+                self.loss_fn,
                 cfg.chunk_size,
                 num_workers=0 if in_memory else cfg.num_workers,
                 ctx=ctx,
-                memory=memory,
-                net=net,
-                loss_scale=loss_scale,
+                memory=run.memory,
+                net=run.net,
+                loss_scale=run.loss_scale,
             )
-            loss, used = step.loss, step.images
-            if not math.isfinite(loss) or not finite_parameters(model):
-                what = f"the loss is {loss}" if not math.isfinite(loss) else "weights are NaN/inf"
-                raise TrainingDiverged(
-                    f"training diverged at step {done + 1}: {what}; the last checkpoint "
-                    f"({ckpt_path}) is kept: resume from it with a lower --lr"
-                )
-            lr = optimizer.param_groups[0]["lr"]  # the lr this step used (before the schedule)
-            scheduler.step()
+            self._check_finite(step.loss, done + 1)
+            lr = run.optimizer.param_groups[0]["lr"]  # the lr this step used (before the schedule)
+            run.scheduler.step()
             done += 1
             toc = time.perf_counter()
-            record = {
-                "step": done,
-                "loss": loss,
-                "lr": lr,
-                "images": used,
-                "skipped": cfg.batch_size - used,
-                "images_per_s": used / (toc - tic),
-                "gem_p": model.gem_p,
-                **({"loss_scale": loss_scale.scale} if loss_scale is not None else {}),
-                # exact AP of the batch and the loss's AP_Q of it (same rankings)
-                **batch_ap_metrics(step.descriptors, step.labels, loss_fn),
-            }
+            record = self._record(step, done, lr, toc - tic)
             tic = toc
-            if validator is not None and cfg.val_every and done % cfg.val_every == 0:
-                if done < cfg.steps:  # the last step is validated after the loop
-                    record["val"] = validate(done)
-                    record["val_protocol"] = validator.protocol
-            shown = {"loss": f"{loss:.4f}", "img_s": f"{record['images_per_s']:.1f}"}
-            if validator is not None and validator.best > -math.inf:
-                shown["val_best"] = f"{validator.best:.3f}"  # best Medium mAP so far
+            shown = {"loss": f"{step.loss:.4f}", "img_s": f"{record['images_per_s']:.1f}"}
+            if run.validator is not None and run.validator.best > -math.inf:
+                shown["val_best"] = f"{run.validator.best:.3f}"  # best Medium mAP so far
             bar.set_postfix(shown)
             bar.update(1)
-            if (
-                callback is not None
-                and callback_every > 0
-                and done % callback_every == 0
-                and done < cfg.steps
-            ):
-                record.update(_run_callback(callback, done, model))
             if ctx.is_main:
-                append_jsonl(log_path, record)
-                step_log(record)
+                append_jsonl(self.log_path, record)
+                self.step_log(record)
             if done % cfg.checkpoint_every == 0 and done < cfg.steps:
-                checkpoint(done)
-                plan = recheck(plan)  # the machine's load may have changed
+                self.checkpoint(done)
+                self.plan = recheck(self.plan)  # the machine's load may have changed
             stop.signum = sync_stop(ctx, stop.signum)  # all ranks stop after the same step
         bar.close()
-        if stop.signum is not None:
-            path = checkpoint(done)
-            raise TrainingInterrupted(path, stop.signum)
-        # Still under SignalStop: a signal from here on gets the run's last files written
-        # (what a stop would write anyway) and the run ends as finished.
-        if validator is not None:
-            val = validate(done)
+        return done
+
+    def _check_finite(self, loss: float, step: int) -> None:
+        if not math.isfinite(loss) or not finite_parameters(self.run.model):
+            what = f"the loss is {loss}" if not math.isfinite(loss) else "weights are NaN/inf"
+            raise TrainingDiverged(
+                f"training diverged at step {step}: {what}; the last checkpoint "
+                f"({self.ckpt_path}) is kept: resume from it with a lower --lr"
+            )
+
+    def _record(self, step: StepResult, done: int, lr: float, seconds: float) -> dict[str, Any]:
+        """The metrics line of step ``done``: loss, speed, batch AP, and the validation and
+        callback values due at this step."""
+        cfg, run = self.cfg, self.run
+        record: dict[str, Any] = {
+            "step": done,
+            "loss": step.loss,
+            "lr": lr,
+            "images": step.images,
+            "skipped": cfg.batch_size - step.images,
+            "images_per_s": step.images / seconds,
+            "gem_p": run.model.gem_p,
+            **({"loss_scale": run.loss_scale.scale} if run.loss_scale is not None else {}),
+            # exact AP of the batch and the loss's AP_Q of it (same rankings)
+            **batch_ap_metrics(step.descriptors, step.labels, self.loss_fn),
+        }
+        if run.validator is not None and cfg.val_every and done % cfg.val_every == 0:
+            if done < cfg.steps:  # the last step is validated after the loop
+                record["val"] = self.validate(done)
+                record["val_protocol"] = run.validator.protocol
+        every = self.callback_every
+        if self.callback is not None and every > 0 and done % every == 0 and done < cfg.steps:
+            record.update(_run_callback(self.callback, done, run.model))
+        return record
+
+    def finish(self, done: int) -> None:
+        """After the last step: final validation, checkpoint, callback, then ``model.pt``."""
+        ctx, run = self.ctx, self.run
+        if run.validator is not None:
+            val = self.validate(done)
             if ctx.is_main:
-                append_jsonl(
-                    log_path, {"step": done, "val": val, "val_protocol": validator.protocol}
-                )
-                step_log({"step": done, "val": val})
-        checkpoint(done)
-        if callback is not None:
-            extra = _run_callback(callback, done, model)
+                protocol = run.validator.protocol
+                append_jsonl(self.log_path, {"step": done, "val": val, "val_protocol": protocol})
+                self.step_log({"step": done, "val": val})
+        self.checkpoint(done)
+        if self.callback is not None:
+            extra = _run_callback(self.callback, done, run.model)
             if extra and ctx.is_main:
-                append_jsonl(log_path, {"step": done, **extra})
+                append_jsonl(self.log_path, {"step": done, **extra})
         if ctx.is_main:
-            save_finite(final_path, model, step=done, train_config=cfg.to_dict())
+            save_finite(self.final_path, run.model, step=done, train_config=self.cfg.to_dict())
         barrier(ctx)  # the other ranks return once the model file exists
-    return final_path
 
 
 def _run_callback(callback: Callback, step: int, model: RetrievalNet) -> dict[str, Any]:

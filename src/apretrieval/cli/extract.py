@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from apretrieval.extraction.settings import DEFAULT_MAX_SIDE, DEFAULT_SCALES
-from apretrieval.pipeline import ExtractionSettings, resolve_device
+
+if TYPE_CHECKING:  # the pipeline imports torch: only when a command runs
+    from apretrieval.pipeline import ExtractionSettings
 
 # Imported by `apretrieval evaluate` from here.
 __all__ = [
@@ -90,6 +92,8 @@ def check_extraction_args(args: argparse.Namespace) -> None:
 
 def extraction_settings(args: argparse.Namespace) -> ExtractionSettings:
     """The extraction options as typed settings (the device resolved: CUDA when available)."""
+    from apretrieval.pipeline import ExtractionSettings, resolve_device
+
     check_extraction_args(args)
     return ExtractionSettings(
         scales=tuple(args.scales),

@@ -22,7 +22,8 @@ from typing import Any
 import yaml
 
 from apretrieval.configs import bundled_recipes, recipe_path
-from apretrieval.train_config import GROUPS, TrainConfig, read_yaml_mapping
+from apretrieval.recipe_values import read_yaml_mapping
+from apretrieval.train_config import GROUPS, TrainConfig
 
 _DEBUG_HELP = "on an error, print the full traceback (also: APRETRIEVAL_DEBUG=1)"
 

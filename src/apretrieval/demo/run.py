@@ -29,9 +29,10 @@ from apretrieval.demo.config import BenchmarkConfig
 from apretrieval.demo.dataset import Benchmark, prepare_benchmark
 from apretrieval.jsonl import read_jsonl
 from apretrieval.pipeline import ExtractionSettings, evaluate_checkpoint
+from apretrieval.recipe_values import read_yaml_mapping
 from apretrieval.results import RetrievalResults, metrics_to_dict
 from apretrieval.tables import model_table, render_table
-from apretrieval.train_config import TrainConfig, read_yaml_mapping
+from apretrieval.train_config import TrainConfig
 
 if TYPE_CHECKING:
     from apretrieval.data.revisited import RevisitedDataset
