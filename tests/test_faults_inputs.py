@@ -4,6 +4,7 @@ whole before any work, non-finite whitening, huge k, image bombs, odd file names
 from __future__ import annotations
 
 import pickle
+import re
 from pathlib import Path
 
 import numpy as np
@@ -15,11 +16,13 @@ from apretrieval.checkpoints import NonFiniteWeights
 from apretrieval.cli import main
 from apretrieval.models import build_model, load_checkpoint, load_model, save_checkpoint
 from conftest import without_thread_line
+from test_convert import fake_sklearn
 from test_faults_files import stand_in
 from test_training import folder
 
-# Fixtures of other test modules: a small training folder; a TinyNet checkpoint loader.
-__all__ = ["folder", "stand_in"]
+# Fixtures of other test modules: a small training folder, a TinyNet checkpoint loader, a
+# pickleable stand-in for scikit-learn's PCA class.
+__all__ = ["fake_sklearn", "folder", "stand_in"]
 
 
 def _one_error(capsys, command: str) -> str:
@@ -231,3 +234,48 @@ def test_a_file_name_that_is_not_utf8_is_extracted_and_printed(tmp_path, stand_i
     )
     assert proc.returncode == 0, proc.stderr
     assert "caf\\udce9.png" in proc.stdout.splitlines()[0]
+
+
+# ------------------------------------------------------------------ non-finite whitening
+
+
+@pytest.mark.parametrize(
+    ("attr", "value", "message"),
+    [
+        ("explained_variance_", 0.0, r"explained_variance_ holds \d+ values that are not > 0"),
+        ("mean_", float("nan"), r"the whitening's mean holds \d+ NaN/inf values"),
+    ],
+    ids=["zero-variance", "nan-mean"],
+)
+def test_convert_refuses_a_whitening_that_is_not_finite(
+    tmp_path, fake_sklearn, capsys, attr, value, message
+):
+    from test_convert import make_dirtorch
+
+    src = tmp_path / "dir.pth"
+    ckpt = make_dirtorch(src, fake_sklearn)
+    pca = ckpt["pca"]["Landmarks_clean"]
+    values = getattr(pca, attr)
+    values[0] = value
+    torch.save(ckpt, src)
+    out = tmp_path / "conv" / "model.pt"
+    assert main(["convert", "--from", "dirtorch", str(src), "--out", str(out)]) == 2
+    line = _one_error(capsys, "convert")
+    assert "pca['Landmarks_clean']" in line and re.search(message, line), line
+    assert not (tmp_path / "conv").exists() or list((tmp_path / "conv").iterdir()) == []
+
+
+def test_evaluate_refuses_a_non_finite_whitening_before_extracting(tmp_path, stand_in, capsys):
+    from test_extraction import fake_benchmark
+
+    fake_benchmark(tmp_path / "bench", np.random.default_rng(0))
+    projection = np.eye(6, dtype=np.float32)
+    projection[2, 2] = np.inf
+    w = tmp_path / "w.npz"
+    np.savez(w, mean=np.zeros(6, np.float32), projection=projection, power=np.float64(0.5))
+    stand_in.calls = 0
+    argv = ["evaluate", "--checkpoint", "m.pt", "--dataset", "roxford5k", "--workers", "0"]
+    argv += ["--root", str(tmp_path / "bench"), "--whiten", str(w), "--out", str(tmp_path / "r")]
+    assert main(argv) == 2
+    assert "projection holds 1 NaN/inf values" in _one_error(capsys, "evaluate")
+    assert stand_in.calls == 0

@@ -209,6 +209,11 @@ def _pca_whitening(pca: Any, power: float, name: str) -> Whitening:
         comps = np.asarray(attrs["components_"], dtype=np.float64)
         if attrs.get("whiten", True):
             var = np.asarray(attrs["explained_variance_"], dtype=np.float64)
+            if not (var > 0).all():  # NaN too: the whitening would divide by it
+                raise ValueError(
+                    f"pca[{name!r}]: explained_variance_ holds {int((~(var > 0)).sum())} values "
+                    "that are not > 0, which whitening divides by: the file is damaged"
+                )
             comps = comps / np.power(var, power)[:, None]
         else:
             power = 0.0
@@ -218,7 +223,10 @@ def _pca_whitening(pca: Any, power: float, name: str) -> Whitening:
     else:
         raise ValueError(f"pca[{name!r}]: no components_ / W in {sorted(attrs)[:10]}")
     mean = np.broadcast_to(mean.reshape(-1), (comps.shape[1],))
-    return Whitening(mean.astype(np.float32), comps.astype(np.float32), float(power))
+    try:
+        return Whitening(mean.astype(np.float32), comps.astype(np.float32), float(power))
+    except ValueError as err:
+        raise ValueError(f"pca[{name!r}]: {err}") from None
 
 
 def convert_dirtorch(ckpt: Mapping[str, Any], whiten_power: float = 0.25) -> ConvertedModel:
@@ -331,7 +339,10 @@ def convert_cirtorch(ckpt: Mapping[str, Any]) -> ConvertedModel:
         for mode, lw in dict(modes).items():
             # Learned (supervised) whitening: the power is inside P already; 0.5 = full.
             mean = np.asarray(lw["m"], dtype=np.float32).reshape(-1)
-            whitenings[f"{name}-{mode}"] = Whitening(mean, np.asarray(lw["P"], np.float32), 0.5)
+            try:
+                whitenings[f"{name}-{mode}"] = Whitening(mean, np.asarray(lw["P"], np.float32), 0.5)
+            except ValueError as err:
+                raise ValueError(f"Lw[{name!r}][{mode!r}]: {err}") from None
     source = {"from": "cirtorch", "arch": arch, "pooling": pooling, "whitening": whiten}
     return ConvertedModel(model.train(), whitenings, source)
 

@@ -67,11 +67,29 @@ def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Whitening:
-    """``mean`` (D,) and ``projection`` (dim, D): ``y = normalize((x - mean) @ projection.T)``."""
+    """``mean`` (D,) and ``projection`` (dim, D): ``y = normalize((x - mean) @ projection.T)``.
+
+    Checked when made (learned, converted or read): shapes that fit and finite values only, so
+    a whitening that would turn every descriptor into NaN is refused before any extraction.
+    """
 
     mean: np.ndarray
     projection: np.ndarray
     power: float
+
+    def __post_init__(self) -> None:
+        mean, proj = np.asarray(self.mean), np.asarray(self.projection)
+        if mean.ndim != 1 or proj.ndim != 2 or proj.shape[1] != mean.shape[0]:
+            raise ValueError(
+                f"a whitening needs mean (D,) and projection (dim, D), got {mean.shape} and "
+                f"{proj.shape}"
+            )
+        for name, values in (("mean", mean), ("projection", proj)):
+            bad = int(np.size(values) - np.isfinite(values).sum())
+            if bad:
+                raise ValueError(f"the whitening's {name} holds {bad} NaN/inf values")
+        if not np.isfinite(self.power):
+            raise ValueError(f"the whitening's power must be finite, got {self.power}")
 
     @property
     def dim(self) -> int:
