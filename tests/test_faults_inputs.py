@@ -279,3 +279,20 @@ def test_evaluate_refuses_a_non_finite_whitening_before_extracting(tmp_path, sta
     assert main(argv) == 2
     assert "projection holds 1 NaN/inf values" in _one_error(capsys, "evaluate")
     assert stand_in.calls == 0
+
+
+# ------------------------------------------------------------------ a device the machine lacks
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_a_cuda_device_without_cuda_is_named_as_such(checkpoint, tmp_path, capsys):
+    from apretrieval.checkpoints import CheckpointError
+
+    _image(tmp_path / "imgs" / "a.png")
+    argv = ["extract", "--checkpoint", str(checkpoint), "--images", str(tmp_path / "imgs")]
+    assert main([*argv, "--out", str(tmp_path / "x"), "--device", "cuda", "--workers", "0"]) == 1
+    line = _one_error(capsys, "extract")
+    assert "CUDA is not available" in line and "corrupt" not in line
+    with pytest.raises(RuntimeError, match="CUDA") as info:
+        load_model(checkpoint, map_location="cuda")  # the library: not called a damaged file
+    assert not isinstance(info.value, CheckpointError)

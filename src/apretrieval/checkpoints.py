@@ -88,6 +88,8 @@ def safe_load(path: str | os.PathLike[str], map_location: Any = "cpu") -> Any:
             "apretrieval or torch.save of a state dict"
         ) from None
     except (EOFError, RuntimeError, zipfile.BadZipFile, UnicodeDecodeError, ValueError) as err:
+        if isinstance(err, RuntimeError) and "CUDA" in str(err):
+            raise  # a readable file asked onto a device this machine lacks: not damage
         size = p.stat().st_size if p.exists() else 0
         what = "empty" if size == 0 else f"truncated or corrupt ({size} bytes)"
         first = " ".join(str(err).split())[:160]

@@ -102,13 +102,18 @@ class ExtractionSettings:
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    """``device`` as a torch device; None or ``"auto"``: CUDA when available, else the CPU."""
+    """``device`` as a torch device; None or ``"auto"``: CUDA when available, else the CPU.
+    A CUDA device on a machine without one is a RuntimeError saying so, before any file is
+    read (loading onto it would fail later, and less clearly)."""
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(device)
+        dev = torch.device(device)
     except RuntimeError:
         raise ValueError(f"unknown device {device!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {str(dev)!r} asked for, but CUDA is not available")
+    return dev
 
 
 def load_checkpoint_model(
