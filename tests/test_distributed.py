@@ -40,7 +40,8 @@ from apretrieval.losses.memory_bank import MemoryBank, ap_loss_with_memory
 from apretrieval.losses.recall_at_k import RecallAtKLoss
 from apretrieval.losses.smooth_ap import SmoothAPLoss
 from apretrieval.losses.supap import RoadmapLoss, SupAPLoss
-from apretrieval.models import ModelConfig, RetrievalNet, load_checkpoint
+from apretrieval.model_config import ModelConfig
+from apretrieval.models import RetrievalNet, load_checkpoint
 from apretrieval.multistage import multistage_backward
 from apretrieval.train_config import TrainConfig
 from test_training import tiny_config

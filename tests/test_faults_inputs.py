@@ -296,3 +296,64 @@ def test_a_cuda_device_without_cuda_is_named_as_such(checkpoint, tmp_path, capsy
     with pytest.raises(RuntimeError, match="CUDA") as info:
         load_model(checkpoint, map_location="cuda")  # the library: not called a damaged file
     assert not isinstance(info.value, CheckpointError)
+
+
+# ------------------------------------------------------------------ checkpoints of odd structure
+
+ODD_RELEASES = {
+    "empty-file": ("dirtorch", None, r"cannot load .* safely: the file is empty"),
+    "options-not-a-dict": (
+        "dirtorch",
+        {"model_options": 5, "state_dict": {}},
+        r"'model_options' must be a dict, got int",
+    ),
+    "weights-a-list": (
+        "dirtorch",
+        {"model_options": {"arch": "resnet18_rmac"}, "state_dict": [1, 2]},
+        r"'state_dict' must be a dict of tensors, got list",
+    ),
+    "meta-not-a-dict": ("cirtorch", {"meta": 5, "state_dict": {}}, r"'meta' must be a dict"),
+    "cirtorch-weights-a-list": (
+        "cirtorch",
+        {"meta": {"architecture": "resnet18"}, "state_dict": [1]},
+        r"'state_dict' must be a dict of tensors",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(ODD_RELEASES))
+def test_convert_names_what_is_wrong_with_a_released_file(tmp_path, capsys, case):
+    source, content, message = ODD_RELEASES[case]
+    path = tmp_path / "release.pth"
+    if content is None:
+        path.write_bytes(b"")
+    else:
+        torch.save(content, path)
+    assert main(["convert", "--from", source, str(path), "--out", str(tmp_path / "o.pt")]) == 2
+    line = _one_error(capsys, "convert")
+    assert re.search(message, line) and "Error:" not in line, line
+
+
+ODD_CHECKPOINTS = {
+    "config-not-a-dict": ({"config": 5, "state_dict": {}}, r"model config must be a dict"),
+    "no-config": ({"state_dict": {}}, r"the checkpoint lacks 'config'"),
+    "weights-a-list": ({"config": {"name": "resnet18"}, "state_dict": [1]}, r"are a list"),
+    "odd-config-value": (
+        {"config": {"name": "resnet18", "out_dim": "x"}, "state_dict": {}},
+        r"model config 'out_dim': unexpected value 'x'",
+    ),
+    "odd-mean": (
+        {"config": {"name": "resnet18", "mean": [0.5, None, 1]}, "state_dict": {}},
+        r"model config 'mean'",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(ODD_CHECKPOINTS))
+def test_a_checkpoint_of_odd_structure_is_one_clear_error(tmp_path, capsys, case):
+    content, message = ODD_CHECKPOINTS[case]
+    path = tmp_path / "odd.pt"
+    torch.save({"format": "apretrieval-model", **content}, path)
+    assert main(["export", "--checkpoint", str(path), "--out", str(tmp_path / "m.ts")]) == 1
+    line = _one_error(capsys, "export")
+    assert re.search(message, line) and "Error:" not in line, line

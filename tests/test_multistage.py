@@ -12,7 +12,8 @@ from apretrieval.augment_config import AugmentConfig
 from apretrieval.data.transforms import TrainTransform, batch_seeds
 from apretrieval.losses.ap import APLoss
 from apretrieval.losses.baselines import ContrastiveLoss, TripletLoss
-from apretrieval.models import ModelConfig, RetrievalNet
+from apretrieval.model_config import ModelConfig
+from apretrieval.models import RetrievalNet
 from apretrieval.multistage import (
     backward_descriptor_grads,
     check_replayable,

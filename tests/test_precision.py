@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from apretrieval.losses.ap import APLoss
-from apretrieval.models import ModelConfig, RetrievalNet, load_checkpoint
+from apretrieval.model_config import ModelConfig
+from apretrieval.models import RetrievalNet, load_checkpoint
 from apretrieval.multistage import multistage_step
 from apretrieval.precision import LossScale, PrecisionNet, amp_dtype, fast_net
 from apretrieval.training import train_step

@@ -44,7 +44,8 @@ import torch
 from torch import Tensor
 
 from apretrieval.backbone_names import BACKBONES
-from apretrieval.models import ModelConfig, RetrievalNet, save_checkpoint
+from apretrieval.model_config import ModelConfig
+from apretrieval.models import RetrievalNet, save_checkpoint
 from apretrieval.postprocess import Whitening, save_whitening
 
 __all__ = [
@@ -117,7 +118,9 @@ def load_untrusted_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
         with torch.serialization.safe_globals(_allowed_globals()):
             obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as err:  # UnpicklingError, RuntimeError: refused or not a torch file
-        raise ValueError(f"cannot load {p} safely: {str(err).splitlines()[0][:300]}") from None
+        first = next(iter(str(err).splitlines()), "") or type(err).__name__
+        what = "the file is empty" if p.stat().st_size == 0 else first[:300]
+        raise ValueError(f"cannot load {p} safely: {what}") from None
     if not isinstance(obj, dict):
         raise ValueError(f"{p} does not hold a dict (got {type(obj).__name__})")
     return obj
@@ -127,8 +130,23 @@ def load_untrusted_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
 # Shared helpers
 
 
-def _strip_module(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+def _strip_module(state: Any) -> dict[str, Tensor]:
+    """The weights without DataParallel's ``module.`` prefix; ValueError unless they are a
+    dict of named tensors (a released file is read as untrusted input)."""
+    if not isinstance(state, Mapping):
+        raise ValueError(f"'state_dict' must be a dict of tensors, got {type(state).__name__}")
+    odd = [k for k, v in state.items() if not isinstance(k, str) or not isinstance(v, Tensor)]
+    if odd:
+        raise ValueError(f"'state_dict' holds entries that are not named tensors: {odd[:3]}")
     return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def _dict(value: Any, what: str) -> dict[Any, Any]:
+    """``value`` (a part of a released file: options, preprocessing, whitenings) as a dict;
+    ValueError naming ``what`` otherwise."""
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{what} must be a dict, got {type(value).__name__}: {value!r:.80}")
+    return dict(value)
 
 
 def _resnet_to_trunk(key: str, prefix: str = "") -> str | None:
@@ -237,7 +255,7 @@ def convert_dirtorch(ckpt: Mapping[str, Any], whiten_power: float = 0.25) -> Con
     """
     if "model_options" not in ckpt or "state_dict" not in ckpt:
         raise ValueError("not a dirtorch checkpoint: needs 'model_options' and 'state_dict'")
-    opts = dict(ckpt["model_options"])
+    opts = _dict(ckpt["model_options"], "'model_options'")
     arch = str(opts.get("arch", ""))
     m = re.fullmatch(r"(resnet\d+)_rmac", arch)
     if m is None or m.group(1) not in BACKBONES:
@@ -266,7 +284,7 @@ def convert_dirtorch(ckpt: Mapping[str, Any], whiten_power: float = 0.25) -> Con
     out_dim = int(state["fc.weight"].shape[0]) if with_fc and "fc.weight" in state else None
     if not with_fc:
         ours = {k: v for k, v in ours.items() if not k.startswith("whiten.")}
-    pre = ckpt.get("preprocess") or {}
+    pre = _dict(ckpt.get("preprocess") or {}, "'preprocess'")
     model = _build(
         m.group(1),
         out_dim,
@@ -278,7 +296,8 @@ def convert_dirtorch(ckpt: Mapping[str, Any], whiten_power: float = 0.25) -> Con
     )
     _load_into(model, ours, "dirtorch checkpoint")
     whitenings = {
-        str(k): _pca_whitening(v, whiten_power, str(k)) for k, v in (ckpt.get("pca") or {}).items()
+        str(k): _pca_whitening(v, whiten_power, str(k))
+        for k, v in _dict(ckpt.get("pca") or {}, "'pca'").items()
     }
     source = {
         "from": "dirtorch",
@@ -298,7 +317,7 @@ def convert_cirtorch(ckpt: Mapping[str, Any]) -> ConvertedModel:
     """A cirtorch checkpoint dict -> :class:`ConvertedModel`."""
     if "meta" not in ckpt or "state_dict" not in ckpt:
         raise ValueError("not a cirtorch checkpoint: needs 'meta' and 'state_dict'")
-    meta = dict(ckpt["meta"])
+    meta = _dict(ckpt["meta"], "'meta'")
     arch = str(meta.get("architecture", ""))
     if arch not in BACKBONES or not arch.startswith("resnet"):
         raise ValueError(f"unsupported cirtorch architecture {arch!r} (ResNets only)")
@@ -335,8 +354,11 @@ def convert_cirtorch(ckpt: Mapping[str, Any]) -> ConvertedModel:
     )
     _load_into(model, ours, "cirtorch checkpoint")
     whitenings = {}
-    for name, modes in (meta.get("Lw") or {}).items():
-        for mode, lw in dict(modes).items():
+    for name, modes in _dict(meta.get("Lw") or {}, "meta 'Lw'").items():
+        for mode, lw in _dict(modes, f"Lw[{name!r}]").items():
+            lw = _dict(lw, f"Lw[{name!r}][{mode!r}]")
+            if not {"m", "P"} <= set(lw):
+                raise ValueError(f"Lw[{name!r}][{mode!r}] needs 'm' and 'P', has {sorted(lw)}")
             # Learned (supervised) whitening: the power is inside P already; 0.5 = full.
             mean = np.asarray(lw["m"], dtype=np.float32).reshape(-1)
             try:

@@ -15,7 +15,7 @@ import importlib.util
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -32,12 +32,12 @@ from apretrieval.checkpoints import (
     require_finite_weights,
     safe_load,
 )
+from apretrieval.model_config import ModelConfig
 from apretrieval.pooling import GeM
 from apretrieval.postprocess import pca_whitening_matrix
 
 __all__ = [
     "MissingWeightsError",
-    "ModelConfig",
     "RetrievalNet",
     "build_model",
     "eval_mode",
@@ -57,31 +57,6 @@ class MissingWeightsError(ValueError):
     """Pretrained weights are neither cached locally nor downloadable."""
 
     exit_code = 1  # the command line's status for a failure of the environment, not of usage
-
-
-@dataclass
-class ModelConfig:
-    """Everything needed to rebuild a RetrievalNet (stored as a plain dict in checkpoints)."""
-
-    name: str = "resnet101"
-    out_dim: int | None = None  # whitening output dimension; None = backbone width
-    gem_p: float = 3.0
-    frozen_bn: bool = True
-    whiten: bool = True
-    # Input normalisation (None: ImageNet's); a timm or converted model carries its own.
-    mean: tuple[float, ...] | None = None
-    std: tuple[float, ...] | None = None
-    # L2 before the whitening FC; False applies the FC to the raw GeM vector (as converted
-    # dirtorch models do).
-    normalize_pooled: bool = True
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown model config keys {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**d)
 
 
 class RetrievalNet(nn.Module):
@@ -394,13 +369,19 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu") -> 
     obj = safe_load(p, map_location)
     if not isinstance(obj, dict) or obj.get("format") != _CHECKPOINT_FORMAT:
         raise CheckpointError(f"{p} is not an apretrieval checkpoint")
+    missing = [k for k in ("config", "state_dict") if k not in obj]
+    if missing:
+        raise CheckpointError(f"{p}: the checkpoint lacks {', '.join(map(repr, missing))}")
     return obj
 
 
 def load_model(path: str | os.PathLike[str], map_location: Any = "cpu") -> RetrievalNet:
     """Rebuild a RetrievalNet from a checkpoint written by ``save_checkpoint``."""
     ckpt = load_checkpoint(path, map_location)
-    config = ModelConfig.from_dict(ckpt["config"])
+    try:
+        config = ModelConfig.from_dict(ckpt["config"])
+    except ValueError as err:
+        raise CheckpointError(f"{path}: {err}") from None
     trunk: nn.Module
     if is_timm_name(config.name):
         trunk, width, _, _ = timm_trunk(config.name)
