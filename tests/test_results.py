@@ -11,13 +11,13 @@ import pytest
 import torch
 
 from apretrieval.apq_analysis import APQSettings, ap_vs_quantized_ap, pearson
+from apretrieval.atomic import check_writable
 from apretrieval.evaluation import PROTOCOLS
 from apretrieval.results import (
     EvaluationSettings,
     ProtocolMetrics,
     QueryResult,
     RetrievalResults,
-    check_writable,
     load_results,
     metrics_from_dict,
 )
@@ -383,8 +383,9 @@ def test_check_writable(tmp_path):
     assert check_writable(tmp_path / "new" / "r.json") == tmp_path / "new" / "r.json"
     assert list((tmp_path / "new").iterdir()) == []  # the probe is gone
     (tmp_path / "f").write_text("")
-    with pytest.raises(ValueError, match="cannot write"):
+    with pytest.raises(OSError, match="cannot write the output there") as err:
         check_writable(tmp_path / "f" / "r.json")
+    assert err.value.filename == str(tmp_path / "f" / "r.json")  # the error layer names it
     with pytest.raises(ValueError, match="it is a folder"):
         check_writable(tmp_path)
 

@@ -40,6 +40,7 @@ __all__ = [
     "atomic_write_json",
     "atomic_write_text",
     "check_replaceable",
+    "check_writable",
     "remove_stale_temporaries",
     "remove_stale_temporaries_in",
 ]
@@ -89,6 +90,31 @@ def check_replaceable(path: str | os.PathLike[str], *, folder: bool = False) -> 
         raise ValueError(
             f"refusing to write {path}: it is {kind}, not {expected}; choose another path"
         )
+
+
+def check_writable(path: str | os.PathLike[str], what: str = "the output") -> Path:
+    """``path`` when a file can be written there: its folder is created if needed and a probe
+    file is written in it and removed. A folder or a device at ``path`` is a ValueError (a path
+    the caller should not have given); a folder that cannot be made or written in (a file in
+    the way, no permission, a read-only or full file system) is the OSError of that cause,
+    naming ``what`` and ``path``.
+
+    Called before long work whose output goes there, so that a read-only or mistyped location
+    fails at once rather than after hours of extraction.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"cannot write {what} to {path}: it is a folder")
+    check_replaceable(path)  # a device, a FIFO, a socket: refused
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=path.parent)
+    except OSError as err:
+        reason = f"cannot write {what} there ({err.strerror})"
+        raise type(err)(err.errno, reason, str(path)) from None
+    os.close(fd)
+    os.unlink(probe)
+    return path
 
 
 def _temporary_prefix(path: Path) -> str:

@@ -27,6 +27,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from apretrieval.apq_analysis import APQSettings
+from apretrieval.atomic import check_writable
 from apretrieval.data.revisited import RevisitedDataset
 from apretrieval.descriptors import FeatureSet, check_finite, features_paths, load_features
 from apretrieval.postprocess import (
@@ -37,7 +38,7 @@ from apretrieval.postprocess import (
     learn_whitening,
     load_whitening,
 )
-from apretrieval.results import EvaluationSettings, RetrievalResults, check_writable
+from apretrieval.results import EvaluationSettings, RetrievalResults
 from apretrieval.scoring import evaluate_descriptors
 
 __all__ = [
@@ -83,7 +84,7 @@ class PostProcessing:
         if path.suffix == ".npz":
             return load_whitening(path)
         if path.suffix == ".npy":
-            x = np.load(path, mmap_mode="r")
+            x = load_features(path).descriptors
             return learn_whitening(x, dim=self.whiten_dim, power=self.whiten_power)
         raise ValueError(
             f"whitening: expected a .npz whitening or a .npy of descriptors, got {path}"
@@ -234,7 +235,7 @@ def evaluate_descriptor_files(
     """
     post = post or PostProcessing()
     if out is not None:
-        check_writable(out)
+        check_writable(out, "the results")
     whitening = post.load_whitening()
     q_set, q = _read(query_features, dataset.query_names, "query")
     db_ids = [dataset.relative(p) for p in dataset.db_paths()]

@@ -28,7 +28,7 @@ import numpy as np
 from torch import Tensor
 
 from apretrieval.atomic import atomic_open, atomic_path, remove_stale_temporaries
-from apretrieval.descriptors import FeatureSet, read_manifest
+from apretrieval.descriptors import FeatureSet, load_features, read_manifest
 from apretrieval.filekey import file_key, matches
 from apretrieval.locking import output_lock
 from apretrieval.search import _BLOCK_ELEMENTS, _as_2d, rerank_candidates
@@ -281,7 +281,7 @@ class SearchIndex:
                     f"{self.features} changed since the index was built: rebuild the index "
                     "or re-rank with the descriptors it was built from"
                 )
-            descriptors = np.load(self.features, mmap_mode="r")
+            descriptors = load_features(self.features).descriptors
         if descriptors.shape != (len(self), self.dim):
             raise ValueError(
                 f"re-ranking descriptors have shape {descriptors.shape}, "

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 from torch import nn
 
+from apretrieval.atomic import check_writable
 from apretrieval.benchmark_results import PostProcessing, rows_in_order
 from apretrieval.data.gldv2_retrieval import GLDV2_RETRIEVAL, USAGES, Gldv2Retrieval
 from apretrieval.descriptors import load_features
@@ -35,13 +36,7 @@ from apretrieval.faiss_index import IndexConfig, SearchIndex, build_index, requi
 from apretrieval.map_at_k import average_precision_at_k, precision_at_k
 from apretrieval.pipeline import ExtractionSettings, extract_images, load_checkpoint_model
 from apretrieval.postprocess import Whitening
-from apretrieval.results import (
-    EvaluationSettings,
-    ProtocolMetrics,
-    QueryResult,
-    RetrievalResults,
-    check_writable,
-)
+from apretrieval.results import EvaluationSettings, ProtocolMetrics, QueryResult, RetrievalResults
 from apretrieval.search import knn
 
 __all__ = [
@@ -189,7 +184,7 @@ def evaluate_gldv2_checkpoint(
     settings = settings or ExtractionSettings()
     post = post or PostProcessing()
     if out is not None:
-        check_writable(out)
+        check_writable(out, "the results")
     whitening = post.load_whitening()
     check_gldv2_images(dataset)
     if isinstance(checkpoint, nn.Module):
@@ -246,7 +241,7 @@ def evaluate_gldv2_descriptor_files(
     images): rows matched to the benchmark's images by id or file name (the image id)."""
     post = post or PostProcessing()
     if out is not None:
-        check_writable(out)
+        check_writable(out, "the results")
     whitening = post.load_whitening()
     q_set = load_features(query_features)
     q = rows_in_order(q_set, dataset.query_names, "query")

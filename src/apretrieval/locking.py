@@ -13,16 +13,15 @@ output is reported before any work starts.
 
 from __future__ import annotations
 
-import errno
 import os
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from apretrieval.atomic import check_replaceable
+from apretrieval.atomic import check_writable
 
-__all__ = ["OutputLockedError", "check_writable", "lock_path", "output_lock"]
+__all__ = ["OutputLockedError", "lock_path", "output_lock"]
 
 
 class OutputLockedError(ValueError):
@@ -56,15 +55,6 @@ def _alive(pid: int) -> bool:
     except PermissionError:  # exists, owned by someone else
         return True
     return True
-
-
-def check_writable(folder: str | os.PathLike[str]) -> None:
-    """Create ``folder`` if needed; OSError (with the path) when nothing can be written there."""
-    folder = Path(folder)
-    check_replaceable(folder, folder=True)
-    folder.mkdir(parents=True, exist_ok=True)
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise PermissionError(errno.EACCES, "Permission denied (not writable)", str(folder))
 
 
 def _try_create(path: Path) -> bool:
@@ -110,7 +100,7 @@ def output_lock(target: str | os.PathLike[str]) -> Iterator[Path]:
     """Hold ``TARGET.lock`` for the duration of the block (see the module docstring)."""
     target = Path(target)
     path = lock_path(target)
-    check_writable(path.parent)
+    check_writable(path, f"the lock of {target}")
     for _ in range(3):
         if _try_create(path):
             break

@@ -19,12 +19,12 @@ from pathlib import Path
 import numpy as np
 from torch import nn
 
+from apretrieval.atomic import check_writable
 from apretrieval.benchmark_results import rows_in_order
 from apretrieval.data.sfm120k import IMAGES_FOLDER, cid_path, load_whiten_pairs
 from apretrieval.descriptors import load_features
 from apretrieval.pipeline import ExtractionSettings, extract_images, load_checkpoint_model
 from apretrieval.postprocess import Whitening, learn_pairs_whitening, save_whitening
-from apretrieval.results import check_writable
 
 __all__ = ["whitening_from_pairs"]
 
@@ -51,7 +51,7 @@ def whitening_from_pairs(
     if (checkpoint is None) == (descriptors is None):
         raise ValueError("give either a checkpoint or a descriptor file, not both or neither")
     if out is not None:
-        check_writable(out)
+        check_writable(out, "the whitening")
     pairs = Path(pairs)
     if not pairs.is_file():
         raise ValueError(f"pairs file not found: {pairs}")

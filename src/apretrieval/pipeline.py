@@ -34,6 +34,7 @@ from torch import nn
 from apretrieval.apq_analysis import APQSettings
 from apretrieval.benchmark_results import PostProcessing, benchmark_results
 from apretrieval.data.revisited import RevisitedDataset
+from apretrieval.descriptors import load_features
 from apretrieval.extraction.images import ImageFiles, image_ids, list_images
 from apretrieval.extraction.loop import extract_descriptors
 from apretrieval.extraction.resumable import extract_to_file
@@ -41,8 +42,9 @@ from apretrieval.extraction.settings import DEFAULT_MAX_SIDE, DEFAULT_SCALES, ch
 
 if TYPE_CHECKING:
     from apretrieval.faiss_index import SearchIndex
+from apretrieval.atomic import check_writable
 from apretrieval.precision import amp_dtype
-from apretrieval.results import EvaluationSettings, RetrievalResults, check_writable
+from apretrieval.results import EvaluationSettings, RetrievalResults
 
 __all__ = [
     "ExtractionSettings",
@@ -211,7 +213,8 @@ def extract_benchmark(
         q_path, d_path = extract_benchmark_files(
             model, dataset, cache_prefix, settings, checkpoint=checkpoint
         )
-        return np.load(q_path), np.load(d_path, mmap_mode="r")
+        # the queries in memory, the database memory-mapped
+        return np.array(load_features(q_path).descriptors), load_features(d_path).descriptors
     check_benchmark_images(dataset)
     kw = settings._kwargs(resolve_device(settings.device))
     queries = ImageFiles(dataset.query_paths(), dataset.query_boxes(), settings.max_side)
@@ -282,8 +285,7 @@ def extract_images(
         checkpoint=checkpoint,
         **kw,
     )
-    mapped: np.ndarray = np.load(path, mmap_mode="r")
-    return mapped
+    return load_features(path).descriptors
 
 
 def extract_query_images(
@@ -349,7 +351,7 @@ def evaluate_checkpoint(
     settings = settings or ExtractionSettings()
     post = post or PostProcessing()
     if out is not None:
-        check_writable(out)
+        check_writable(out, "the results")
     whitening = post.load_whitening()
     check_benchmark_images(dataset)
     if isinstance(checkpoint, nn.Module):

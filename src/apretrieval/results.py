@@ -36,7 +36,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -45,7 +44,7 @@ from typing import Any
 import numpy as np
 
 from apretrieval.apq_analysis import APQSettings, pearson
-from apretrieval.atomic import atomic_open, check_replaceable
+from apretrieval.atomic import atomic_open
 from apretrieval.data.gldv2_retrieval import USAGES
 from apretrieval.evaluation import PROTOCOLS, ProtocolResult
 
@@ -55,8 +54,8 @@ __all__ = [
     "ProtocolMetrics",
     "QueryResult",
     "RetrievalResults",
-    "check_writable",
     "load_results",
+    "load_results_files",
     "metrics_from_dict",
     "metrics_to_dict",
 ]
@@ -349,29 +348,33 @@ class RetrievalResults:
         return cls.from_dict(data, str(path))
 
 
-def check_writable(path: str | os.PathLike[str]) -> Path:
-    """ValueError unless a file can be written at ``path`` (its folder is created if needed).
-
-    Called before long work whose output goes there, so that a read-only or mistyped location
-    fails at once rather than after hours of extraction.
-    """
-    path = Path(path)
-    if path.is_dir():
-        raise ValueError(f"cannot write the results to {path}: it is a folder")
-    check_replaceable(path)  # a device, a FIFO, a socket: refused
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=path.parent)
-    except OSError as err:
-        raise ValueError(f"cannot write the results to {path}: {err.strerror}") from None
-    os.close(fd)
-    os.unlink(probe)
-    return path
-
-
 def load_results(path: str | os.PathLike[str]) -> dict[str, Any]:
     """A results file as plain values, ``metrics[protocol]["mP@k"]`` keys as ints.
 
     The typed form is :meth:`RetrievalResults.load`.
     """
     return RetrievalResults.load(path).to_dict()
+
+
+RESULTS_FILES_KEY = "results_files"  # a summary's map: label -> results file (the demo's)
+
+
+def load_results_files(path: str | os.PathLike[str]) -> list[tuple[str, RetrievalResults]]:
+    """(label, results) of what ``path`` holds: a results file (labelled by its model's file
+    stem, else its own), or a summary that lists results files under ``results_files`` (the
+    demo's ``results.json``; paths relative to it), one entry per file it lists."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"results file not found: {path}")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not a JSON results file ({err})") from None
+    files = raw.get(RESULTS_FILES_KEY) if isinstance(raw, dict) else None
+    if isinstance(files, dict):
+        return [
+            (str(label), RetrievalResults.load(path.parent / Path(file)))
+            for label, file in files.items()
+        ]
+    res = RetrievalResults.from_dict(raw, str(path))
+    return [(Path(res.model).stem if res.model else path.stem, res)]

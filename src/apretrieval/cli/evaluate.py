@@ -214,10 +214,9 @@ def _summary(name: str, metrics: dict[str, Any]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from apretrieval.apq_analysis import APQSettings
-    from apretrieval.atomic import remove_stale_temporaries
+    from apretrieval.atomic import check_writable, remove_stale_temporaries
     from apretrieval.benchmark_results import PostProcessing
     from apretrieval.locking import output_lock
-    from apretrieval.results import check_writable
     from apretrieval.tables import benchmarks_table, protocol_table, render_table
 
     # Everything a person typed is checked before the extraction (minutes to hours) starts.
@@ -237,7 +236,7 @@ def run(args: argparse.Namespace) -> int:
     several = len(located) > 1
     outs = [args.out / f"{name}.json" if several else args.out for name, _ in located]
     for out in outs:
-        check_writable(out)
+        check_writable(out, "the results")
     datasets = [_open(name, root, args.r1m) for name, root in located]
     suffix = "+R1M" if args.r1m else ""
     metrics = {}

@@ -110,7 +110,7 @@ def extraction_settings(args: argparse.Namespace) -> ExtractionSettings:
 
 def run(args: argparse.Namespace) -> int:
     from apretrieval import pipeline
-    from apretrieval.locking import check_writable
+    from apretrieval.atomic import check_writable
 
     settings = extraction_settings(args)
     if args.images is not None and (args.root is not None or args.r1m is not None):
@@ -119,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--dataset needs --root DIR (the benchmark folder)")
     if args.dataset and args.skip_bad:
         raise ValueError("--skip-bad goes with --images: a benchmark needs every image")
-    check_writable(args.out.parent)  # before loading anything: hours may follow
+    check_writable(Path(f"{args.out}.npy"), "the descriptors")  # before hours of work
     if args.dataset:
         from apretrieval.data.revisited import RevisitedDataset
 

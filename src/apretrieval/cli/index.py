@@ -96,10 +96,9 @@ def faiss_or_error(command: str) -> bool:
 
 
 def run_build(args: argparse.Namespace) -> int:
-    from apretrieval.atomic import check_replaceable
+    from apretrieval.atomic import check_replaceable, check_writable
     from apretrieval.descriptors import load_features
     from apretrieval.faiss_index import IndexConfig, build_index_folder
-    from apretrieval.locking import check_writable
 
     if not faiss_or_error("index"):
         return 1
@@ -115,7 +114,7 @@ def run_build(args: argparse.Namespace) -> int:
         train_size=args.train_size or None,
     )
     check_replaceable(args.out, folder=True)
-    check_writable(args.out.parent)  # before the build, which may take long
+    check_writable(args.out / "index.faiss", "the index")  # before the long build
     features = load_features(args.features, args.manifest)
     if args.checkpoint is not None:
         features.checkpoint = args.checkpoint

@@ -21,7 +21,6 @@ database images).
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -40,7 +39,7 @@ from apretrieval.demo.landmarks import (
     Landmark,
     plan_landmarks,
 )
-from apretrieval.demo.layout import save_jpeg, write_test_set
+from apretrieval.demo.layout import read_manifest, save_jpeg, write_test_set
 from apretrieval.demo.sources import available_photos
 from apretrieval.demo.views import (
     Renderer,
@@ -223,11 +222,9 @@ def prepare_benchmark(
     cfg = cfg or BenchmarkConfig()
     out = Path(out_dir)
     root = out / "data"
-    manifest = root / "manifest.json"
-    if manifest.is_file():
-        info = json.loads(manifest.read_text(encoding="utf-8"))
-        if info.get("key") == cfg.key():
-            return _benchmark(root, info)
+    cached = read_manifest(root)
+    if cached is not None and cached.get("key") == cfg.key():
+        return _benchmark(root, cached)
     out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".data-", dir=out))
     try:

@@ -109,6 +109,15 @@ def write_test_set(
     return cached  # the cached form (tuples as lists), same as a later cache hit
 
 
+def read_manifest(root: Path) -> dict[str, Any] | None:
+    """The manifest of a generated benchmark folder; None when there is none (not finished)."""
+    path = root / "manifest.json"
+    if not path.is_file():
+        return None
+    info: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    return info
+
+
 def _readme(manifest: dict[str, Any], photos: set[str]) -> str:
     c = manifest["counts"]
     return f"""# apretrieval demo benchmark (generated)

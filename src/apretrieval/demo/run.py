@@ -30,7 +30,7 @@ from apretrieval.demo.dataset import Benchmark, prepare_benchmark
 from apretrieval.jsonl import read_jsonl
 from apretrieval.pipeline import ExtractionSettings, evaluate_checkpoint
 from apretrieval.recipe_values import read_yaml_mapping
-from apretrieval.results import RetrievalResults, metrics_to_dict
+from apretrieval.results import RESULTS_FILES_KEY, RetrievalResults, metrics_to_dict
 from apretrieval.tables import model_table, render_table
 from apretrieval.train_config import TrainConfig
 
@@ -378,7 +378,7 @@ def run_demo(
             "benchmark": {"root": str(bench.root.resolve()), "key": bench.info["key"], **c},
             "machine": machine_info(),
             "config": cfg.to_dict(),
-            "results_files": {m: str((out / f"results_{m}.json").resolve()) for m in METHODS},
+            RESULTS_FILES_KEY: {m: str((out / f"results_{m}.json").resolve()) for m in METHODS},
             "reports": reports,
         }
     )

@@ -7,7 +7,6 @@ row of results per model, borders under the Medium protocol).
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,7 +26,7 @@ from apretrieval.report.page import (
     settings_text,
 )
 from apretrieval.report.plots import plot_model_pairs
-from apretrieval.results import RetrievalResults
+from apretrieval.results import RetrievalResults, load_results_files
 from apretrieval.tables import model_table, render_table
 
 __all__ = ["comparison_inputs", "pick_differences", "write_comparison"]
@@ -41,21 +40,7 @@ Labelled = list[tuple[str, RetrievalResults]]
 def comparison_inputs(paths: Sequence[str | os.PathLike[str]]) -> Labelled:
     """(label, results) of each file: a results file (labelled by its model, else its name), or
     the demo's summary ``results.json`` (one entry per model it lists in ``results_files``)."""
-    out: list[tuple[str, RetrievalResults]] = []
-    for path in map(Path, paths):
-        if not path.is_file():
-            raise ValueError(f"results file not found: {path}")
-        try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ValueError(f"{path}: not a JSON results file ({err})") from None
-        files = raw.get("results_files") if isinstance(raw, dict) else None
-        if isinstance(files, dict):  # the demo's summary: the files it points at
-            for method, file in files.items():
-                out.append((str(method), RetrievalResults.load(resolve_path(path.parent, file))))
-        else:
-            res = RetrievalResults.from_dict(raw, str(path))
-            out.append((Path(res.model).stem if res.model else path.stem, res))
+    out = [entry for path in paths for entry in load_results_files(path)]
     labels = [label for label, _ in out]
     for n, label in enumerate(labels):  # two files of the same model stay apart
         if labels.count(label) > 1:
