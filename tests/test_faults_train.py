@@ -260,3 +260,56 @@ def test_the_run_folder_is_locked_while_the_run_lives(folder, tmp_path):
     train(tiny_config(folder, tmp_path / "run", steps=1, warmup_steps=0), callback=look)
     assert seen == [[str(os.getpid()), socket.gethostname()]]
     assert not (tmp_path / "run.lock").exists()
+
+
+# ------------------------------------------------------------------ divergence, speed
+
+
+def test_a_learning_rate_far_too_high_is_reported_as_a_divergence(folder, tmp_path, capsys):
+    cfg = tiny_config(folder, tmp_path / "run", lr=1e3, schedule="constant", warmup_steps=0)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(cfg.to_dict()))
+    assert main(["train", "-c", str(recipe)]) == 1
+    err = [ln for ln in capsys.readouterr().err.splitlines() if "error:" in ln]
+    assert len(err) == 1 and "training diverged at step" in err[0], err
+    assert "lower --lr" in err[0] and not (tmp_path / "run" / "model.pt").exists()
+
+
+def test_images_per_second_leave_out_the_validation_before_the_step(folder, tmp_path, monkeypatch):
+    """A fake clock: every reading advances it by one second, a validation by 1000 seconds."""
+    import time
+
+    from apretrieval import validation
+    from apretrieval.training import train
+    from test_extraction import fake_benchmark
+
+    clock = [0.0]
+
+    def fake_perf_counter() -> float:
+        clock[0] += 1.0
+        return clock[0]
+
+    original = validation.Validator.__call__
+
+    def slow_validation(self, model):
+        clock[0] += 1000.0
+        return original(self, model)
+
+    fake_benchmark(tmp_path / "bench", np.random.default_rng(5), n_db=6)
+    cfg = tiny_config(
+        folder,
+        tmp_path / "run",
+        steps=4,
+        val_dataset="roxford5k",
+        val_root=str(tmp_path / "bench"),
+        val_every=2,
+    )
+    monkeypatch.setattr(time, "perf_counter", fake_perf_counter)
+    monkeypatch.setattr(validation.Validator, "__call__", slow_validation)
+    train(cfg)
+    records = [
+        json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    ]
+    seconds = {r["step"]: r["images"] / r["images_per_s"] for r in records if "loss" in r}
+    assert "val" in next(r for r in records if r["step"] == 2)  # validated after step 2
+    assert seconds[3] < 100 and max(seconds.values()) < 100, seconds  # not the 1000 s of it

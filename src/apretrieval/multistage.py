@@ -35,6 +35,7 @@ from apretrieval.losses.memory_bank import MemoryBank, ap_loss_with_memory
 
 __all__ = [
     "Inputs",
+    "NonFiniteDescriptors",
     "StepResult",
     "backward_descriptor_grads",
     "check_replayable",
@@ -43,6 +44,12 @@ __all__ = [
     "multistage_backward",
     "multistage_step",
 ]
+
+
+class NonFiniteDescriptors(ValueError):
+    """Stage 1 gave NaN/inf descriptors: finite weights so large that the network overflows
+    (a learning rate far too high), which the training loop reports as a divergence."""
+
 
 Loader = Callable[[], Tensor | None]
 Inputs = Tensor | Sequence[Tensor | Loader]
@@ -180,6 +187,12 @@ def descriptor_loss_grads(
     ``memory``: each query also ranks the bank's descriptors (an AP loss is required once the
     bank holds any); the bank is only read here.
     """
+    bad = int((~torch.isfinite(descriptors)).any(dim=-1).sum())
+    if bad:
+        raise NonFiniteDescriptors(
+            f"{bad} of the batch's {len(descriptors)} descriptors are NaN/inf (the network "
+            "overflows: its weights grew too large)"
+        )
     bank = memory.tensors() if memory is not None else None
     if bank is not None:
         return ap_loss_with_memory(loss_fn, descriptors, labels, *bank)

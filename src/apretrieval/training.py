@@ -18,7 +18,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from torch import Tensor
@@ -40,7 +40,7 @@ from apretrieval.jsonl import append_jsonl
 from apretrieval.losses.batch_ap import batch_ap_metrics
 from apretrieval.losses.memory_bank import MemoryBank
 from apretrieval.models import RetrievalNet
-from apretrieval.multistage import StepResult
+from apretrieval.multistage import NonFiniteDescriptors, StepResult
 from apretrieval.precision import LossScale
 from apretrieval.recipe_values import write_yaml_atomic
 from apretrieval.run_folder import (
@@ -293,26 +293,27 @@ class _Loop:
                     done + 1,
                     len(labels),
                 )
-            step = train_step(
-                run.model,
-                run.optimizer,
-                inputs,
-                labels,
-                self.loss_fn,
-                cfg.chunk_size,
-                num_workers=0 if in_memory else cfg.num_workers,
-                ctx=ctx,
-                memory=run.memory,
-                net=run.net,
-                loss_scale=run.loss_scale,
-            )
+            try:
+                step = train_step(
+                    run.model,
+                    run.optimizer,
+                    inputs,
+                    labels,
+                    self.loss_fn,
+                    cfg.chunk_size,
+                    num_workers=0 if in_memory else cfg.num_workers,
+                    ctx=ctx,
+                    memory=run.memory,
+                    net=run.net,
+                    loss_scale=run.loss_scale,
+                )
+            except NonFiniteDescriptors as err:  # finite weights, but the network overflows
+                self._diverged(done + 1, str(err))
             self._check_finite(step.loss, done + 1)
             lr = run.optimizer.param_groups[0]["lr"]  # the lr this step used (before the schedule)
             run.scheduler.step()
             done += 1
-            toc = time.perf_counter()
-            record = self._record(step, done, lr, toc - tic)
-            tic = toc
+            record = self._record(step, done, lr, time.perf_counter() - tic)
             shown = {"loss": f"{step.loss:.4f}", "img_s": f"{record['images_per_s']:.1f}"}
             if run.validator is not None and run.validator.best > -math.inf:
                 shown["val_best"] = f"{run.validator.best:.3f}"  # best Medium mAP so far
@@ -325,16 +326,26 @@ class _Loop:
                 self.checkpoint(done)
                 self.plan = recheck(self.plan)  # the machine's load may have changed
             stop.signum = sync_stop(ctx, stop.signum)  # all ranks stop after the same step
+            # The next step's time starts here: validation, callback, log and checkpoint are
+            # not training (images_per_s measures loading and the multistage step).
+            tic = time.perf_counter()
         bar.close()
         return done
 
     def _check_finite(self, loss: float, step: int) -> None:
         if not math.isfinite(loss) or not finite_parameters(self.run.model):
-            what = f"the loss is {loss}" if not math.isfinite(loss) else "weights are NaN/inf"
-            raise TrainingDiverged(
-                f"training diverged at step {step}: {what}; the last checkpoint "
-                f"({self.ckpt_path}) is kept: resume from it with a lower --lr"
+            self._diverged(
+                step, f"the loss is {loss}" if not math.isfinite(loss) else "weights are NaN/inf"
             )
+
+    def _diverged(self, step: int, what: str) -> NoReturn:
+        if self.ckpt_path.exists():
+            then = f"the last checkpoint ({self.ckpt_path}) is kept: resume from it"
+        else:
+            then = "no checkpoint was written yet: start again"
+        raise TrainingDiverged(
+            f"training diverged at step {step}: {what}; {then} with a lower --lr"
+        )
 
     def _record(self, step: StepResult, done: int, lr: float, seconds: float) -> dict[str, Any]:
         """The metrics line of step ``done``: loss, speed, batch AP, and the validation and
