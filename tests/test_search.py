@@ -427,6 +427,34 @@ def test_cli_search_a_folder_of_queries(image_index, capsys, tmp_path):
     assert "no image in this folder" in capsys.readouterr().err
 
 
+def test_cli_search_extracts_queries_as_extract_does(image_index, capsys, monkeypatch):
+    """The queries go through extract's route: batches of similar sizes, decoding workers
+    (none for a single batch), and the same descriptors as the index's database."""
+    import apretrieval.pipeline as pipeline
+    from apretrieval.cli import main
+
+    calls = []
+    real = pipeline.extract_descriptors
+
+    def recording(model, images, **kw):
+        calls.append({k: kw[k] for k in ("batch_size", "num_workers", "sort_by_size") if k in kw})
+        out = real(model, images, **kw)
+        calls[-1]["rows"] = out
+        return out
+
+    monkeypatch.setattr(pipeline, "extract_descriptors", recording)
+    ix, folder = str(image_index["index"]), str(image_index["folder"])
+    argv = ["search", "--index", ix, "--query", folder, "--json", "--batch-size", "2"]
+    assert main([*argv, "--workers", "1"]) == 0
+    assert calls[-1]["batch_size"] == 2 and calls[-1]["num_workers"] == 1  # 6 images: 3 batches
+    assert calls[-1].get("sort_by_size", True)  # size-sorted (the default)
+    np.testing.assert_allclose(calls[-1]["rows"], np.load(image_index["npy"]), atol=1e-5)
+    assert main([*argv[:-2], "--batch-size", "8", "--workers", "2"]) == 0
+    assert calls[-1]["num_workers"] == 0  # one batch: no worker processes to start
+    assert main([*argv, "--workers", "-1"]) == 2
+    capsys.readouterr()
+
+
 def test_cli_search_errors_are_one_line(image_index, capsys, tmp_path):
     from apretrieval.cli import main
 

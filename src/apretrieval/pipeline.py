@@ -296,10 +296,17 @@ def extract_query_images(
     max_side: int | None = DEFAULT_MAX_SIDE,
     device: str | torch.device | None = None,
     boxes: Sequence[Sequence[float] | None] | None = None,
+    batch_size: int = 8,
+    num_workers: int = 2,
+    progress: bool = False,
 ) -> np.ndarray:
     """Descriptors ``(Q, D)`` of query image files with the model of ``checkpoint``, for
     searching an index: pass the index's recorded scales and ``max_side`` so the queries are
-    extracted as its database was. ``device`` None: the CPU (a few images)."""
+    extracted as its database was. ``device`` None: the CPU.
+
+    The route of ``apretrieval extract``: batches of images of similar sizes, decoded by
+    ``num_workers`` processes (none for a single batch: starting them would cost more).
+    """
     if checkpoint is None:
         raise ValueError("no checkpoint to extract the queries with: pass one")
     missing = [str(p) for p in images if not Path(p).is_file()]
@@ -312,10 +319,11 @@ def extract_query_images(
         model,
         files,
         scales=tuple(scales) if scales else DEFAULT_SCALES,
-        num_workers=0,
+        batch_size=batch_size,
+        num_workers=num_workers if len(files) > batch_size else 0,
         device=dev,
         max_side=max_side,
-        progress=False,
+        progress=progress,
         desc="queries",
     )
 
@@ -388,9 +396,13 @@ def extract_index_queries(
     checkpoint: str | os.PathLike[str] | None = None,
     device: str | torch.device | None = None,
     boxes: Sequence[Sequence[float] | None] | None = None,
+    batch_size: int = 8,
+    num_workers: int = 2,
+    progress: bool = False,
 ) -> np.ndarray:
     """Descriptors ``(Q, D)`` of query images for ``index``, extracted as its database was:
-    with its recorded checkpoint (or ``checkpoint``), scales and maximum image side."""
+    with its recorded checkpoint (or ``checkpoint``), scales and maximum image side, through
+    the batched route of :func:`extract_query_images`."""
     ckpt = checkpoint if checkpoint is not None else index.checkpoint
     if ckpt is None:
         raise ValueError("the index records no checkpoint: pass one to extract queries")
@@ -401,4 +413,7 @@ def extract_index_queries(
         max_side=index.extra.get("max_side", DEFAULT_MAX_SIDE),
         device=device,
         boxes=boxes,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        progress=progress,
     )

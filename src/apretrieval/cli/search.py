@@ -44,6 +44,14 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "(for ivfpq; default 0: off)",
     )
     p.add_argument("--device", default=None, help="torch device for extraction (default cpu)")
+    p.add_argument("--batch-size", type=int, default=8, help="query images per forward (default 8)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=2,
+        help="decoding processes, as extract (default 2; none for a single batch)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
 
@@ -80,7 +88,19 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--k must be >= 1, got {args.k}")
     queries = query_images(args.query)
     index = load_index(args.index)
-    desc = extract_index_queries(index, queries, checkpoint=args.checkpoint, device=args.device)
+    if args.batch_size < 1 or args.workers < 0:
+        raise ValueError(
+            f"need --batch-size >= 1 and --workers >= 0, got {args.batch_size}, {args.workers}"
+        )
+    desc = extract_index_queries(
+        index,
+        queries,
+        checkpoint=args.checkpoint,
+        device=args.device,
+        batch_size=args.batch_size,
+        num_workers=args.workers,
+        progress=not args.no_progress and len(queries) > args.batch_size,
+    )
     scores, indices = index.search(desc, args.k, nprobe=args.nprobe, rerank=args.rerank)
     ranked = ranked_ids(index.ids, scores, indices)
     if args.json:
