@@ -71,3 +71,53 @@ def test_cli_export(model, tmp_path, capsys):
     with torch.no_grad():
         err = (torch.jit.load(str(out))(x) - model(x)).abs().max().item()
     assert err < 1e-5
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+def test_exported_network_agrees_with_extract_on_a_large_photo(model, tmp_path, fmt):
+    """A 1500 x 1000 photo: extract shrinks it to max_side before the scales; the exported
+    network does the same inside (as Pillow resamples), so the descriptors agree."""
+    import warnings
+
+    import numpy as np
+    from PIL import Image
+
+    from apretrieval.extraction.images import ImageFiles
+    from apretrieval.extraction.loop import extract_descriptors
+
+    if fmt == "onnx":
+        pytest.importorskip("onnxscript")
+        ort = pytest.importorskip("onnxruntime")
+    rng = np.random.default_rng(0)
+    # smooth content with detail, as a photo (pure noise would be all aliasing)
+    base = rng.integers(0, 255, (30, 45, 3), dtype=np.uint8)
+    photo = Image.fromarray(base).resize((1500, 1000), Image.Resampling.BICUBIC)
+    noise = rng.normal(0, 12, (1000, 1500, 3))
+    photo = Image.fromarray(np.clip(np.asarray(photo) + noise, 0, 255).astype(np.uint8))
+    photo.save(tmp_path / "photo.jpg", quality=92)
+    files = ImageFiles([tmp_path / "photo.jpg"], None, max_side=1024)
+    want = extract_descriptors(model, files, num_workers=0, progress=False, max_side=1024)
+    # what a deployment feeds the exported network: the decoded image at its own size
+    x = ImageFiles([tmp_path / "photo.jpg"], None, max_side=None)[0][None]
+    assert x.shape[-2:] == (1000, 1500)
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")
+        if fmt == "torchscript":
+            path = export_torchscript(model, tmp_path / "m.ts", max_side=1024)
+        else:
+            path = export_onnx(model, tmp_path / "m.onnx", max_side=1024)
+    # the warnings the export module explains are hidden, and no other one is raised
+    assert not shown, [str(w.message) for w in shown]
+    if fmt == "torchscript":
+        with torch.no_grad():
+            got = torch.jit.load(str(path))(x).numpy()
+    else:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        got = session.run(None, {"images": x.numpy()})[0]
+    cosine = float((got * want).sum() / np.linalg.norm(got) / np.linalg.norm(want))
+    assert cosine >= 0.9999, cosine
+    if fmt == "torchscript":  # the check can fail: without the resize inside, it does
+        unfit = export_torchscript(model, tmp_path / "unfit.ts", max_side=None)
+        with torch.no_grad():
+            other = torch.jit.load(str(unfit))(x).numpy()
+        assert float((other * want).sum()) / np.linalg.norm(other) / np.linalg.norm(want) < 0.9999

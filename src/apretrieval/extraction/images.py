@@ -16,17 +16,18 @@ from torchvision.transforms.v2 import functional as TF
 from apretrieval.data.decode import DECODE_ERRORS, decode_rgb, oriented_size
 from apretrieval.data.lists import IMAGE_EXTENSIONS
 from apretrieval.data.revisited import crop_box
-from apretrieval.extraction.settings import DEFAULT_MAX_SIDE
+from apretrieval.extraction.settings import DEFAULT_MAX_SIDE, scaled_size
 
 __all__ = ["ImageFiles", "image_ids", "list_images"]
 
 
 def _fit_size(w: int, h: int, max_side: int | None) -> tuple[int, int]:
-    """(w, h) shrunk so the longer side is at most ``max_side`` (never enlarged)."""
+    """(w, h) shrunk so the longer side is at most ``max_side`` (never enlarged); sizes are
+    rounded half up, the rule the exported networks compute (:mod:`apretrieval.export`)."""
     if max_side is None or max(w, h) <= max_side:
         return w, h
     scale = max_side / max(w, h)
-    return max(1, round(w * scale)), max(1, round(h * scale))
+    return scaled_size(w, scale), scaled_size(h, scale)
 
 
 class ImageFiles(Dataset[Tensor]):
