@@ -17,6 +17,7 @@ import yaml
 from PIL import Image
 
 from apretrieval import training
+from apretrieval.binning import DEFAULT_NUM_BINS
 from apretrieval.cli import main
 from apretrieval.losses.ap import APLoss, TieAwareAPLoss
 from apretrieval.losses.baselines import ContrastiveLoss, TripletLoss
@@ -461,6 +462,18 @@ def test_loss_selection_and_schedules():
     g = lr_factor(cfg.replace(schedule="exponential", lr_decay=0.5))
     assert [g(0), g(3)] == [1.0, 0.125]
     assert lr_factor(cfg.replace(schedule="constant"))(99) == 1.0
+
+
+def test_num_bins_is_checked_once_when_the_recipe_is_read():
+    # sharp_ap needs 4 bins: refused by the recipe, before any data or model is touched
+    with pytest.raises(ValueError, match="num_bins must be >= 4 for estimator='sharp', got 3"):
+        TrainConfig.from_dict({"data": "missing/", "loss": "sharp_ap", "num_bins": 3})
+    with pytest.raises(ValueError, match="num_bins must be an integer >= 2, got 1"):
+        TrainConfig.from_dict({"data": "missing/", "num_bins": 1})
+    assert TrainConfig.from_dict({"data": "missing/", "num_bins": 3}).num_bins == 3
+    with pytest.raises(ValueError, match="num_bins must be >= 4"):  # the same check, at the loss
+        APLoss(num_bins=3, estimator="sharp")
+    assert TrainConfig().num_bins == APLoss().num_bins == DEFAULT_NUM_BINS  # one default
 
 
 def test_cli_without_a_command_prints_the_commands_and_fails(capsys):

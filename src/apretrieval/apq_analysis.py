@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from apretrieval.binning import DEFAULT_NUM_BINS, check_num_bins
 from apretrieval.data.gnd import query_sets
 from apretrieval.evaluation import (
     PROTOCOLS,
@@ -54,20 +55,16 @@ class APQSettings:
     """
 
     protocol: str = "medium"
-    num_bins: int = 20
+    num_bins: int = DEFAULT_NUM_BINS
     score_range: tuple[float, float] = (-1.0, 1.0)
 
     def __post_init__(self) -> None:
         if self.protocol not in PROTOCOLS:
             raise ValueError(f"protocol must be one of {PROTOCOLS}, got {self.protocol!r}")
-        if isinstance(self.num_bins, bool) or not isinstance(self.num_bins, int | np.integer):
-            raise ValueError(f"num_bins must be an integer >= 2, got {self.num_bins!r}")
-        if self.num_bins < 2:
-            raise ValueError(f"num_bins must be an integer >= 2, got {self.num_bins!r}")
+        object.__setattr__(self, "num_bins", check_num_bins(self.num_bins))
         lo, hi = (float(v) for v in self.score_range)
         if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
             raise ValueError(f"score_range must be finite (low, high), got {self.score_range!r}")
-        object.__setattr__(self, "num_bins", int(self.num_bins))
         object.__setattr__(self, "score_range", (lo, hi))
 
 
@@ -149,7 +146,7 @@ def ap_vs_quantized_ap(
     scores: Any,
     gnd: Any,
     protocol: str = "medium",
-    num_bins: int = 20,
+    num_bins: int = DEFAULT_NUM_BINS,
     score_range: tuple[float, float] = (-1.0, 1.0),
 ) -> APComparison:
     """Per-query official AP vs AP_Q (``quantized_ap``, junk removed) and their correlation.

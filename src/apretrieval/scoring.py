@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from apretrieval.apq_analysis import APQSettings, quantized_ap_per_query
+from apretrieval.binning import DEFAULT_NUM_BINS, SHARP_MIN_BINS
 from apretrieval.evaluation import (
     PROTOCOLS,
     ProtocolResult,
@@ -25,7 +26,6 @@ from apretrieval.evaluation import (
     gnd_entries,
     stable_topk,
 )
-from apretrieval.losses.sharp import MIN_BINS as SHARP_MIN_BINS
 from apretrieval.results import ProtocolMetrics, QueryResult, RetrievalResults
 
 __all__ = [
@@ -176,7 +176,7 @@ def write_results(
     gnd_file: str | None = None,
     kappas: Sequence[int] = (1, 5, 10),
     topk: int = 100,
-    num_bins: int = 20,
+    num_bins: int = DEFAULT_NUM_BINS,
     extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Evaluate a score matrix ``(Q, N)`` and write its results file; returns its content.

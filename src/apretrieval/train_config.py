@@ -16,6 +16,7 @@ from typing import Any
 
 from apretrieval.augment_config import AugmentConfig
 from apretrieval.backbone_names import BACKBONES, is_timm_name
+from apretrieval.binning import DEFAULT_NUM_BINS, SHARP_MIN_BINS, check_num_bins
 from apretrieval.configs import recipe_path
 from apretrieval.recipe_values import coerce_value, read_yaml_mapping
 
@@ -133,7 +134,13 @@ class TrainConfig:
         "the Recall@k surrogate)",
         choices=LOSSES,
     )
-    num_bins: int = _opt("loss", 20, "histogram bins of the AP loss (the paper: 20)", unit="bins")
+    num_bins: int = _opt(
+        "loss",
+        DEFAULT_NUM_BINS,
+        f"histogram bins of the AP losses (the paper: {DEFAULT_NUM_BINS}; sharp_ap: at least "
+        f"{SHARP_MIN_BINS})",
+        unit="bins",
+    )
     margin: float | None = _opt("loss", None, "contrastive / triplet margin (none: 0.7 / 0.1)")
     num_hard: int = _opt("loss", 5, "contrastive: hardest in-batch negatives per anchor")
     tau: float = _opt(
@@ -370,7 +377,6 @@ class TrainConfig:
             "images_per_class",
             "chunk_size",
             "steps",
-            "num_bins",
             "checkpoint_every",
             "max_side",
             "pca_images",
@@ -396,8 +402,8 @@ class TrainConfig:
             raise ValueError(f"val_max_side must be >= 1 or none, got {self.val_max_side}")
         if (self.val_every or self.val_root) and not self.val_dataset:
             raise ValueError("val_every / val_root need val_dataset (the benchmark to validate on)")
-        if self.loss in AP_LOSSES and self.num_bins < 2:
-            raise ValueError(f"num_bins must be >= 2, got {self.num_bins}")
+        if self.loss in AP_LOSSES:  # the losses' own check, at config time
+            check_num_bins(self.num_bins, "sharp" if self.loss == "sharp_ap" else "plain")
         if self.lr <= 0 or self.weight_decay < 0 or not 0 < self.lr_decay <= 1:
             raise ValueError(
                 f"need lr > 0, weight_decay >= 0, 0 < lr_decay <= 1; got lr={self.lr}, "

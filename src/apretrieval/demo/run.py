@@ -77,7 +77,6 @@ def demo_training(**settings: Any) -> TrainConfig:
         weight_decay=1e-6,
         schedule="cosine",
         warmup_steps=0,  # Adam, both losses
-        num_bins=20,
         # Contrastive loss. The margin suits this network's distances: pretrained hardest
         # negatives lie at 0.7-0.9, so the usual 0.7 leaves them inactive and training only
         # pulls everything together (no gain); 1.4 was best of 0.7 / 1.0 / 1.2 / 1.4

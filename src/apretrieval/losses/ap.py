@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from apretrieval.binning import DEFAULT_NUM_BINS
 from apretrieval.losses._checks import check_descriptors
 from apretrieval.losses.histogram import _ap_and_grad, _compute_dtype, _make_bins
 
@@ -372,7 +373,7 @@ class APLoss(ListwiseLoss):
 
     def __init__(
         self,
-        num_bins: int = 20,
+        num_bins: int = DEFAULT_NUM_BINS,
         score_range: tuple[float, float] = (-1.0, 1.0),
         chunk_size: int | None = None,
         estimator: str | None = None,

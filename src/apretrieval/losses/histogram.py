@@ -21,8 +21,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from apretrieval.binning import DEFAULT_NUM_BINS, check_num_bins
 from apretrieval.losses._checks import check_pair
-from apretrieval.losses.sharp import MIN_BINS, sharp_ap_and_grad
+from apretrieval.losses.sharp import sharp_ap_and_grad
 
 __all__ = ["ESTIMATORS", "quantized_ap"]
 
@@ -51,16 +52,13 @@ class _Bins:
 def _make_bins(num_bins: int, score_range: tuple[float, float], estimator: str) -> _Bins:
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
-    if isinstance(num_bins, bool) or not isinstance(num_bins, int) or num_bins < 2:
-        raise ValueError(f"num_bins must be an integer >= 2, got {num_bins!r}")
+    num_bins = check_num_bins(num_bins, estimator)
     try:
         low, high = (float(v) for v in score_range)
     except (TypeError, ValueError):
         raise ValueError(f"score_range must be a pair (min, max), got {score_range!r}") from None
     if not (math.isfinite(low) and math.isfinite(high)) or high <= low:
         raise ValueError(f"score_range must satisfy min < max (finite), got {score_range!r}")
-    if estimator == "sharp" and num_bins < MIN_BINS:
-        raise ValueError(f"num_bins must be >= {MIN_BINS} for estimator='sharp', got {num_bins}")
     return _Bins(num_bins, low, high, estimator)
 
 
@@ -203,7 +201,7 @@ class _QuantizedAPFunction(torch.autograd.Function):
 def quantized_ap(
     scores: Tensor,
     relevance: Tensor,
-    num_bins: int = 20,
+    num_bins: int = DEFAULT_NUM_BINS,
     score_range: tuple[float, float] = (-1.0, 1.0),
     *,
     tie_aware: bool = False,

@@ -41,9 +41,10 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-__all__ = ["MIN_BINS", "sharp_ap_and_grad"]
+from apretrieval.binning import SHARP_MIN_BINS
 
-MIN_BINS = 4  # K = M - 3 >= 1 bin between the top score and the lowest positive
+__all__ = ["sharp_ap_and_grad"]
+
 _BETA = 1.0 / 6.0  # half the variance of the two triangular kernels, in bin^2
 
 
@@ -75,7 +76,7 @@ def sharp_ap_and_grad(
     dAP_Q/dscores or None, has_pos (Q,) bool; queries without a positive get 0 and no gradient.
     """
     m = bins.num_bins
-    assert m >= MIN_BINS, m
+    assert m >= SHARP_MIN_BINS, m
     rows = torch.arange(scores.shape[0], device=scores.device)
     s = scores.clamp(bins.low, bins.high)
     outside = (scores < bins.low) | (scores > bins.high)  # clamped: zero derivative
