@@ -64,8 +64,9 @@ from torch import Tensor, nn
 
 from apretrieval.apq_analysis import pearson
 from apretrieval.atomic import atomic_open, atomic_path
+from apretrieval.data.decode import crop_box
 from apretrieval.data.lists import image_folder
-from apretrieval.data.revisited import crop_box, load_gnd
+from apretrieval.data.revisited import load_gnd
 from apretrieval.data.sampler import ClassBalancedBatchSampler
 from apretrieval.demo.config import BenchmarkConfig
 from apretrieval.demo.dataset import prepare_benchmark

@@ -12,7 +12,8 @@ from PIL import Image
 
 pytest.importorskip("skimage", reason="the demo photographs ship with scikit-image")
 
-from apretrieval.data.revisited import crop_box, load_gnd
+from apretrieval.data.decode import crop_box
+from apretrieval.data.revisited import load_gnd
 from apretrieval.demo import render as rd
 from apretrieval.demo.config import BENCHMARK_SIZES, BenchmarkConfig
 from apretrieval.demo.dataset import planned_counts, prepare_benchmark

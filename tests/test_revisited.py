@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from apretrieval.data.revisited import RevisitedDataset, crop_box, load_gnd, read_r1m_list
+from apretrieval.data.decode import crop_box
+from apretrieval.data.revisited import RevisitedDataset, load_gnd, read_r1m_list
 
 SAMPLES = Path(__file__).parent / "data" / "revisited"
 

@@ -246,6 +246,16 @@ class RetrievalResults:
         values = [q.ap.get(protocol) for q in self.queries]
         return np.array([np.nan if v is None else v for v in values], dtype=np.float64)
 
+    def query_ap(self) -> tuple[str, np.ndarray]:
+        """The per-query AP that ranks the queries, and its name: Medium AP on the Revisited
+        benchmarks, each query's AP@100 on its own split for GLDv2 retrieval -> (name, (Q,))."""
+        if self.queries and all(set(q.ap) <= set(USAGES) for q in self.queries):
+            values = [next((v for v in q.ap.values() if v is not None), None) for q in self.queries]
+            return "AP@100", np.array(
+                [np.nan if v is None else v for v in values], dtype=np.float64
+            )
+        return "Medium AP", self.ap("medium")
+
     @property
     def apq_reference(self) -> str:
         """The exact AP that :meth:`apq_pairs` sets against AP_Q: ``"non-interpolated"`` (what

@@ -23,11 +23,20 @@ requested output is that much smaller; the final bilinear resize then only shrin
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
-__all__ = ["DECODE_ERRORS", "decode_rgb", "jpeg_draft", "orientation", "oriented_size", "to_rgb"]
+__all__ = [
+    "DECODE_ERRORS",
+    "crop_box",
+    "decode_rgb",
+    "jpeg_draft",
+    "orientation",
+    "oriented_size",
+    "to_rgb",
+]
 
 # What Pillow raises for an unreadable, truncated or hostile file (a decompression bomb: a
 # header declaring billions of pixels, refused at open before any pixel is decoded).
@@ -132,3 +141,22 @@ def decode_rgb(
     if tuple(size) == rgb.size and scaled == (0, 0, *rgb.size):
         return rgb
     return rgb.resize((size[0], size[1]), Image.Resampling.BILINEAR, box=scaled)
+
+
+def crop_box(bbx: Any, size: tuple[int, int]) -> tuple[int, int, int, int]:
+    """Integer crop box from a ``bbx`` ``[x1, y1, x2, y2]`` (pixels, floats allowed).
+
+    Coordinates are rounded (as PIL's ``crop`` does with float boxes) and clipped to the image
+    ``size`` (width, height); an empty box is a ValueError.
+    """
+    x1, y1, x2, y2 = (float(v) for v in np.asarray(bbx, dtype=float).ravel())
+    w, h = size
+    box = (
+        min(max(round(x1), 0), w),
+        min(max(round(y1), 0), h),
+        min(max(round(x2), 0), w),
+        min(max(round(y2), 0), h),
+    )
+    if box[2] <= box[0] or box[3] <= box[1]:
+        raise ValueError(f"bbx {list(bbx)} is empty inside an image of size {size}")
+    return box

@@ -20,10 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from PIL import Image
 
-from apretrieval.data.decode import decode_rgb, oriented_size
+from apretrieval.data.decode import crop_box, decode_rgb, oriented_size
 from apretrieval.data.gnd import check_entry
 from apretrieval.data.plain_pickle import load_plain_pickle
 
@@ -31,7 +30,6 @@ __all__ = [
     "R1M_LIST",
     "REVISITED_DATASETS",
     "RevisitedDataset",
-    "crop_box",
     "load_gnd",
     "locate_benchmark",
     "read_r1m_list",
@@ -55,25 +53,6 @@ def load_gnd(path: str | os.PathLike[str]) -> dict[str, Any]:
     if len(obj["gnd"]) != len(obj["qimlist"]):
         raise ValueError(f"{path}: {len(obj['gnd'])} gnd entries for {len(obj['qimlist'])} queries")
     return obj
-
-
-def crop_box(bbx: Any, size: tuple[int, int]) -> tuple[int, int, int, int]:
-    """Integer crop box from a ``bbx`` ``[x1, y1, x2, y2]`` (pixels, floats allowed).
-
-    Coordinates are rounded (as PIL's ``crop`` does with float boxes) and clipped to the image
-    ``size`` (width, height); an empty box is a ValueError.
-    """
-    x1, y1, x2, y2 = (float(v) for v in np.asarray(bbx, dtype=float).ravel())
-    w, h = size
-    box = (
-        min(max(round(x1), 0), w),
-        min(max(round(y1), 0), h),
-        min(max(round(x2), 0), w),
-        min(max(round(y2), 0), h),
-    )
-    if box[2] <= box[0] or box[3] <= box[1]:
-        raise ValueError(f"bbx {list(bbx)} is empty inside an image of size {size}")
-    return box
 
 
 def read_r1m_list(r1m_root: str | os.PathLike[str]) -> list[str]:

@@ -13,9 +13,8 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision.transforms.v2 import functional as TF
 
-from apretrieval.data.decode import DECODE_ERRORS, decode_rgb, oriented_size
+from apretrieval.data.decode import DECODE_ERRORS, crop_box, decode_rgb, oriented_size
 from apretrieval.data.lists import IMAGE_EXTENSIONS
-from apretrieval.data.revisited import crop_box
 from apretrieval.extraction.settings import DEFAULT_MAX_SIDE, scaled_size
 
 __all__ = ["ImageFiles", "image_ids", "list_images"]

@@ -14,15 +14,13 @@ from pathlib import Path
 import numpy as np
 
 from apretrieval.atomic import atomic_open
+from apretrieval.ground_truth import load_gnd_entries, resolve_path
 from apretrieval.report.images import Thumbnails
 from apretrieval.report.markup import comparison_page, comparison_section
 from apretrieval.report.page import (
     HTML_FILE,
-    load_gnd_entries,
     plot_img,
-    query_ap,
     query_view,
-    resolve_path,
     settings_text,
 )
 from apretrieval.report.plots import plot_model_pairs
@@ -98,8 +96,8 @@ def write_comparison(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     entries = load_gnd_entries(first, root_dir)
-    ap_name = query_ap(first)[0]
-    aps = [(label, query_ap(res)[1]) for label, res in models]
+    ap_name = first.query_ap()[0]
+    aps = [(label, res.query_ap()[1]) for label, res in models]
     counts = plot_model_pairs(aps[0], aps[1:], out / PAIRS_FILE)
     picks = pick_differences(aps[0][1], aps[1][1], num_queries)
     thumbs = Thumbnails(out, thumb_size, embed)

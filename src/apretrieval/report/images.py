@@ -13,8 +13,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from apretrieval.atomic import atomic_open
-from apretrieval.data.decode import decode_rgb
-from apretrieval.data.revisited import crop_box
+from apretrieval.data.decode import crop_box, decode_rgb
 
 __all__ = ["THUMBS_DIR", "Thumbnails", "file_src"]
 

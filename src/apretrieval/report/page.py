@@ -14,9 +14,8 @@ import numpy as np
 
 from apretrieval.apq_analysis import pearson
 from apretrieval.atomic import atomic_open
-from apretrieval.data.gldv2_retrieval import RETRIEVAL_SOLUTION, USAGES, Gldv2Retrieval
-from apretrieval.data.revisited import load_gnd
 from apretrieval.evaluation import protocol_sets
+from apretrieval.ground_truth import load_gnd_entries, resolve_path
 from apretrieval.report.images import Thumbnails, file_src
 from apretrieval.report.markup import SHOWN_PROTOCOLS, QueryView, esc, page, query_section
 from apretrieval.report.plots import display_width, plot_ap_scatter, plot_training_curves
@@ -25,11 +24,8 @@ from apretrieval.results import RetrievalResults
 from apretrieval.tables import protocol_table, render_table
 
 __all__ = [
-    "load_gnd_entries",
     "plot_img",
-    "query_ap",
     "query_view",
-    "resolve_path",
     "result_labels",
     "select_queries",
     "settings_text",
@@ -66,17 +62,8 @@ def _typed(results: RetrievalResults | Mapping[str, Any]) -> RetrievalResults:
     return RetrievalResults.from_dict(results)
 
 
-def query_ap(results: RetrievalResults) -> tuple[str, np.ndarray]:
-    """The per-query AP the page ranks queries by, and its name: Medium AP on the Revisited
-    benchmarks, each query's AP@100 on its own split for GLDv2 retrieval -> (name, (Q,))."""
-    if all(set(q.ap) <= set(USAGES) for q in results.queries) and results.queries:
-        values = [next((v for v in q.ap.values() if v is not None), None) for q in results.queries]
-        return "AP@100", np.array([np.nan if v is None else v for v in values], dtype=np.float64)
-    return "Medium AP", results.ap("medium")
-
-
 def _by_ap(results: RetrievalResults) -> tuple[str, list[tuple[float, int]]]:
-    name, ap = query_ap(results)
+    name, ap = results.query_ap()
     return name, sorted((float(a), i) for i, a in enumerate(ap) if not np.isnan(a))
 
 
@@ -125,28 +112,6 @@ def typical_queries(results: RetrievalResults | Mapping[str, Any]) -> dict[str, 
     return {f"median by {name}": median, f"best by {name}": best}
 
 
-def resolve_path(root: Path, rel: str) -> Path:
-    p = Path(rel)
-    return p if p.is_absolute() else root / p
-
-
-def load_gnd_entries(res: RetrievalResults, root: Path) -> list[dict[str, Any]]:
-    """Each query's ground truth: its gnd dict, or for GLDv2 retrieval ``relevant`` (database
-    rows) and ``usage`` (its split)."""
-    path = resolve_path(root, res.gnd_file)
-    if not path.is_file():
-        raise ValueError(f"ground truth not found: {path} (pass the dataset root with --root)")
-    if path.name == RETRIEVAL_SOLUTION:
-        ds = Gldv2Retrieval(path.parent)
-        if ds.query_names != [q.image for q in res.queries] or ds.num_db != len(res.database):
-            raise ValueError(f"{path.parent} is not the benchmark the results were made on")
-        return [{"relevant": r, "usage": u} for r, u in zip(ds.relevant, ds.usage, strict=True)]
-    gnd = load_gnd(path)["gnd"]
-    if len(gnd) != len(res.queries):
-        raise ValueError(f"{path} has {len(gnd)} queries but the results have {len(res.queries)}")
-    return list(gnd)
-
-
 def query_view(
     res: RetrievalResults, entries: list[dict[str, Any]], i: int, tags: list[str], top: int
 ) -> QueryView:
@@ -168,7 +133,7 @@ def _views(
     typical: Mapping[str, int] | None = None,
 ) -> list[QueryView]:
     tags: dict[int, list[str]] = {i: ["chosen"] for i in chosen}
-    name, _ = query_ap(res)
+    name, _ = res.query_ap()
     for n, i in enumerate(worst, 1):
         tags.setdefault(i, []).append(f"worst #{n} by {name}")
     for tag, i in (typical or {}).items():
