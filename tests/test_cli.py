@@ -369,7 +369,7 @@ def _raised_in_a_worker() -> BaseException:
         (
             lambda: OSError(errno.ENOSPC, "No space left on device", "/out/x.npy"),
             1,
-            ["/out/x.npy", "No space left", "free some disk space"],
+            ["/out/x.npy", "no space left on / writing /out/x.npy", "free some disk space"],
         ),
         (
             lambda: NotADirectoryError(errno.ENOTDIR, "Not a directory", "/out/f/x"),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import socket
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -135,3 +136,76 @@ def test_owners_sweep_the_temporaries_a_killed_writer_left(tmp_path, stand_in):
     argv += ["--root", str(tmp_path / "bench"), "--out", str(tmp_path / "res.json")]
     assert main([*argv, "--no-progress"]) == 0
     assert leftovers(tmp_path) == []
+
+
+# ------------------------------------------------------------------ a full disk, said as such
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1000 KiB tmpfs (root only): every write larger than that fails as a full disk."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a small tmpfs")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1000k", "tmpfs", str(mnt)]).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    yield mnt
+    subprocess.run(["umount", str(mnt)])
+
+
+def _full_disk_line(mnt: Path, name: str) -> str:
+    return f"no space left on {mnt} writing {mnt / name}; free some disk space"
+
+
+def test_a_full_disk_is_named_whoever_writes(small_disk, capsys):
+    import torch
+
+    from apretrieval.atomic import atomic_open, atomic_write_bytes
+    from apretrieval.checkpoints import atomic_torch_save
+    from apretrieval.cli.errors import describe
+    from apretrieval.jsonl import append_jsonl
+
+    def numpy_save():
+        with atomic_open(small_disk / "x.npy", "wb") as f:
+            np.save(f, np.zeros(500_000, np.float32))
+
+    writers = {
+        "c.pt": lambda: atomic_torch_save({"w": torch.zeros(500_000)}, small_disk / "c.pt"),
+        "x.npy": numpy_save,  # numpy: "2000000 requested and 1015808 written"
+        "b.bin": lambda: atomic_write_bytes(small_disk / "b.bin", b"x" * 2_000_000),
+        "log.jsonl": lambda: append_jsonl(small_disk / "log.jsonl", {"x": "y" * 2_000_000}),
+    }
+    for name, write in writers.items():
+        with pytest.raises(OSError) as info:
+            write()
+        message, status = describe(info.value)
+        assert message.startswith(_full_disk_line(small_disk, name)) and status == 1, message
+        if name != "log.jsonl":  # an append leaves what it wrote; an atomic write nothing
+            assert list(small_disk.iterdir()) == [], list(small_disk.iterdir())
+        (small_disk / name).unlink(missing_ok=True)
+
+
+def test_a_full_disk_is_one_line_through_a_command(small_disk, tmp_path, capsys):
+    import torch
+
+    from apretrieval.models import build_model, save_checkpoint
+
+    torch.manual_seed(0)
+    ckpt = save_checkpoint(tmp_path / "m.pt", build_model("resnet18", pretrained=None, out_dim=8))
+    assert main(["export", "--checkpoint", str(ckpt), "--out", str(small_disk / "m.ts")]) == 1
+    err = without_thread_line(capsys.readouterr().err).strip()
+    line = _full_disk_line(small_disk, "m.ts")
+    assert err == f"apretrieval export: error: {line} or choose another location", err
+
+
+def test_a_short_write_is_called_a_full_disk_only_when_the_disk_is_full(tmp_path, monkeypatch):
+    from apretrieval import atomic
+
+    torn = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+    assert atomic.full_disk_error(torn, tmp_path / "c.pt") is None  # room left: not a full disk
+    monkeypatch.setattr(atomic, "_no_room", lambda path: True)
+    full = atomic.full_disk_error(torn, tmp_path / "c.pt")
+    assert full is not None and full.errno == 28 and full.filename == str(tmp_path / "c.pt")
+    other = RuntimeError("something else went wrong")
+    assert atomic.full_disk_error(other, tmp_path / "c.pt") is None

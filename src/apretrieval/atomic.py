@@ -5,6 +5,9 @@ truncated one (``os.replace`` is atomic within a file system). Every output file
 library goes through :func:`atomic_path` / :func:`atomic_open` (or the ``atomic_write_*``
 helpers built on them).
 
+A full disk is reported as such (:func:`full_disk_error`: OSError ENOSPC naming the file)
+however the writer said it (numpy's short write, torch's zip writer).
+
 The temporary file is ``.NAME.<random>.tmp`` in the target's folder. It gets the permissions
 ``open()`` would give a new file (0666 minus the umask), not ``mkstemp``'s private 0600, so
 outputs are as readable as any other file the user writes. A process killed (SIGKILL) while
@@ -41,6 +44,8 @@ __all__ = [
     "atomic_write_text",
     "check_replaceable",
     "check_writable",
+    "full_disk_error",
+    "mount_point",
     "remove_stale_temporaries",
     "remove_stale_temporaries_in",
 ]
@@ -117,6 +122,48 @@ def check_writable(path: str | os.PathLike[str], what: str = "the output") -> Pa
     return path
 
 
+# How writers that do not set errno say that a write came up short: numpy ("N requested and
+# M written"), torch's zip writer ("unexpected pos", "failed writing").
+_SHORT_WRITE = ("requested and", "unexpected pos", "failed writing", "file write failed")
+_NO_ROOM = 1 << 20  # bytes: a file system with less than this free is full for any write
+
+
+def mount_point(path: str | os.PathLike[str]) -> Path:
+    """The mount point of the file system that holds (or would hold) ``path``."""
+    p = Path(os.path.abspath(path))
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    while not os.path.ismount(p):
+        p = p.parent
+    return p
+
+
+def _no_room(path: Path) -> bool:
+    try:
+        st = os.statvfs(mount_point(path.parent))
+    except OSError:
+        return False
+    free = st.f_bfree if os.geteuid() == 0 else st.f_bavail  # root may use reserved blocks
+    return free * st.f_frsize < _NO_ROOM
+
+
+def full_disk_error(err: BaseException, path: str | os.PathLike[str]) -> OSError | None:
+    """``err``, raised while writing ``path``, as the OSError(ENOSPC or EDQUOT, path) it is
+    when the disk (or the quota) is full; None for any other error.
+
+    Writers say it in their own words: the OS's errno (often without the file's name), a
+    short write without errno from numpy or torch. Those count as a full disk only when the
+    file system has (almost) no room left, so another failure is never mislabelled.
+    """
+    code = getattr(err, "errno", None)
+    if code not in (errno.ENOSPC, errno.EDQUOT):
+        short = isinstance(err, OSError | RuntimeError) and any(s in str(err) for s in _SHORT_WRITE)
+        if not (short and _no_room(Path(path))):
+            return None
+        code = errno.ENOSPC
+    return OSError(code, os.strerror(code), str(path))
+
+
 def _temporary_prefix(path: Path) -> str:
     return f".{path.name}."
 
@@ -131,7 +178,10 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     path = Path(path)
     check_replaceable(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=_temporary_prefix(path), suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=_temporary_prefix(path), suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        raise (full_disk_error(err, path) or err) from None
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # what open() would have created
     finally:
@@ -139,8 +189,11 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     try:
         yield Path(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
+        full = full_disk_error(err, path)  # judged before the temporary frees its space
         Path(tmp).unlink(missing_ok=True)
+        if full is not None:
+            raise full from err
         raise
 
 

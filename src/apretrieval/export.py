@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from apretrieval.atomic import atomic_path
+from apretrieval.atomic import atomic_open, atomic_path
 from apretrieval.extraction.settings import DEFAULT_MAX_SIDE, DEFAULT_SCALES, check_scales
 
 __all__ = ["FORMATS", "MultiScaleDescriptor", "export_onnx", "export_torchscript"]
@@ -167,8 +167,9 @@ def export_torchscript(
         traced = torch.jit.trace(model, _example(model, example_size), check_trace=False)
         scripted = torch.jit.script(_wrap(traced, scales, p, max_side))
     path = Path(path)
-    with atomic_path(path) as tmp, _expected_warnings():
-        torch.jit.save(scripted, str(tmp))
+    # Through a Python file: torch's own file writer aborts the process on a full disk.
+    with atomic_open(path, "wb") as f, _expected_warnings():
+        torch.jit.save(scripted, f)
     return path
 
 

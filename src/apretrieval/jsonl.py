@@ -14,15 +14,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from apretrieval.atomic import atomic_open
+from apretrieval.atomic import atomic_open, full_disk_error
 
 __all__ = ["append_jsonl", "keep_jsonl", "read_jsonl"]
 
 
 def append_jsonl(path: str | os.PathLike[str], record: dict[str, Any]) -> None:
     """Append ``record`` as one line (a single write, so a crash tears at most this line)."""
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as err:  # a full disk says so, with the file's name
+        raise (full_disk_error(err, path) or err) from None
 
 
 def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:

@@ -69,6 +69,8 @@ def describe(err: BaseException, *, debug: bool = False) -> tuple[str, int]:
 
 
 def _describe_os_error(err: OSError) -> str:
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return _describe_full_disk(err)
     where = err.filename if err.filename is not None else None
     what = err.strerror or _one_line(err) or type(err).__name__
     if where is not None and err.filename2 is not None:
@@ -76,6 +78,18 @@ def _describe_os_error(err: OSError) -> str:
     advice = _OS_ADVICE.get(err.errno or -1)
     text = f"{where}: {what}" if where is not None else what
     return f"{text}; {advice}" if advice else text
+
+
+def _describe_full_disk(err: OSError) -> str:
+    """``no space left on DEVICE writing FILE``: where the space ran out, and in what file."""
+    from apretrieval.atomic import mount_point  # a foundation module: no torch, no Pillow
+
+    what = "no space left" if err.errno == errno.ENOSPC else "the disk quota is exhausted"
+    if err.filename is None:
+        return f"{what} on the device; {_OS_ADVICE[errno.ENOSPC]}"
+    return (
+        f"{what} on {mount_point(err.filename)} writing {err.filename}; {_OS_ADVICE[errno.ENOSPC]}"
+    )
 
 
 def _one_line(err: BaseException) -> str:
