@@ -7,11 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 pytest.importorskip("skimage", reason="the demo photographs ship with scikit-image")
 
 from apretrieval.cli import main
 from apretrieval.demo.run import METHODS, DemoConfig, DemoTraining, format_table
+from apretrieval.recipe_values import read_yaml_mapping
 
 CONFIG = Path(__file__).resolve().parents[1] / "src" / "apretrieval" / "configs" / "demo.yaml"
 
@@ -21,8 +23,17 @@ def _metrics(mapv: float) -> dict:
     return {"easy": r, "medium": r, "hard": r}
 
 
-def test_configs_demo_yaml_holds_the_defaults():
-    assert DemoConfig.from_yaml(CONFIG) == DemoConfig()
+def test_the_demo_recipe_is_the_defaults_written_once():
+    assert DemoConfig.from_yaml(CONFIG) == DemoConfig.from_yaml("demo") == DemoConfig()
+    assert read_yaml_mapping(CONFIG) == {}  # the values live in the code alone
+
+
+def test_print_config_is_a_recipe_of_the_resolved_settings(capsys, tmp_path):
+    assert main(["demo", "--print-config", "--seed", "3", "--out", str(tmp_path)]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["seed"] == 3 and printed["training"]["steps"] == DemoConfig().training.steps
+    assert DemoConfig.from_dict(printed) == DemoConfig().with_seed(3)
+    assert not any(tmp_path.iterdir())  # nothing run, nothing written
 
 
 def test_config_round_trip_and_seed():

@@ -34,7 +34,14 @@ from apretrieval.run_folder import truncate_log, warn_config_changes
 from apretrieval.train_config import TrainConfig
 from apretrieval.validation import Validator, make_validator
 
-__all__ = ["RunState", "init_whitening_from_data", "lr_factor", "make_loss", "start_run"]
+__all__ = [
+    "RunState",
+    "init_whitening_from_data",
+    "initial_model",
+    "lr_factor",
+    "make_loss",
+    "start_run",
+]
 
 
 def make_loss(cfg: TrainConfig) -> torch.nn.Module:
@@ -135,13 +142,17 @@ class RunState:
         }
 
 
-def _build_model(cfg: TrainConfig, fresh: bool, device: torch.device) -> RetrievalNet:
+def initial_model(
+    cfg: TrainConfig, device: torch.device | str = "cpu", *, pretrained: bool = True
+) -> RetrievalNet:
+    """The network a run of ``cfg`` starts from (initialised from ``cfg.seed``), on ``device``;
+    ``pretrained=False``: without its pretrained weights (a resumed run loads its own)."""
     with torch.random.fork_rng(devices=[]):  # deterministic init, global RNG left untouched
         torch.manual_seed(cfg.seed)
         return build_model(
             cfg.backbone,
-            pretrained=cfg.pretrained if fresh else None,
-            weights=cfg.weights if fresh else None,
+            pretrained=cfg.pretrained if pretrained else None,
+            weights=cfg.weights if pretrained else None,
             out_dim=cfg.out_dim,
             gem_p=cfg.gem_p,
             whiten=cfg.whiten,
@@ -160,7 +171,7 @@ def start_run(
     """The run's state: resumed from ``ckpt_path`` (``resume`` and the file exists; the log is
     cut back to its step) or fresh (the log removed; PCA whitening when the recipe asks)."""
     state = load_checkpoint(ckpt_path) if resume and ckpt_path.exists() else None
-    model = _build_model(cfg, state is None, ctx.device)
+    model = initial_model(cfg, ctx.device, pretrained=state is None)
     net = fast_net(model, cfg.amp, cfg.channels_last, cfg.compile)
     loss_scale = LossScale() if cfg.amp == "fp16" else None
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)

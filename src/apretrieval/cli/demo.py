@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from apretrieval.demo.run import DemoConfig
 
 
 def register(subparsers: Any) -> None:
@@ -54,31 +57,32 @@ def register(subparsers: Any) -> None:
         "other programs keep busy, re-checked at each fine-tuning; the demo decodes in its main "
         "process). The results change slightly with the thread count",
     )
+    p.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved demo settings (YAML, a recipe for --config) and exit",
+    )
     p.add_argument("--no-report", action="store_true", help="skip the HTML reports")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from apretrieval.demo.run import DemoConfig, format_table, run_demo
+    from apretrieval.demo.run import format_table, run_demo
     from apretrieval.threads import apply_threads, plan_threads
 
     if args.quick and args.config:
         raise ValueError("--quick and --config are exclusive")
+    if args.print_config:
+        import yaml
+
+        print(yaml.safe_dump(_config(args).to_dict(), sort_keys=False), end="")
+        return 0
     # The same rule as every command; the demo's loaders run in the main process (0 workers).
     plan = plan_threads(args.threads, workers=0)
     apply_threads(plan)
     print(plan.describe(), flush=True)
-    if args.config:
-        cfg = DemoConfig.from_yaml(args.config)
-    elif args.quick:
-        cfg = DemoConfig.quick()
-    else:
-        cfg = DemoConfig()
-    if args.seed is not None:
-        cfg = cfg.with_seed(args.seed)
-    if args.threads is not None:  # the fine-tunings plan their own threads unless told
-        cfg = dataclasses.replace(cfg, training=cfg.training.replace(cpu_threads=args.threads))
+    cfg = _config(args)
     summary = run_demo(args.out, cfg, progress=not args.no_progress, report=not args.no_report)
     print()
     print(format_table(summary))
@@ -98,3 +102,20 @@ def run(args: argparse.Namespace) -> int:
     if summary["reports"]:
         print(f"report: {summary['reports']['ap']}")
     return 0
+
+
+def _config(args: argparse.Namespace) -> DemoConfig:
+    """The demo settings the arguments ask for: a recipe, the quick demo or the defaults."""
+    from apretrieval.demo.run import DemoConfig
+
+    if args.config:
+        cfg = DemoConfig.from_yaml(args.config)
+    elif args.quick:
+        cfg = DemoConfig.quick()
+    else:
+        cfg = DemoConfig()
+    if args.seed is not None:
+        cfg = cfg.with_seed(args.seed)
+    if args.threads is not None:  # the fine-tunings plan their own threads unless told
+        cfg = dataclasses.replace(cfg, training=cfg.training.replace(cpu_threads=args.threads))
+    return cfg

@@ -27,12 +27,14 @@ import torch
 from apretrieval.configs import recipe_path
 from apretrieval.demo.config import BenchmarkConfig
 from apretrieval.demo.dataset import Benchmark, prepare_benchmark
+from apretrieval.image_set_ap import image_set_ap
 from apretrieval.jsonl import read_jsonl
-from apretrieval.pipeline import ExtractionSettings, evaluate_checkpoint
+from apretrieval.pipeline import ExtractionSettings, evaluate_checkpoint, load_checkpoint_model
 from apretrieval.recipe_values import read_yaml_mapping
 from apretrieval.results import RESULTS_FILES_KEY, RetrievalResults, metrics_to_dict
 from apretrieval.tables import model_table, render_table
 from apretrieval.train_config import TrainConfig
+from apretrieval.train_setup import initial_model
 
 if TYPE_CHECKING:
     from apretrieval.data.revisited import RevisitedDataset
@@ -249,43 +251,17 @@ def evaluate_model(
 def probe_training_set(
     model: torch.nn.Module, bench: Benchmark, cfg: DemoConfig
 ) -> dict[str, float]:
-    """AP loss and exact mAP over a fixed set of training images (each image queries the rest).
-
-    The same images and metrics before and after fine-tuning show what training did to its
-    own objective. The AP loss (1 - mean AP_Q) is only comparable for AP-trained models: a
-    contrastive model squeezes all similarities into a few histogram bins, so read its exact
-    mAP instead.
-    """
-    from apretrieval.data.lists import image_folder
-    from apretrieval.extraction.images import ImageFiles
-    from apretrieval.extraction.loop import extract_descriptors
-    from apretrieval.losses.ap import APLoss
-    from apretrieval.losses.exact import average_precision
-
-    images = image_folder(bench.train_dir)
-    rng = np.random.default_rng([cfg.seed, 11])
-    n = min(cfg.loss_probe_images, len(images))
-    chosen = np.sort(rng.choice(len(images), size=n, replace=False))
-    paths = [images.paths[i] for i in chosen]
-    labels = torch.as_tensor(np.asarray(images.labels)[chosen], dtype=torch.int64)
-    d = torch.from_numpy(
-        extract_descriptors(
-            model,
-            ImageFiles(paths, None, cfg.training.max_side),
-            scales=(1.0,),
-            batch_size=16,
-            num_workers=0,
-            device="cpu",
-            progress=False,
-        )
+    """AP loss and exact mAP over a fixed set of training images, each querying the rest
+    (:func:`apretrieval.image_set_ap.image_set_ap`): the same images before and after
+    fine-tuning show what training did to its own objective."""
+    return image_set_ap(
+        model,
+        bench.train_dir,
+        max_images=cfg.loss_probe_images,
+        seed=cfg.seed,
+        max_side=cfg.training.max_side,
+        num_bins=cfg.training.num_bins,
     )
-    with torch.no_grad():
-        loss = float(APLoss(num_bins=cfg.training.num_bins)(d, labels))
-    off = ~torch.eye(n, dtype=torch.bool)  # leave each query out of its own ranking
-    scores = (d @ d.T)[off].view(n, n - 1)
-    relevant = (labels[:, None] == labels[None, :])[off].view(n, n - 1)
-    ap = average_precision(scores, relevant)
-    return {"ap_loss": loss, "mAP": float(ap[~ap.isnan()].mean())}
 
 
 def _atomic_json(path: Path, obj: Any) -> None:
@@ -315,7 +291,6 @@ def run_demo(
     log: Any = print,
 ) -> dict[str, Any]:
     """Run the whole demo; returns (and writes to ``out_dir/results.json``) the summary."""
-    from apretrieval.models import build_model, load_model
     from apretrieval.training import train
 
     cfg = cfg or DemoConfig()
@@ -341,9 +316,10 @@ def run_demo(
     metrics: dict[str, Any] = {}
     probe: dict[str, dict[str, float]] = {}
     runs: dict[str, str] = {}
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        model = build_model(cfg.backbone, pretrained="imagenet")
+    # exactly the network both fine-tunings start from (same recipe, same seed)
+    model: torch.nn.Module = initial_model(
+        train_config(cfg, bench, "ap", out / "runs" / "ap", progress)
+    )
     metrics["pretrained"] = evaluate_model(model, test, cfg, "pretrained", out, progress)
     probe["pretrained"] = probe_training_set(model, bench, cfg)
     t = lap("pretrained", t)
@@ -358,7 +334,7 @@ def run_demo(
         path = train(tc, overwrite=True)  # the demo's own folder: each run replaces it
         t = lap(f"{method}_train", t)
         runs[method] = str(run_dir)
-        model = load_model(path)
+        model = load_checkpoint_model(path, "cpu")
         metrics[method] = evaluate_model(model, test, cfg, method, out, progress)
         probe[method] = probe_training_set(model, bench, cfg)
         t = lap(f"{method}_eval", t)
