@@ -357,3 +357,24 @@ def test_a_checkpoint_of_odd_structure_is_one_clear_error(tmp_path, capsys, case
     assert main(["export", "--checkpoint", str(path), "--out", str(tmp_path / "m.ts")]) == 1
     line = _one_error(capsys, "export")
     assert re.search(message, line) and "Error:" not in line, line
+
+
+# ------------------------------------------------------------------ k beyond the index
+
+
+def test_search_clamps_k_to_the_index_size(checkpoint, tmp_path, capsys):
+    pytest.importorskip("faiss")
+    from apretrieval.faiss_index import load_index
+
+    np.save(tmp_path / "f.npy", np.eye(8, dtype=np.float32))
+    argv = ["index", "build", "--features", str(tmp_path / "f.npy"), "--out", str(tmp_path / "ix")]
+    assert main([*argv, "--checkpoint", str(checkpoint)]) == 0
+    index = load_index(tmp_path / "ix")
+    scores, indices = index.search(np.eye(8, dtype=np.float32)[:2], 10**11)
+    assert scores.shape == indices.shape == (2, 8)  # not (2, 10**11): 1.2 TB
+    assert index.search(np.eye(8, dtype=np.float32)[:1], 10**11, rerank=10**11)[1].shape == (1, 8)
+    capsys.readouterr()
+    q = _image(tmp_path / "q.png")
+    argv = ["search", "--index", str(tmp_path / "ix"), "--query", str(q), "--k", str(10**11)]
+    assert main(argv) == 0
+    assert capsys.readouterr().out.count("\n") == 9  # the query line and all 8 items

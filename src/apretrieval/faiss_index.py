@@ -252,6 +252,9 @@ class SearchIndex:
     ) -> tuple[np.ndarray, np.ndarray]:
         """Top-``k`` of ``queries (Q, D)``: ``scores (Q, k)`` descending, ``indices (Q, k)``.
 
+        ``k`` (and ``rerank``) larger than the index are clamped to its size: a query cannot
+        have more results than there are items, and the result arrays are allocated for ``k``.
+
         ``rerank=R`` (> 0): take the index's top ``max(R, k)`` and re-score them exactly
         against ``descriptors`` (default: the features file the index was built from, memory-
         mapped), which recovers most of the ranking quality that PQ codes lose.
@@ -269,6 +272,7 @@ class SearchIndex:
             _faiss().extract_index_ivf(self.index).nprobe = int(nprobe)
         if rerank < 0:
             raise ValueError(f"rerank must be >= 0, got {rerank!r}")
+        k, rerank = min(int(k), max(len(self), 1)), min(int(rerank), len(self))
         if not rerank:
             return _faiss_search(self.index, queries, int(k))
         if descriptors is None:
