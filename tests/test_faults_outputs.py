@@ -4,6 +4,7 @@ results file, stale temporaries swept by their owner, full disks named as such."
 from __future__ import annotations
 
 import importlib.util
+import io
 import os
 import socket
 import subprocess
@@ -11,8 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from apretrieval.cli import main
+from apretrieval.extraction.loop import extract_descriptors
 from conftest import without_thread_line
 from test_faults_files import _extract_cli, _images, stand_in
 
@@ -209,3 +212,36 @@ def test_a_short_write_is_called_a_full_disk_only_when_the_disk_is_full(tmp_path
     assert full is not None and full.errno == 28 and full.filename == str(tmp_path / "c.pt")
     other = RuntimeError("something else went wrong")
     assert atomic.full_disk_error(other, tmp_path / "c.pt") is None
+
+
+# ------------------------------------------------------------------ the per-image reuse
+
+
+def test_an_image_replaced_with_the_same_size_and_mtime_is_extracted_again(tmp_path, stand_in):
+    import time
+
+    from apretrieval.descriptors import load_features
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):  # uncompressed: every image of these dimensions has the same size
+        Image.fromarray(rng.integers(0, 255, (32, 40, 3), dtype=np.uint8)).save(folder / f"{i}.ppm")
+    assert _extract_cli(tmp_path / "m.pt", folder, tmp_path / "x") == 0
+    before = load_features(tmp_path / "x.npy").descriptors
+    target = folder / "1.ppm"
+    st = os.stat(target)
+    time.sleep(0.05)  # a write in a later clock tick than the first one
+    with open(target, "r+b") as f:  # in place (same inode), same size, mtime set back
+        img = Image.fromarray(np.full((32, 40, 3), 200, dtype=np.uint8))
+        buf = io.BytesIO()
+        img.save(buf, format="PPM")
+        assert len(buf.getvalue()) == st.st_size
+        f.write(buf.getvalue())
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (os.stat(target).st_size, os.stat(target).st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    assert _extract_cli(tmp_path / "m.pt", folder, tmp_path / "x") == 0
+    after = load_features(tmp_path / "x.npy").descriptors
+    want = extract_descriptors(stand_in, sorted(folder.iterdir()), num_workers=0, progress=False)
+    np.testing.assert_allclose(after, want, atol=1e-6)  # image 1 is the new one
+    assert np.abs(after[1] - before[1]).max() > 1e-3

@@ -5,8 +5,16 @@ While an extraction to ``X`` runs, finished work is kept under ``X.parts/``:
 - ``settings.json``: what every row depends on besides its image (scales, image size, the
   model's checkpoint and its content key, ...);
 - per shard ``k``: ``k.npy`` (its rows) and then ``k.json`` (their image ids, each image file's
-  size and mtime, the images skipped as unreadable, and the content key of ``k.npy``). A shard
-  counts once its ``k.json`` exists and matches its array, so a shard cut short is redone.
+  stamp, the images skipped as unreadable, and the content key of ``k.npy``). A shard counts
+  once its ``k.json`` exists and matches its array, so a shard cut short is redone.
+
+An image file's stamp is its size, modification time, status-change time (ctime) and inode,
+read with one ``stat``; its pixels are not hashed (that would read every image of a large
+collection on each run). Any write to a file sets its ctime to the time of the write, which no
+program can set back, and a file renamed over another has another inode: so a replaced image,
+even one of the same size whose mtime was restored, is extracted again. A ``chmod`` or a copy
+of the folder elsewhere changes the stamps too and costs a new extraction, never a wrong
+reuse.
 
 A rerun with the same settings reuses every row whose image id and file are unchanged, in
 whichever shard it is: removing a bad image, adding images or fixing one re-extracts only
@@ -63,8 +71,9 @@ def _read_json(path: Path) -> Any:
 
 
 def _stamps(images: Any, n: int) -> list[str]:
-    """Per image, ``"size:mtime_ns"`` of its file ("" for in-memory images, "missing" when
-    the file is gone): a changed file gives a different stamp and is extracted again."""
+    """Per image, ``"size:mtime_ns:ctime_ns:inode"`` of its file ("" for in-memory images,
+    "missing" when the file is gone; see the module docstring): a file written since it was
+    extracted, even with its size and mtime kept, gives another stamp and is extracted again."""
     paths = getattr(images, "paths", None)
     if paths is None and isinstance(images, list | tuple):
         paths = [p if isinstance(p, str | os.PathLike) else None for p in images]
@@ -76,7 +85,7 @@ def _stamps(images: Any, n: int) -> list[str]:
             continue
         try:
             st = os.stat(p)
-            out.append(f"{st.st_size}:{st.st_mtime_ns}")
+            out.append(f"{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}")
         except OSError:
             out.append("missing")
     return out
