@@ -378,3 +378,34 @@ def test_search_clamps_k_to_the_index_size(checkpoint, tmp_path, capsys):
     argv = ["search", "--index", str(tmp_path / "ix"), "--query", str(q), "--k", str(10**11)]
     assert main(argv) == 0
     assert capsys.readouterr().out.count("\n") == 9  # the query line and all 8 items
+
+
+# ------------------------------------------------------------------ a whitening of too few
+
+
+def test_a_whitening_learned_from_too_few_descriptors_is_warned_about(
+    tmp_path, stand_in, caplog, capsys
+):
+    from test_extraction import fake_benchmark
+
+    fake_benchmark(tmp_path / "bench", np.random.default_rng(0))
+    rng = np.random.default_rng(1)
+    few = rng.standard_normal((3, 6)).astype(np.float32)  # TinyNet's 6 dimensions
+    np.save(tmp_path / "few.npy", few / np.linalg.norm(few, axis=1, keepdims=True))
+    argv = ["evaluate", "--checkpoint", "m.pt", "--dataset", "roxford5k", "--workers", "0"]
+    argv += ["--root", str(tmp_path / "bench"), "--no-progress"]
+    with caplog.at_level("WARNING", logger="apretrieval.postprocess"):
+        assert (
+            main([*argv, "--whiten", str(tmp_path / "few.npy"), "--out", str(tmp_path / "a")]) == 0
+        )
+    text = " ".join(r.getMessage() for r in caplog.records)
+    assert "learned from 3 descriptors of 6 dimensions: they span only 2" in text
+    assert "fits --whiten-dim (dim) up to 2" in text and "needs more than 6" in text
+    caplog.clear()
+    many = rng.standard_normal((50, 6)).astype(np.float32)
+    np.save(tmp_path / "many.npy", many / np.linalg.norm(many, axis=1, keepdims=True))
+    with caplog.at_level("WARNING", logger="apretrieval.postprocess"):
+        assert (
+            main([*argv, "--whiten", str(tmp_path / "many.npy"), "--out", str(tmp_path / "b")]) == 0
+        )
+    assert not caplog.records  # enough descriptors: nothing to say

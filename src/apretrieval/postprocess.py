@@ -26,6 +26,7 @@ L2-normalised float32 rows.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +47,9 @@ __all__ = [
     "pca_whitening_matrix",
     "save_whitening",
 ]
+
+
+log = logging.getLogger("apretrieval.postprocess")
 
 
 def _as_rows(name: str, x: np.ndarray) -> np.ndarray:
@@ -156,6 +160,20 @@ def learn_whitening(
     dim = rank if dim is None else int(dim)
     if not 1 <= dim <= rank:
         raise ValueError(f"dim must be in [1, min(N - 1, D)] = [1, {rank}], got {dim}")
+    if rank < d:  # the descriptors lose every direction the learning set does not span
+        log.warning(
+            "the whitening is learned from %d descriptors of %d dimensions: they span only %d, "
+            "so the whitened descriptors have %d dimensions and retrieval suffers; this set "
+            "fits --whiten-dim (dim) up to %d, a %d-dimensional whitening needs more than %d "
+            "descriptors (many times more to be reliable)",
+            n,
+            d,
+            rank,
+            dim,
+            rank,
+            d,
+            d,
+        )
     mean, projection = pca_whitening_matrix(x, dim, power, eps)
     return Whitening(mean.astype(np.float32), projection.astype(np.float32), float(power))
 
