@@ -155,5 +155,5 @@ def _run_shortened_demo(out: Path, capsys) -> None:
             steps=1, batch_size=16, images_per_class=4, chunk_size=8, max_side=32
         ),
     )
-    run_demo(out, tiny, progress=False, report=False, log=lambda *_: None)
+    run_demo(out, tiny, progress=False, report=False, log=lambda *_: None, overwrite=True)
     assert (out / "data" / "manifest.json").stat().st_mtime_ns == stamp

@@ -313,3 +313,41 @@ def test_images_per_second_leave_out_the_validation_before_the_step(folder, tmp_
     seconds = {r["step"]: r["images"] / r["images_per_s"] for r in records if "loss" in r}
     assert "val" in next(r for r in records if r["step"] == 2)  # validated after step 2
     assert seconds[3] < 100 and max(seconds.values()) < 100, seconds  # not the 1000 s of it
+
+
+# ------------------------------------------------------------------ the demo's folder
+
+
+def test_the_quick_demo_never_replaces_a_finished_full_demo(tmp_path, monkeypatch, capsys):
+    from apretrieval.demo import run as demo_run
+    from apretrieval.demo.run import DemoConfig, DemoFolderInUse, run_demo
+
+    out = tmp_path / "demo"
+    out.mkdir()
+    finished = {"config": json.loads(json.dumps(DemoConfig().to_dict())), "ap": {}}
+    (out / "results.json").write_text(json.dumps(finished))
+    before = (out / "results.json").read_bytes()
+    assert main(["demo", "--quick", "--out", str(out), "--no-progress", "--threads", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "holds a finished demo of other settings" in err and "--overwrite" in err
+    assert sorted(p.name for p in out.iterdir()) == ["results.json"]  # nothing generated
+    assert (out / "results.json").read_bytes() == before
+    # --overwrite: the earlier demo's results go first, then the demo runs (here a stand-in)
+    seen = []
+    monkeypatch.setattr(
+        demo_run, "_run_demo", lambda o, *a: seen.append(sorted(p.name for p in o.iterdir()))
+    )
+    run_demo(out, DemoConfig.quick(), overwrite=True)
+    assert seen == [[]] and not (tmp_path / "demo.lock").exists()
+    # the same settings again: no refusal (the demo replaces its own files)
+    (out / "results.json").write_text(json.dumps(finished))
+    run_demo(out, DemoConfig(), overwrite=False)
+    with pytest.raises(DemoFolderInUse):
+        run_demo(out, DemoConfig.quick())
+    # Without --out the quick demo has a folder of its own.
+    used = []
+    monkeypatch.setattr(demo_run, "run_demo", lambda o, *a, **k: used.append(o) or 1 / 0)
+    monkeypatch.chdir(tmp_path)
+    for argv, default in ((["--quick"], "demo-output-quick"), ([], "demo-output")):
+        assert main(["demo", *argv, "--no-progress", "--threads", "1"]) == 1
+        assert used.pop() == default

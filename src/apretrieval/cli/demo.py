@@ -14,6 +14,9 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from apretrieval.demo.run import DemoConfig
 
+# The quick demo has a folder of its own: it never replaces a finished full demo by default.
+DEFAULT_OUT, QUICK_OUT = "demo-output", "demo-output-quick"
+
 
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
@@ -28,8 +31,14 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument(
         "--out",
-        default="demo-output",
-        help="output folder (benchmark cache, runs, results.json, report)",
+        default=None,
+        help="output folder (benchmark cache, runs, results.json, report; default "
+        f"{DEFAULT_OUT}, {QUICK_OUT} with --quick)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a finished demo of other settings in --out (refused without it)",
     )
     p.add_argument(
         "--seed",
@@ -83,7 +92,14 @@ def run(args: argparse.Namespace) -> int:
     apply_threads(plan)
     print(plan.describe(), flush=True)
     cfg = _config(args)
-    summary = run_demo(args.out, cfg, progress=not args.no_progress, report=not args.no_report)
+    out = args.out or (QUICK_OUT if args.quick else DEFAULT_OUT)
+    summary = run_demo(
+        out,
+        cfg,
+        progress=not args.no_progress,
+        report=not args.no_report,
+        overwrite=args.overwrite,
+    )
     print()
     print(format_table(summary))
     print()
@@ -98,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
         f"wall time: {summary['wall_time_s']:.0f} s on {summary['machine']['cpu_count']} "
         f"CPU core(s), {summary['machine']['torch_threads']} torch thread(s)"
     )
-    print(f"results: {args.out}/results.json")
+    print(f"results: {out}/results.json")
     if summary["reports"]:
         print(f"report: {summary['reports']['ap']}")
     return 0

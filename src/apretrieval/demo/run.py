@@ -8,6 +8,10 @@
    evaluate both the same way.
 4. Write ``results.json`` (the three ``evaluate_revisited`` results and the wall time), one
    full results file per model (for ``apretrieval report``) and the HTML reports.
+
+The output folder is owned like a run folder: one demo writes it at a time (its lock), and a
+folder holding a finished demo of other settings (the full demo, when the quick one is asked
+for) is refused unless ``overwrite``, which removes that demo's results first.
 """
 
 from __future__ import annotations
@@ -24,11 +28,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from apretrieval.atomic import remove_stale_temporaries
 from apretrieval.configs import recipe_path
 from apretrieval.demo.config import BenchmarkConfig
 from apretrieval.demo.dataset import Benchmark, prepare_benchmark
 from apretrieval.image_set_ap import image_set_ap
 from apretrieval.jsonl import read_jsonl
+from apretrieval.locking import output_lock
 from apretrieval.pipeline import ExtractionSettings, evaluate_checkpoint, load_checkpoint_model
 from apretrieval.recipe_values import read_yaml_mapping
 from apretrieval.results import RESULTS_FILES_KEY, RetrievalResults, metrics_to_dict
@@ -282,6 +288,30 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+class DemoFolderInUse(ValueError):
+    """The output folder holds a finished demo of other settings; overwrite was not asked."""
+
+
+def _claim_demo_folder(out: Path, cfg: DemoConfig, overwrite: bool) -> None:
+    """Refuse a folder that holds a finished demo of other settings unless ``overwrite``,
+    which removes that demo's results (a demo that then fails leaves no mixed folder)."""
+    try:
+        earlier = json.loads((out / "results.json").read_text(encoding="utf-8")).get("config")
+    except (OSError, ValueError, AttributeError):
+        return  # no finished demo here (or not one this code wrote)
+    wanted = json.loads(json.dumps(cfg.to_dict()))
+    if earlier == wanted or not isinstance(earlier, dict):
+        return  # the same demo again: its files are replaced as they are rewritten
+    if not overwrite:
+        differ = sorted(k for k in {*earlier, *wanted} if earlier.get(k) != wanted.get(k))
+        raise DemoFolderInUse(
+            f"{out} holds a finished demo of other settings ({', '.join(differ)} differ): "
+            "pass --overwrite to replace it, or choose another --out"
+        )
+    for name in ["results.json", *(f"results_{m}.json" for m in METHODS)]:
+        (out / name).unlink(missing_ok=True)
+
+
 def run_demo(
     out_dir: str | os.PathLike[str] = "demo-output",
     cfg: DemoConfig | None = None,
@@ -289,12 +319,24 @@ def run_demo(
     progress: bool = True,
     report: bool = True,
     log: Any = print,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Run the whole demo; returns (and writes to ``out_dir/results.json``) the summary."""
-    from apretrieval.training import train
+    """Run the whole demo; returns (and writes to ``out_dir/results.json``) the summary.
 
+    ``out_dir`` is locked meanwhile; one holding a finished demo of other settings is refused
+    (DemoFolderInUse) unless ``overwrite``.
+    """
     cfg = cfg or DemoConfig()
     out = Path(out_dir)
+    with output_lock(out):
+        _claim_demo_folder(out, cfg, overwrite)
+        remove_stale_temporaries(out / "results.json")
+        return _run_demo(out, cfg, progress, report, log)
+
+
+def _run_demo(out: Path, cfg: DemoConfig, progress: bool, report: bool, log: Any) -> dict[str, Any]:
+    from apretrieval.training import train
+
     out.mkdir(parents=True, exist_ok=True)
     tic = time.perf_counter()
     timings: dict[str, float] = {}
