@@ -727,3 +727,43 @@ def test_cli_evaluate_several_benchmarks_in_one_table(tmp_path, monkeypatch, cap
     ):
         assert main(["evaluate", *common, *bad, "--out", str(tmp_path / "x.json")]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_first_positive_is_the_rank_of_the_best_positive_with_junk_removed():
+    from apretrieval.evaluation import PROTOCOLS, evaluate_revisited_per_query, query_sets
+
+    rng = np.random.default_rng(11)
+    n = 60
+    gnd = []
+    for _ in range(25):
+        idx = rng.permutation(n)
+        k_e, k_h, k_j = rng.integers(0, 5, 3)
+        gnd.append(
+            {
+                "easy": idx[:k_e].tolist(),
+                "hard": idx[k_e : k_e + k_h].tolist(),
+                "junk": idx[k_e + k_h : k_e + k_h + k_j].tolist(),
+            }
+        )
+    scores = rng.standard_normal((len(gnd), n))
+    per = evaluate_revisited_per_query(scores, gnd)
+    for i, entry in enumerate(gnd):
+        sets = query_sets(entry, i, n)
+        for p in PROTOCOLS:
+            pos = {
+                "easy": sets["easy"],
+                "medium": np.r_[sets["easy"], sets["hard"]],
+                "hard": sets["hard"],
+            }[p]
+            junk = {
+                "easy": np.r_[sets["junk"], sets["hard"]],
+                "medium": sets["junk"],
+                "hard": np.r_[sets["junk"], sets["easy"]],
+            }[p]
+            got = per[p].first_positive[i]
+            if pos.size == 0:
+                assert np.isnan(got)
+                continue
+            order = [j for j in np.argsort(-scores[i], kind="stable") if j not in set(junk)]
+            want = 1 + next(r for r, j in enumerate(order) if j in set(pos))
+            assert got == want, (i, p, got, want)

@@ -223,7 +223,8 @@ def _ap_and_precision(
 class ProtocolResult:
     """Per-query results of one protocol: ``ap`` (Q,), ``precision`` (Q, len(kappas)), and
     ``ap_exact`` (Q,), the non-interpolated AP of the same ranking (the official ``ap`` uses
-    the trapezoid rule; AP_Q estimates ``ap_exact``).
+    the trapezoid rule; AP_Q estimates ``ap_exact``), and ``first_positive`` (Q,), the rank
+    (1-based, junk removed as for the AP) of the query's best-ranked positive.
 
     Queries without a positive hold NaN and are left out of ``mAP`` / ``mP``.
     """
@@ -232,6 +233,7 @@ class ProtocolResult:
     precision: np.ndarray
     kappas: tuple[int, ...]
     ap_exact: np.ndarray | None = None
+    first_positive: np.ndarray | None = None
 
     @classmethod
     def concatenate(cls, parts: Sequence[ProtocolResult]) -> ProtocolResult:
@@ -242,11 +244,13 @@ class ProtocolResult:
         if any(p.kappas != kappas for p in parts):
             raise ValueError(f"results with different kappas: {[p.kappas for p in parts]}")
         exact = [p.ap_exact for p in parts if p.ap_exact is not None]
+        first = [p.first_positive for p in parts if p.first_positive is not None]
         return cls(
             np.concatenate([p.ap for p in parts]),
             np.concatenate([p.precision for p in parts]),
             kappas,
             np.concatenate(exact) if len(exact) == len(parts) else None,
+            np.concatenate(first) if len(first) == len(parts) else None,
         )
 
     @property
@@ -330,6 +334,7 @@ def evaluate_revisited_per_query(
         raise ValueError(f"scores has {q} query rows but gnd has {len(entries)} entries")
     ap = {p: np.full(q, np.nan) for p in PROTOCOLS}
     exact = {p: np.full(q, np.nan) for p in PROTOCOLS}
+    first = {p: np.full(q, np.nan) for p in PROTOCOLS}
     prec = {p: np.full((q, len(ks)), np.nan) for p in PROTOCOLS}
     ranker = _Ranker(n, s.dtype)
     for i, entry in enumerate(entries):
@@ -349,7 +354,9 @@ def evaluate_revisited_per_query(
         for p, (pos_r, junk_r) in groups.items():
             if pos_r.size:
                 ap[p][i], exact[p][i], prec[p][i] = _ap_and_precision(pos_r, junk_r, ks)
-    return {p: ProtocolResult(ap[p], prec[p], ks, exact[p]) for p in PROTOCOLS}
+                best = pos_r.min()  # 0-based among all items; junk ranked above it drops out
+                first[p][i] = best - np.count_nonzero(junk_r < best) + 1
+    return {p: ProtocolResult(ap[p], prec[p], ks, exact[p], first[p]) for p in PROTOCOLS}
 
 
 def evaluate_revisited(

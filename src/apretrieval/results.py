@@ -128,7 +128,9 @@ class QueryResult:
 
     ``ap[protocol]`` and ``ap_q`` are None when the query has no positive under the protocol;
     ``ap_q`` is the plain (paper's) AP_Q, ``ap_q_sharp`` the sharp estimator's, ``ap_exact``
-    the non-interpolated AP they estimate (analysis protocol, junk removed).
+    the non-interpolated AP they estimate (analysis protocol, junk removed);
+    ``first_positive[protocol]``: the rank of its best-ranked positive (1-based, junk removed;
+    empty in files written before it was recorded).
     """
 
     image: str
@@ -139,6 +141,7 @@ class QueryResult:
     bbx: tuple[float, ...] | None = None
     ap_q_sharp: float | None = None
     ap_exact: float | None = None
+    first_positive: dict[str, int | None] = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], where: str = "query") -> QueryResult:
@@ -153,6 +156,10 @@ class QueryResult:
                 bbx=None if bbx is None else tuple(float(v) for v in bbx),
                 ap_q_sharp=_opt_float(d.get("ap_q_sharp")),
                 ap_exact=_opt_float(d.get("ap_exact")),
+                first_positive={
+                    str(p): None if v is None else int(v)
+                    for p, v in (d.get("first_positive") or {}).items()
+                },
             )
         except (KeyError, TypeError, ValueError, AttributeError) as err:
             raise ValueError(f"{where}: not a results query entry ({err!r})") from None
@@ -167,6 +174,7 @@ class QueryResult:
             "ap_q": self.ap_q,
             "ap_q_sharp": self.ap_q_sharp,
             "ap_exact": self.ap_exact,
+            "first_positive": dict(self.first_positive),
         }
 
 

@@ -131,6 +131,7 @@ def evaluate_score_blocks(
                     bbx=None if bbx is None else tuple(float(v) for v in np.ravel(bbx)),
                     ap_q_sharp=_finite(ap_q_sharp[i]),
                     ap_exact=_finite(exact[i]),  # what AP_Q estimates
+                    first_positive={p: _rank(per[p].first_positive, i) for p in PROTOCOLS},
                 )
             )
         for p in PROTOCOLS:
@@ -144,6 +145,10 @@ def evaluate_score_blocks(
 
 def _finite(x: float) -> float | None:
     return None if np.isnan(x) else float(x)
+
+
+def _rank(ranks: np.ndarray | None, i: int) -> int | None:
+    return None if ranks is None or np.isnan(ranks[i]) else int(ranks[i])
 
 
 def evaluate_descriptors(
