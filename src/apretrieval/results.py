@@ -51,13 +51,16 @@ from apretrieval.evaluation import PROTOCOLS, ProtocolResult
 __all__ = [
     "METRIC_GROUPS",
     "EvaluationSettings",
+    "ListedResults",
     "ProtocolMetrics",
     "QueryResult",
     "RetrievalResults",
+    "list_results",
     "load_results",
     "load_results_files",
     "metrics_from_dict",
     "metrics_to_dict",
+    "model_label",
 ]
 
 
@@ -375,12 +378,38 @@ def load_results(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 RESULTS_FILES_KEY = "results_files"  # a summary's map: label -> results file (the demo's)
+LABELS_KEY = "labels"  # a summary's map: label -> the name its pages show
+TRAIN_LOGS_KEY = "train_logs"  # a summary's map: label -> training log (metrics.jsonl)
+# A checkpoint with one of these names is named by its run folder: runs/first/model.pt is
+# "first/model" (two runs' model.pt would otherwise both be "model").
+_RUN_FILES = ("model", "best", "checkpoint")
 
 
-def load_results_files(path: str | os.PathLike[str]) -> list[tuple[str, RetrievalResults]]:
-    """(label, results) of what ``path`` holds: a results file (labelled by its model's file
-    stem, else its own), or a summary that lists results files under ``results_files`` (the
-    demo's ``results.json``; paths relative to it), one entry per file it lists."""
+@dataclass(frozen=True)
+class ListedResults:
+    """One entry of what a results path holds: its label, results and training log if known."""
+
+    label: str
+    results: RetrievalResults
+    train_log: Path | None = None
+    source: Path | None = None  # the results file
+
+
+def model_label(model: str, fallback: str) -> str:
+    """How a results file's model is named: its checkpoint's file stem, with the run folder
+    for a run's ``model`` / ``best`` / ``checkpoint`` (``first/model``); ``fallback`` without
+    a model."""
+    if not model:
+        return fallback
+    p = Path(model)
+    return f"{p.parent.name}/{p.stem}" if p.stem in _RUN_FILES and p.parent.name else p.stem
+
+
+def list_results(path: str | os.PathLike[str]) -> list[ListedResults]:
+    """What ``path`` holds: one results file, or a summary that lists results files under
+    ``results_files`` (the demo's ``results.json``; paths relative to it), labelled by its
+    ``labels`` map when it has one, with its ``train_logs``. A results file's training log is
+    the ``metrics.jsonl`` beside its checkpoint, when there is one."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"results file not found: {path}")
@@ -390,9 +419,26 @@ def load_results_files(path: str | os.PathLike[str]) -> list[tuple[str, Retrieva
         raise ValueError(f"{path}: not a JSON results file ({err})") from None
     files = raw.get(RESULTS_FILES_KEY) if isinstance(raw, dict) else None
     if isinstance(files, dict):
-        return [
-            (str(label), RetrievalResults.load(path.parent / Path(file)))
-            for label, file in files.items()
-        ]
+        names = raw.get(LABELS_KEY) if isinstance(raw.get(LABELS_KEY), dict) else {}
+        logs = raw.get(TRAIN_LOGS_KEY) if isinstance(raw.get(TRAIN_LOGS_KEY), dict) else {}
+        out = []
+        for key, file in files.items():
+            log = logs.get(key)
+            log_path = None if log is None else path.parent / Path(log)
+            source = path.parent / Path(file)
+            res = RetrievalResults.load(source)
+            label = str(names.get(key, key))
+            out.append(ListedResults(label, res, _existing(log_path), source))
+        return out
     res = RetrievalResults.from_dict(raw, str(path))
-    return [(Path(res.model).stem if res.model else path.stem, res)]
+    log_path = Path(res.model).with_name("metrics.jsonl") if res.model else None
+    return [ListedResults(model_label(res.model, path.stem), res, _existing(log_path), path)]
+
+
+def _existing(path: Path | None) -> Path | None:
+    return path if path is not None and path.is_file() else None
+
+
+def load_results_files(path: str | os.PathLike[str]) -> list[tuple[str, RetrievalResults]]:
+    """(label, results) of what ``path`` holds (see :func:`list_results`)."""
+    return [(entry.label, entry.results) for entry in list_results(path)]

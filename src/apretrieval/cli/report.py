@@ -41,7 +41,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--train-log",
         type=Path,
         metavar="JSONL",
-        help="training log (metrics.jsonl of a training run) for the curves",
+        help="training log (metrics.jsonl of a training run) for the curves (default: the "
+        "metrics.jsonl beside the evaluated checkpoint, when there is one)",
     )
     p.add_argument(
         "--queries",
@@ -73,22 +74,29 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def run(args: argparse.Namespace) -> int:
-    from apretrieval.report.compare import comparison_inputs, write_comparison
+    from apretrieval.report.compare import comparison_runs, write_comparison
     from apretrieval.report.page import write_report
 
-    models = comparison_inputs(args.results)  # checks that each file exists and is readable
-    if len(args.results) > 1 or len(models) > 1:
+    runs = comparison_runs(args.results)  # checks that each file exists and is readable
+    if len(args.results) > 1 or len(runs) > 1:
         if args.train_log is not None or args.queries:
             raise ValueError("--train-log and --queries apply to the report of one results file")
-        path = write_comparison(models, args.out, root=args.root, top=args.top, embed=args.embed)
-        print(f"comparison of {', '.join(label for label, _ in models)}: {path}")
+        path = write_comparison(
+            [(r.label, r.results) for r in runs],
+            args.out,
+            root=args.root,
+            top=args.top,
+            embed=args.embed,
+            train_logs={r.label: r.train_log for r in runs if r.train_log is not None},
+        )
+        print(f"comparison of {', '.join(r.label for r in runs)}: {path}")
         return 0
     if args.train_log is not None and not args.train_log.is_file():
         raise ValueError(f"training log not found: {args.train_log}")
     path = write_report(
-        models[0][1],
+        runs[0].results,
         args.out,
-        train_log=args.train_log,
+        train_log=args.train_log or runs[0].train_log,  # default: the log beside its checkpoint
         queries=args.queries,
         num_worst=args.num_worst,
         top=args.top,

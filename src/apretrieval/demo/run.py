@@ -37,7 +37,13 @@ from apretrieval.jsonl import read_jsonl
 from apretrieval.locking import output_lock
 from apretrieval.pipeline import ExtractionSettings, evaluate_checkpoint, load_checkpoint_model
 from apretrieval.recipe_values import read_yaml_mapping
-from apretrieval.results import RESULTS_FILES_KEY, RetrievalResults, metrics_to_dict
+from apretrieval.results import (
+    LABELS_KEY,
+    RESULTS_FILES_KEY,
+    TRAIN_LOGS_KEY,
+    RetrievalResults,
+    metrics_to_dict,
+)
 from apretrieval.tables import model_table, render_table
 from apretrieval.train_config import TrainConfig
 from apretrieval.train_setup import initial_model
@@ -51,6 +57,9 @@ LABELS = {
     "ap": "fine-tuned, AP loss",
     "contrastive": "fine-tuned, contrastive loss",
 }
+# The models' names on the HTML pages: the demo's and `apretrieval report --results
+# demo-output/results.json` (which reads them from the summary) show the same.
+SHORT_LABELS = {"pretrained": "pretrained", "ap": "AP loss", "contrastive": "contrastive loss"}
 
 
 # TrainConfig fields the demo sets itself for each fine-tuning run (see train_config()).
@@ -396,6 +405,8 @@ def _run_demo(out: Path, cfg: DemoConfig, progress: bool, report: bool, log: Any
             "machine": machine_info(),
             "config": cfg.to_dict(),
             RESULTS_FILES_KEY: {m: str((out / f"results_{m}.json").resolve()) for m in METHODS},
+            LABELS_KEY: SHORT_LABELS,
+            TRAIN_LOGS_KEY: {m: str(Path(runs[m], "metrics.jsonl").resolve()) for m in runs},
             "reports": reports,
         }
     )
@@ -436,9 +447,10 @@ def write_reports(out: Path, runs: dict[str, str]) -> dict[str, str]:
                 out / f"results_{method}.json", out / "report" / method, train_log=log_file
             )
         )
-    short = {"pretrained": "pretrained", "ap": "AP loss", "contrastive": "contrastive loss"}
-    models = [(short[m], RetrievalResults.load(out / f"results_{m}.json")) for m in METHODS]
-    pages["comparison"] = str(write_comparison(models, out / "report" / "comparison"))
+    models = [(SHORT_LABELS[m], RetrievalResults.load(out / f"results_{m}.json")) for m in METHODS]
+    logs = {SHORT_LABELS[m]: Path(runs[m], "metrics.jsonl") for m in runs}
+    comparison = write_comparison(models, out / "report" / "comparison", train_logs=logs)
+    pages["comparison"] = str(comparison)
     return pages
 
 

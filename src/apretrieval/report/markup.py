@@ -23,6 +23,7 @@ __all__ = [
     "legend",
     "page",
     "query_section",
+    "subpage",
 ]
 
 # Border classes, and their colours in the page. Colour is not the only cue (colour-blind
@@ -46,7 +47,8 @@ table.metrics th:first-child, table.metrics td:first-child { text-align: left; }
                font-size: 13px; }
 /* One row per protocol: label, query crop, then the results; columns shrink with the window
    so the whole top-k stays visible side by side. */
-.grid { display: grid; grid-template-columns: 76px repeat(var(--cols), minmax(0, 1fr));
+.grid { display: grid;
+        grid-template-columns: fit-content(11em) repeat(var(--cols), minmax(0, 1fr));
         gap: 6px; align-items: start; margin: 4px 0 10px; max-width: 1450px; }
 .grid .protocol { font-size: 13px; padding-top: 24px; }
 .grid figure { margin: 0; min-width: 0; text-align: center; }
@@ -54,7 +56,13 @@ table.metrics th:first-child, table.metrics td:first-child { text-align: left; }
 .grid img { display: block; width: 100%; aspect-ratio: 4 / 3; object-fit: contain;
             box-sizing: border-box; border: 4px solid transparent; background: #f3f3f3; }
 img.plot { max-width: 100%; height: auto; }
-.grid .model { font-size: 12px; padding-top: 20px; overflow-wrap: anywhere; }
+/* Row labels break between words only (never "contrastiv/e"), in a column as wide as the
+   longest word needs, up to 11em. */
+.grid .model, .grid .protocol { min-width: 64px; overflow-wrap: normal; word-break: normal;
+                                hyphens: none; }
+.grid .model { font-size: 12px; padding-top: 20px; }
+.warning { color: #8a4b00; background: #fff4e0; padding: 6px 10px; font-size: 14px; }
+table.differs td.differs { background: #fff4e0; font-weight: 600; }
 .grid figure a { display: block; }
 .grid figure.query img { border-color: #333; }
 .grid figure.query { margin-right: 8px; }
@@ -275,14 +283,34 @@ def comparison_page(
     pairs: str,
     top: int,
     sections: Sequence[str],
+    training: str = "",
+    queries: str = "",
 ) -> str:
-    """The comparison page; ``metrics_table``, ``pairs`` and ``sections`` are HTML fragments,
+    """The comparison page; ``metrics_table``, ``pairs``, ``training`` (empty: no run has a
+    log, the section is left out), ``queries`` and ``sections`` are HTML fragments,
     ``settings`` (model label, what produced its scores) text."""
     rows = "".join(f"<li><b>{esc(label)}</b>: {esc(text)}</li>" for label, text in settings)
     body = f"""<ul class="meta">{rows}</ul>
 <h2>Per-query AP</h2>
 {pairs}
+{"<h2>Training</h2>" + training if training else ""}
+{"<h2>Every query</h2>" + queries if queries else ""}
 <h2>Where the models differ most (top {top}, Medium protocol)</h2>
 <p class="legend">Border: {legend()} (the query crop in black). One row per model.</p>
 {"".join(sections) if sections else "<p>No query where the models differ.</p>"}"""
     return _document(title, meta, metrics_table, body)
+
+
+def subpage(title: str, meta: str, body: str) -> str:
+    """A page of its own (one query of a comparison): title, a line of facts, ``body``."""
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{esc(title)}</title><style>{CSS}</style></head>
+<body>
+<h1>{esc(title)}</h1>
+<p class="meta">{esc(meta)}</p>
+<p class="legend">Border: {legend()} (the query crop in black). One row per model.</p>
+{body}
+</body></html>
+"""

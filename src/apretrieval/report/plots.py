@@ -17,12 +17,19 @@ from matplotlib.ticker import MaxNLocator
 from apretrieval.apq_analysis import APQSettings, pearson
 from apretrieval.atomic import atomic_open
 
-__all__ = ["display_width", "plot_ap_scatter", "plot_model_pairs", "plot_training_curves"]
+__all__ = [
+    "display_width",
+    "plot_ap_scatter",
+    "plot_model_pairs",
+    "plot_training_curves",
+    "plot_training_overlay",
+]
 
 
 # Plots are drawn at twice the resolution they are shown at (sharp on high-density screens);
 # the page sets their displayed width to DISPLAY_DPI pixels per inch of figure.
 DISPLAY_DPI, PIXEL_RATIO = 110, 2
+PANELS_PER_ROW = 3
 
 
 def _save_figure(fig: Figure, path: Path) -> None:
@@ -176,9 +183,13 @@ def plot_training_curves(
         *(([k], label, False) for k, label in single if k in keys),
     ]
     panels = [p for p in panels if p[0]]
-    fig = Figure(figsize=(4.2 * len(panels), 3.4))
+    # At most PANELS_PER_ROW side by side: the figure is shown at its size on a page of
+    # ~1250 px (1280 px screens), where a row of 5 panels would shrink the text to ~6 px.
+    cols = min(len(panels), PANELS_PER_ROW)
+    rows = math.ceil(len(panels) / cols)
+    fig = Figure(figsize=(3.7 * cols, 3.2 * rows))
     for n, (group, ylabel, legend) in enumerate(panels):
-        ax = fig.add_subplot(1, len(panels), n + 1)
+        ax = fig.add_subplot(rows, cols, n + 1)
         for key in group:
             x, y = _series(records, xs, key)
             y = 100 * y if ylabel == "mAP (%)" else y
@@ -195,3 +206,46 @@ def plot_training_curves(
     fig.tight_layout()
     _save_figure(fig, Path(path))
     return [k for group, _, _ in panels for k in group]
+
+
+def _medium_map_key(keys: Sequence[str]) -> str | None:
+    """The validation Medium mAP of a log (else its first mAP key), None without one."""
+    maps = [k for k in keys if "map" in k.lower().replace("_", "").split("/")[-1]]
+    return next((k for k in maps if "medium" in k.lower()), maps[0] if maps else None)
+
+
+def plot_training_overlay(
+    logs: Sequence[tuple[str, list[dict[str, float]]]], path: str | os.PathLike[str]
+) -> dict[str, list[str]]:
+    """Training loss and validation mAP (%) against the step, one line per run: ``logs`` are
+    (run label, its records). Returns per panel the runs drawn in it ({"loss": [...],
+    "mAP": [...]}); ValueError when no run logged a loss or a mAP."""
+    drawn: dict[str, list[str]] = {"loss": [], "mAP": []}
+    fig = Figure(figsize=(9.6, 3.6))
+    axes = {"loss": fig.add_subplot(1, 2, 1), "mAP": fig.add_subplot(1, 2, 2)}
+    for n, (label, records) in enumerate(logs):
+        _, xs = _x_axis(records)
+        keys = sorted({k for r in records for k in r})
+        colour = f"C{n % 10}"  # one colour per run in both panels
+        for panel, key, scale in (("loss", "loss", 1.0), ("mAP", _medium_map_key(keys), 100.0)):
+            if key is None or key not in keys:
+                continue
+            x, y = _series(records, xs, key)
+            marker = "o" if len(x) < 30 else None
+            axes[panel].plot(x, scale * y, color=colour, marker=marker, ms=3, lw=1.4, label=label)
+            drawn[panel].append(label)
+    if not drawn["loss"] and not drawn["mAP"]:
+        raise ValueError("no training log has a loss or a mAP to draw")
+    for panel, ylabel in (("loss", "training loss"), ("mAP", "validation Medium mAP (%)")):
+        ax = axes[panel]
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        if drawn[panel]:
+            ax.legend(fontsize=9)
+        else:
+            ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes)
+    fig.tight_layout()
+    _save_figure(fig, Path(path))
+    return drawn
