@@ -730,7 +730,8 @@ def test_cli_evaluate_several_benchmarks_in_one_table(tmp_path, monkeypatch, cap
 
 
 def test_first_positive_is_the_rank_of_the_best_positive_with_junk_removed():
-    from apretrieval.evaluation import PROTOCOLS, evaluate_revisited_per_query, query_sets
+    from apretrieval.data.gnd import query_sets
+    from apretrieval.evaluation import PROTOCOLS, evaluate_revisited_per_query
 
     rng = np.random.default_rng(11)
     n = 60
