@@ -45,6 +45,7 @@ from apretrieval.results import (
     metrics_to_dict,
 )
 from apretrieval.tables import model_table, render_table
+from apretrieval.threads import apply_threads, plan_threads, recheck
 from apretrieval.train_config import TrainConfig
 from apretrieval.train_setup import initial_model
 
@@ -340,7 +341,11 @@ def run_demo(
     with output_lock(out):
         _claim_demo_folder(out, cfg, overwrite)
         remove_stale_temporaries(out / "results.json")
-        return _run_demo(out, cfg, progress, report, log)
+        threads = torch.get_num_threads()
+        try:
+            return _run_demo(out, cfg, progress, report, log)
+        finally:
+            torch.set_num_threads(threads)  # the caller's thread count, as train() leaves it
 
 
 def _run_demo(out: Path, cfg: DemoConfig, progress: bool, report: bool, log: Any) -> dict[str, Any]:
@@ -349,10 +354,16 @@ def _run_demo(out: Path, cfg: DemoConfig, progress: bool, report: bool, log: Any
     out.mkdir(parents=True, exist_ok=True)
     tic = time.perf_counter()
     timings: dict[str, float] = {}
+    # The threads of the phases outside training (which plans its own): --threads, else
+    # OMP_NUM_THREADS, else the free cores, re-read at each phase (the load changes).
+    plan = plan_threads(cfg.training.cpu_threads, workers=0)
+    apply_threads(plan)
 
     def lap(name: str, since: float) -> float:
+        nonlocal plan
         now = time.perf_counter()
         timings[name] = round(now - since, 2)
+        plan = recheck(plan)
         return now
 
     bench = prepare_benchmark(out, cfg.benchmark, progress=progress)
