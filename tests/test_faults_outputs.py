@@ -61,12 +61,13 @@ def test_commands_refuse_an_output_of_another_kind_before_any_work(
     rc = main(["evaluate", *args, "--root", str(tmp_path / "bench"), "--out", str(fifo)])
     assert rc == 2 and "it is a FIFO" in capsys.readouterr().err and stand_in.calls == 0
     assert fifo.is_fifo()
-    # extraction's descriptor file: never replaced
+    # extraction's descriptor file: refused before any image is extracted
     npy = tmp_path / "x.npy"
     os.mkfifo(npy)
     _images(tmp_path / "imgs", 2)
+    stand_in.calls = 0
     assert _extract_cli(tmp_path / "m.pt", tmp_path / "imgs", tmp_path / "x") == 2
-    assert "it is a FIFO" in capsys.readouterr().err and npy.is_fifo()
+    assert "it is a FIFO" in capsys.readouterr().err and npy.is_fifo() and stand_in.calls == 0
 
 
 # ------------------------------------------------------------------ one writer per results file

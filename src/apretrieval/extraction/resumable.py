@@ -45,7 +45,12 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from apretrieval.atomic import atomic_open, remove_stale_temporaries, remove_stale_temporaries_in
+from apretrieval.atomic import (
+    atomic_open,
+    check_replaceable,
+    remove_stale_temporaries,
+    remove_stale_temporaries_in,
+)
 from apretrieval.descriptors import check_finite, features_paths, load_features, write_features
 from apretrieval.extraction.loop import Extractor
 from apretrieval.extraction.settings import DEFAULT_MAX_SIDE, DEFAULT_SCALES
@@ -255,6 +260,10 @@ def extract_to_file(
     if not ids:
         raise ValueError("no images to extract")
     npy, manifest_path = features_paths(out)
+    parts = npy.with_name(npy.stem + ".parts")
+    for path in (npy, manifest_path):  # a device or FIFO as output: refused before any work
+        check_replaceable(path)
+    check_replaceable(parts, folder=True)
     with output_lock(npy.with_suffix("")):
         settings = {"scales": list(run.scales), "max_side": max_side, **(meta or {})}
         if amp != "off":  # float32 files keep the settings (and reuse) they always had
@@ -262,7 +271,6 @@ def extract_to_file(
         if checkpoint is not None:
             settings.setdefault("checkpoint", str(checkpoint))
         settings = json.loads(json.dumps(settings))
-        parts = npy.with_name(npy.stem + ".parts")
         old_fp = (_read_json(manifest_path) or {}).get("fingerprint") if npy.exists() else None
         old_settings = _read_json(parts / "settings.json")
         known = [x.get("checkpoint_key") for x in (old_fp, old_settings) if isinstance(x, dict)]
