@@ -20,9 +20,10 @@ Example:
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 import numpy as np
 
@@ -45,7 +46,10 @@ __all__ = [
     "PostProcessing",
     "benchmark_results",
     "evaluate_descriptor_files",
+    "read_descriptor_files",
     "rows_in_order",
+    "saved",
+    "start_evaluation",
 ]
 
 
@@ -102,6 +106,51 @@ class PostProcessing:
             q = alpha_query_expansion(q, db, self.qe, self.qe_alpha)
         return q, db
 
+    def record(
+        self,
+        made_by: EvaluationSettings,
+        whitening: Whitening | None,
+        *,
+        num_db: int,
+        r1m: str | None = None,
+        other: Mapping[str, Any] | None = None,
+    ) -> EvaluationSettings:
+        """``made_by`` (how the descriptors were made: scales, max side, GeM p, ...) completed
+        with this post-processing, the loaded ``whitening``, the database size and ``other``."""
+        return EvaluationSettings(
+            scales=made_by.scales,
+            max_side=made_by.max_side,
+            gem_p=made_by.gem_p,
+            whiten=None if self.whiten is None else str(self.whiten),
+            whiten_dim=None if whitening is None else whitening.dim,
+            whiten_power=None if whitening is None else whitening.power,
+            dba=self.dba,
+            dba_alpha=self.dba_alpha,
+            qe=self.qe,
+            qe_alpha=self.qe_alpha,
+            r1m=r1m,
+            num_db=num_db,
+            other={**made_by.other, **(other or {})},
+        )
+
+
+def start_evaluation(
+    post: PostProcessing | None, out: str | os.PathLike[str] | None
+) -> tuple[PostProcessing, Whitening | None]:
+    """The checks every evaluation route makes first, as they fail fastest: the results'
+    folder (``out``) is writable and the whitening reads -> ``(post, whitening)``."""
+    post = post or PostProcessing()
+    if out is not None:
+        check_writable(out, "the results")
+    return post, post.load_whitening()
+
+
+def saved(results: RetrievalResults, out: str | os.PathLike[str] | None) -> RetrievalResults:
+    """``results``, written to ``out`` first when given."""
+    if out is not None:
+        results.save(out)
+    return results
+
 
 def benchmark_results(
     q: np.ndarray,
@@ -135,20 +184,11 @@ def benchmark_results(
         topk=topk,
         apq=apq,
     )
-    recorded = EvaluationSettings(
-        scales=made_by.scales,
-        max_side=made_by.max_side,
-        gem_p=made_by.gem_p,
-        whiten=None if post.whiten is None else str(post.whiten),
-        whiten_dim=None if whitening is None else whitening.dim,
-        whiten_power=None if whitening is None else whitening.power,
-        dba=post.dba,
-        dba_alpha=post.dba_alpha,
-        qe=post.qe,
-        qe_alpha=post.qe_alpha,
-        r1m=None if dataset.r1m_root is None else str(dataset.r1m_root),
+    recorded = post.record(
+        made_by,
+        whitening,
         num_db=dataset.num_db,
-        other=dict(made_by.other),
+        r1m=None if dataset.r1m_root is None else str(dataset.r1m_root),
     )
     return RetrievalResults(
         dataset=dataset.name,
@@ -205,6 +245,36 @@ def rows_in_order(
     return out
 
 
+def read_descriptor_files(
+    query_features: str | os.PathLike[str],
+    database_features: str | os.PathLike[str],
+    query_ids: Sequence[str],
+    db_ids: Sequence[str],
+    model_name: str | None = None,
+) -> tuple[np.ndarray, np.ndarray, str, EvaluationSettings]:
+    """Query and database descriptor files in a benchmark's order (``query_ids`` /
+    ``db_ids``) -> ``(q (Q, D), db (N, D), model, made_by)``: ``model`` is ``model_name``,
+    else the checkpoint the query manifest records, else the query file; ``made_by`` is what
+    the query manifest records of how they were made. ValueError if the dimensions differ."""
+    q_set, q = _read(query_features, query_ids, "query")
+    _, db = _read(database_features, db_ids, "database")
+    if q.shape[1] != db.shape[1]:
+        raise ValueError(
+            f"query descriptors have {q.shape[1]} dimensions, database ones {db.shape[1]}: "
+            f"{query_features} and {database_features} were not made by the same model"
+        )
+    made_by = EvaluationSettings(
+        scales=None if q_set.scales is None else tuple(q_set.scales),
+        max_side=q_set.extra.get("max_side"),
+        gem_p=q_set.extra.get("gem_p"),
+        other={
+            "query_descriptors": str(query_features),
+            "database_descriptors": str(database_features),
+        },
+    )
+    return q, db, model_name or q_set.checkpoint or str(query_features), made_by
+
+
 def _read(
     path: str | os.PathLike[str], wanted: Sequence[str], what: str
 ) -> tuple[FeatureSet, np.ndarray]:
@@ -233,32 +303,16 @@ def evaluate_descriptor_files(
     the checkpoint the query manifest records, else the query file. With ``out`` the results
     file is written there (its folder checked first).
     """
-    post = post or PostProcessing()
-    if out is not None:
-        check_writable(out, "the results")
-    whitening = post.load_whitening()
-    q_set, q = _read(query_features, dataset.query_names, "query")
+    post, whitening = start_evaluation(post, out)
     db_ids = [dataset.relative(p) for p in dataset.db_paths()]
-    _, db = _read(database_features, db_ids, "database")
-    if q.shape[1] != db.shape[1]:
-        raise ValueError(
-            f"query descriptors have {q.shape[1]} dimensions, database ones {db.shape[1]}: "
-            f"{query_features} and {database_features} were not made by the same model"
-        )
-    made_by = EvaluationSettings(
-        scales=None if q_set.scales is None else tuple(q_set.scales),
-        max_side=q_set.extra.get("max_side"),
-        gem_p=q_set.extra.get("gem_p"),
-        other={
-            "query_descriptors": str(query_features),
-            "database_descriptors": str(database_features),
-        },
+    q, db, model, made_by = read_descriptor_files(
+        query_features, database_features, dataset.query_names, db_ids, model_name
     )
     results = benchmark_results(
         q,
         db,
         dataset,
-        model=model_name or q_set.checkpoint or str(query_features),
+        model=model,
         made_by=made_by,
         post=post,
         whitening=whitening,
@@ -267,6 +321,4 @@ def evaluate_descriptor_files(
         topk=topk,
         block_size=block_size,
     )
-    if out is not None:
-        results.save(out)
-    return results
+    return saved(results, out)

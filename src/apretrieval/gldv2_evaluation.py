@@ -28,13 +28,16 @@ from pathlib import Path
 import numpy as np
 from torch import nn
 
-from apretrieval.atomic import check_writable
-from apretrieval.benchmark_results import PostProcessing, rows_in_order
+from apretrieval.benchmark_results import (
+    PostProcessing,
+    read_descriptor_files,
+    saved,
+    start_evaluation,
+)
 from apretrieval.data.gldv2_retrieval import GLDV2_RETRIEVAL, USAGES, Gldv2Retrieval
-from apretrieval.descriptors import load_features
 from apretrieval.faiss_index import IndexConfig, SearchIndex, build_index, require_faiss
 from apretrieval.map_at_k import average_precision_at_k, precision_at_k
-from apretrieval.pipeline import ExtractionSettings, extract_images, load_checkpoint_model
+from apretrieval.pipeline import ExtractionSettings, extract_images, model_to_evaluate
 from apretrieval.postprocess import Whitening
 from apretrieval.results import EvaluationSettings, ProtocolMetrics, QueryResult, RetrievalResults
 from apretrieval.search import knn
@@ -127,19 +130,11 @@ def gldv2_results(
             dataset.query_names, indices, scores, dataset.usage, ap, strict=True
         )
     )
-    recorded = EvaluationSettings(
-        scales=made_by.scales,
-        max_side=made_by.max_side,
-        gem_p=made_by.gem_p,
-        whiten=None if post.whiten is None else str(post.whiten),
-        whiten_dim=None if whitening is None else whitening.dim,
-        whiten_power=None if whitening is None else whitening.power,
-        dba=post.dba,
-        dba_alpha=post.dba_alpha,
-        qe=post.qe,
-        qe_alpha=post.qe_alpha,
+    recorded = post.record(
+        made_by,
+        whitening,
         num_db=dataset.num_db,
-        other={**made_by.other, "metric": f"mAP@{MAP_AT}", "search": how},
+        other={"metric": f"mAP@{MAP_AT}", "search": how},
     )
     return RetrievalResults(
         dataset=GLDV2_RETRIEVAL,
@@ -182,27 +177,21 @@ def evaluate_gldv2_checkpoint(
     fails fastest: output location, whitening, images, then the model.
     """
     settings = settings or ExtractionSettings()
-    post = post or PostProcessing()
-    if out is not None:
-        check_writable(out, "the results")
-    whitening = post.load_whitening()
+    post, whitening = start_evaluation(post, out)
     check_gldv2_images(dataset)
-    if isinstance(checkpoint, nn.Module):
-        model, path = checkpoint, None
-    else:
-        model, path = load_checkpoint_model(checkpoint, settings.device), checkpoint
+    model = model_to_evaluate(checkpoint, settings, model_name)
     parts = (
         ("queries", dataset.query_paths(), dataset.query_names),
         ("db", dataset.db_paths(), dataset.db_names),
     )
     q, db = (
         extract_images(
-            model,
+            model.module,
             paths,
             names,
             settings,
             out=None if cache_prefix is None else Path(f"{cache_prefix}.{part}"),
-            checkpoint=path,
+            checkpoint=model.checkpoint,
             desc="queries" if part == "queries" else "index",
             meta={"dataset": GLDV2_RETRIEVAL, "part": part},
         )
@@ -212,19 +201,13 @@ def evaluate_gldv2_checkpoint(
         q,
         db,
         dataset,
-        model=model_name or (str(path) if path is not None else type(model).__name__),
-        made_by=EvaluationSettings(
-            scales=settings.scales,
-            max_side=settings.max_side,
-            gem_p=float(getattr(model, "gem_p", 3.0)),
-        ),
+        model=model.name,
+        made_by=model.made_by,
         post=post,
         whitening=whitening,
         search=search,
     )
-    if out is not None:
-        results.save(out)
-    return results
+    return saved(results, out)
 
 
 def evaluate_gldv2_descriptor_files(
@@ -239,32 +222,18 @@ def evaluate_gldv2_descriptor_files(
 ) -> RetrievalResults:
     """Evaluate query and index descriptor files on GLDv2 retrieval (no checkpoint, no
     images): rows matched to the benchmark's images by id or file name (the image id)."""
-    post = post or PostProcessing()
-    if out is not None:
-        check_writable(out, "the results")
-    whitening = post.load_whitening()
-    q_set = load_features(query_features)
-    q = rows_in_order(q_set, dataset.query_names, "query")
-    db = rows_in_order(load_features(database_features), dataset.db_names, "database")
-    made_by = EvaluationSettings(
-        scales=None if q_set.scales is None else tuple(q_set.scales),
-        max_side=q_set.extra.get("max_side"),
-        gem_p=q_set.extra.get("gem_p"),
-        other={
-            "query_descriptors": str(query_features),
-            "database_descriptors": str(database_features),
-        },
+    post, whitening = start_evaluation(post, out)
+    q, db, model, made_by = read_descriptor_files(
+        query_features, database_features, dataset.query_names, dataset.db_names, model_name
     )
     results = gldv2_results(
         q,
         db,
         dataset,
-        model=model_name or q_set.checkpoint or str(query_features),
+        model=model,
         made_by=made_by,
         post=post,
         whitening=whitening,
         search=search,
     )
-    if out is not None:
-        results.save(out)
-    return results
+    return saved(results, out)

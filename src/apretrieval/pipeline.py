@@ -32,7 +32,12 @@ import torch
 from torch import nn
 
 from apretrieval.apq_analysis import APQSettings
-from apretrieval.benchmark_results import PostProcessing, benchmark_results
+from apretrieval.benchmark_results import (
+    PostProcessing,
+    benchmark_results,
+    saved,
+    start_evaluation,
+)
 from apretrieval.data.revisited import RevisitedDataset
 from apretrieval.descriptors import load_features
 from apretrieval.extraction.images import ImageFiles, image_ids, list_images
@@ -42,12 +47,12 @@ from apretrieval.extraction.settings import DEFAULT_MAX_SIDE, DEFAULT_SCALES, ch
 
 if TYPE_CHECKING:
     from apretrieval.faiss_index import SearchIndex
-from apretrieval.atomic import check_writable
 from apretrieval.precision import amp_dtype
 from apretrieval.results import EvaluationSettings, RetrievalResults
 
 __all__ = [
     "ExtractionSettings",
+    "ModelToEvaluate",
     "check_benchmark_images",
     "evaluate_checkpoint",
     "extract_benchmark",
@@ -57,6 +62,7 @@ __all__ = [
     "extract_index_queries",
     "extract_query_images",
     "load_checkpoint_model",
+    "model_to_evaluate",
     "resolve_device",
 ]
 
@@ -357,26 +363,18 @@ def evaluate_checkpoint(
     fastest: output location, whitening, images, then the model.
     """
     settings = settings or ExtractionSettings()
-    post = post or PostProcessing()
-    if out is not None:
-        check_writable(out, "the results")
-    whitening = post.load_whitening()
+    post, whitening = start_evaluation(post, out)
     check_benchmark_images(dataset)
-    if isinstance(checkpoint, nn.Module):
-        model, path = checkpoint, None
-    else:
-        model, path = load_checkpoint_model(checkpoint, settings.device), checkpoint
-    q, db = extract_benchmark(model, dataset, settings, cache_prefix, checkpoint=path)
+    model = model_to_evaluate(checkpoint, settings, model_name)
+    q, db = extract_benchmark(
+        model.module, dataset, settings, cache_prefix, checkpoint=model.checkpoint
+    )
     results = benchmark_results(
         q,
         db,
         dataset,
-        model=model_name or (str(path) if path is not None else type(model).__name__),
-        made_by=EvaluationSettings(
-            scales=settings.scales,
-            max_side=settings.max_side,
-            gem_p=_model_meta(model, path)["gem_p"],
-        ),
+        model=model.name,
+        made_by=model.made_by,
         post=post,
         whitening=whitening,
         apq=apq,
@@ -384,9 +382,38 @@ def evaluate_checkpoint(
         topk=topk,
         block_size=block_size,
     )
-    if out is not None:
-        results.save(out)
-    return results
+    return saved(results, out)
+
+
+@dataclass(frozen=True)
+class ModelToEvaluate:
+    """A model on its device, the checkpoint it came from (None: given in memory), its name
+    in the results and how its descriptors are made (scales, max side, GeM p)."""
+
+    module: nn.Module
+    checkpoint: str | os.PathLike[str] | None
+    name: str
+    made_by: EvaluationSettings
+
+
+def model_to_evaluate(
+    checkpoint: str | os.PathLike[str] | nn.Module,
+    settings: ExtractionSettings,
+    model_name: str | None = None,
+) -> ModelToEvaluate:
+    """The model of ``checkpoint`` (loaded on ``settings.device``) or the model given, named
+    ``model_name``, else by its checkpoint, else by its class."""
+    if isinstance(checkpoint, nn.Module):
+        model, path = checkpoint, None
+    else:
+        model, path = load_checkpoint_model(checkpoint, settings.device), checkpoint
+    made_by = EvaluationSettings(
+        scales=settings.scales,
+        max_side=settings.max_side,
+        gem_p=_model_meta(model, path)["gem_p"],
+    )
+    name = model_name or (str(path) if path is not None else type(model).__name__)
+    return ModelToEvaluate(model, path, name, made_by)
 
 
 def extract_index_queries(
