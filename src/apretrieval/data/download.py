@@ -38,6 +38,7 @@ __all__ = [
     "extract_archive",
     "mirror_url",
     "mirrored",
+    "unpack_archive",
 ]
 
 _OXFORD = "https://www.robots.ox.ac.uk/~vgg/data/oxbuildings"
@@ -66,6 +67,10 @@ class RemoteFile:
     @property
     def filename(self) -> str:
         return posixpath.basename(self.path)
+
+    def marker(self, root: Path) -> Path:
+        """The file that records this archive extracted under ``root``: ``.<archive>.done``."""
+        return root / f".{self.filename}.done"
 
 
 def _gnd(name: str, size: int, sha256: str) -> RemoteFile:
@@ -183,6 +188,29 @@ def extract_archive(
     return count
 
 
+def unpack_archive(
+    archive: Path,
+    dest: Path,
+    marker: Path,
+    *,
+    name: str | None = None,
+    flatten: bool = False,
+    keep_archive: bool = False,
+    progress: bool = True,
+) -> int:
+    """Extract a fetched ``archive`` under ``dest`` (:func:`extract_archive`), then record it
+    finished: ``marker`` written (the number of files in it), the archive removed unless
+    ``keep_archive``. Returns that number; DownloadError naming ``name`` (default: the
+    archive's path) when it holds no file."""
+    n = extract_archive(archive, dest, flatten=flatten, progress=progress)
+    if n == 0:
+        raise DownloadError(f"{name or archive}: no files inside")
+    atomic_write_text(marker, f"{n}\n")
+    if not keep_archive:
+        archive.unlink()
+    return n
+
+
 # --------------------------------------------------------------------------------------------
 # A dataset
 
@@ -250,18 +278,18 @@ def download_files(
                 say(f"[{i}/{len(files)}] {rf.url}")
             fetch(rf, target)
             continue
-        marker = root / f".{rf.filename}.done"
+        marker = rf.marker(root)
         if marker.exists():
             continue
         archive = root / rf.filename
         say(f"[{i}/{len(files)}] {rf.url}")
         fetch(rf, archive)
-        n = extract_archive(
-            archive, root / rf.into, flatten=rf.extract == "flatten", progress=progress
+        unpack_archive(
+            archive,
+            root / rf.into,
+            marker,
+            flatten=rf.extract == "flatten",
+            keep_archive=keep_archives,
+            progress=progress,
         )
-        if n == 0:
-            raise DownloadError(f"{archive}: no files inside")
-        atomic_write_text(marker, f"{n}\n")
-        if not keep_archives:
-            archive.unlink()
     return root

@@ -23,7 +23,14 @@ from typing import Any
 
 from tqdm import tqdm
 
-__all__ = ["ChecksumError", "DownloadError", "download_file", "remote_size"]
+__all__ = [
+    "ChecksumError",
+    "DownloadError",
+    "bytes_on_disk",
+    "download_file",
+    "partial_path",
+    "remote_size",
+]
 
 
 class DownloadError(OSError):
@@ -40,6 +47,19 @@ class _WriteFailed(Exception):
     def __init__(self, err: OSError) -> None:
         super().__init__(str(err))
         self.err = err
+
+
+def partial_path(dest: Path) -> Path:
+    """Where the bytes of ``dest`` gather until they are complete: ``<dest>.part``."""
+    return dest.with_name(dest.name + ".part")
+
+
+def bytes_on_disk(dest: Path) -> int:
+    """Bytes of ``dest`` already fetched: its size when complete, else its ``.part``'s, else 0."""
+    for path in (dest, partial_path(dest)):
+        if path.exists():
+            return path.stat().st_size
+    return 0
 
 
 def _digest(path: Path, algorithm: str) -> str:
@@ -161,7 +181,7 @@ def download_file(
         except DownloadError:  # a stale or foreign file: fetch it again
             dest.unlink(missing_ok=True)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(dest.name + ".part")
+    part = partial_path(dest)
     bar = tqdm(
         desc=dest.name,
         unit="B",

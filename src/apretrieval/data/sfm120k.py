@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from apretrieval.data.download import RemoteFile, download_files, mirrored
-from apretrieval.data.fetch import DownloadError, remote_size
+from apretrieval.data.fetch import DownloadError, bytes_on_disk, remote_size
 from apretrieval.data.plain_pickle import load_plain_pickle
 from apretrieval.data.shards import check_free_space, disk_space_needed
 
@@ -169,10 +169,9 @@ def download_sfm120k(
     _check_pickle(root / DB_FILE, load_sfm120k)
     _check_pickle(root / WHITEN_FILE, load_whiten_pairs)
     archive = files[2]
-    size = None if (root / f".{archive.filename}.done").exists() else remote_size(archive.url)
+    size = None if archive.marker(root).exists() else remote_size(archive.url)
     if size is not None:  # the archive beside its images (JPEGs: gzip barely shrinks them)
-        on_disk = [root / archive.filename, root / f"{archive.filename}.part"]
-        have = next((p.stat().st_size for p in on_disk if p.exists()), 0)
+        have = bytes_on_disk(root / archive.filename)
         need = disk_space_needed([size], [have], 1, keep_archives)
         check_free_space(root, need, "the images")
     download_files(

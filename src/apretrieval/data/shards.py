@@ -32,9 +32,14 @@ from typing import TypeVar
 
 from tqdm import tqdm
 
-from apretrieval.atomic import atomic_write_text
-from apretrieval.data.download import extract_archive
-from apretrieval.data.fetch import ChecksumError, DownloadError, download_file, remote_size
+from apretrieval.data.download import unpack_archive
+from apretrieval.data.fetch import (
+    ChecksumError,
+    DownloadError,
+    bytes_on_disk,
+    download_file,
+    remote_size,
+)
 
 __all__ = [
     "Shard",
@@ -174,13 +179,6 @@ def _prepare(shard: Shard, retries: int, timeout: float) -> tuple[str, int | Non
     return read_md5_file(shard.md5_file), remote_size(shard.url, timeout)
 
 
-def _partial_bytes(shard: Shard) -> int:
-    for path in (shard.archive, shard.archive.with_name(shard.archive.name + ".part")):
-        if path.exists():
-            return path.stat().st_size
-    return 0
-
-
 def _run_shard(
     shard: Shard,
     md5: str,
@@ -200,12 +198,14 @@ def _run_shard(
         progress=False,
         on_bytes=bar.add,
     )
-    n = extract_archive(shard.archive, shard.dest, progress=False)
-    if n == 0:
-        raise DownloadError(f"{shard.name}: no files inside")
-    atomic_write_text(shard.marker, f"{n}\n")
-    if not keep_archives:
-        shard.archive.unlink()
+    unpack_archive(
+        shard.archive,
+        shard.dest,
+        shard.marker,
+        name=shard.name,
+        keep_archive=keep_archives,
+        progress=False,
+    )
     bar.shard_done()
 
 
@@ -267,7 +267,7 @@ def fetch_shards(
         return 0
     prepared = _map(min(jobs * 4, 32), lambda s: _prepare(s, retries, timeout), todo)
     sizes = [size for _, size in prepared]
-    partial = [_partial_bytes(s) for s in todo]
+    partial = [bytes_on_disk(s.archive) for s in todo]
     known = {i: size for i, size in enumerate(sizes) if size is not None}
     if known:
         need = disk_space_needed(
