@@ -32,6 +32,7 @@ from apretrieval.atomic import remove_stale_temporaries
 from apretrieval.configs import recipe_path
 from apretrieval.demo.config import BenchmarkConfig
 from apretrieval.demo.dataset import Benchmark, prepare_benchmark
+from apretrieval.demo.pages import SHORT_LABELS, write_reports
 from apretrieval.image_set_ap import image_set_ap
 from apretrieval.jsonl import read_jsonl
 from apretrieval.locking import output_lock
@@ -41,7 +42,6 @@ from apretrieval.results import (
     LABELS_KEY,
     RESULTS_FILES_KEY,
     TRAIN_LOGS_KEY,
-    RetrievalResults,
     metrics_to_dict,
 )
 from apretrieval.tables import model_table, render_table
@@ -58,9 +58,6 @@ LABELS = {
     "ap": "fine-tuned, AP loss",
     "contrastive": "fine-tuned, contrastive loss",
 }
-# The models' names on the HTML pages: the demo's and `apretrieval report --results
-# demo-output/results.json` (which reads them from the summary) show the same.
-SHORT_LABELS = {"pretrained": "pretrained", "ap": "AP loss", "contrastive": "contrastive loss"}
 
 
 # TrainConfig fields the demo sets itself for each fine-tuning run (see train_config()).
@@ -403,7 +400,7 @@ def _run_demo(out: Path, cfg: DemoConfig, progress: bool, report: bool, log: Any
 
     reports: dict[str, str] = {}
     if report:
-        reports = write_reports(out, runs)
+        reports = write_reports(out, runs, METHODS)
         lap("report", t)
     summary: dict[str, Any] = {m: metrics[m] for m in METHODS}
     summary.update(
@@ -441,28 +438,6 @@ def _train_losses(runs: dict[str, str]) -> dict[str, dict[str, float]]:
                 "steps": len(losses),
             }
     return out
-
-
-def write_reports(out: Path, runs: dict[str, str]) -> dict[str, str]:
-    """HTML report of each model (top-10 grids, AP vs AP_Q, training curves)."""
-    try:
-        from apretrieval.report.compare import write_comparison
-        from apretrieval.report.page import write_report
-    except ImportError:  # report module not available: the numbers are still written
-        return {}
-    pages = {}
-    for method in METHODS:
-        log_file = Path(runs[method], "metrics.jsonl") if method in runs else None
-        pages[method] = str(
-            write_report(
-                out / f"results_{method}.json", out / "report" / method, train_log=log_file
-            )
-        )
-    models = [(SHORT_LABELS[m], RetrievalResults.load(out / f"results_{m}.json")) for m in METHODS]
-    logs = {SHORT_LABELS[m]: Path(runs[m], "metrics.jsonl") for m in runs}
-    comparison = write_comparison(models, out / "report" / "comparison", train_logs=logs)
-    pages["comparison"] = str(comparison)
-    return pages
 
 
 def format_table(summary: dict[str, Any]) -> str:
