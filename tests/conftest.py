@@ -1,6 +1,7 @@
 """Shared test settings: one torch thread, so the suite behaves the same on any CI machine."""
 
 import os
+import subprocess
 
 import pytest
 import torch
@@ -48,3 +49,49 @@ def without_thread_line(err: str) -> str:
     """stderr of a command without the line saying which CPU threads it uses (printed by every
     command at start, before any error)."""
     return "".join(ln for ln in err.splitlines(keepends=True) if ": threads: " not in ln)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1000 KiB tmpfs (root only): every write larger than that fails as a full disk."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a small tmpfs")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1000k", "tmpfs", str(mnt)]).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    yield mnt
+    subprocess.run(["umount", str(mnt)])
+
+
+def tiny_train_argv(data, out, *extra: str) -> list[str]:
+    """``apretrieval train`` of a tiny network (8-d, untrained ResNet-18) on ``data``'s images
+    shrunk to 32 pixels, one step of 4 images on the CPU, into ``out``: seconds."""
+    return [
+        "train",
+        "--data",
+        str(data),
+        "--backbone",
+        "resnet18",
+        "--pretrained",
+        "none",
+        "--out-dim",
+        "8",
+        "--batch-size",
+        "4",
+        "--images-per-class",
+        "2",
+        "--chunk-size",
+        "4",
+        "--max-side",
+        "32",
+        "--steps",
+        "1",
+        "--num-workers",
+        "0",
+        "--device",
+        "cpu",
+        "--output-dir",
+        str(out),
+        *extra,
+    ]

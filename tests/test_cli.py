@@ -20,6 +20,7 @@ from apretrieval.cli import main
 from apretrieval.cli.errors import describe
 from apretrieval.models import build_model, save_checkpoint
 from apretrieval.train_config import GROUPS, TrainConfig
+from conftest import tiny_train_argv
 
 
 def run(argv, capsys) -> tuple[int, str, str]:
@@ -51,35 +52,7 @@ def folder(tmp_path_factory):
 
 
 def tiny(folder, out, *extra: str) -> list[str]:
-    return [
-        "train",
-        "--data",
-        str(folder),
-        "--backbone",
-        "resnet18",
-        "--pretrained",
-        "none",
-        "--out-dim",
-        "8",
-        "--batch-size",
-        "4",
-        "--images-per-class",
-        "2",
-        "--chunk-size",
-        "4",
-        "--max-side",
-        "32",
-        "--steps",
-        "1",
-        "--num-workers",
-        "0",
-        "--no-progress",
-        "--device",
-        "cpu",
-        "--output-dir",
-        str(out),
-        *extra,
-    ]
+    return tiny_train_argv(folder, out, "--no-progress", *extra)
 
 
 # --------------------------------------------------------------------------------------------

@@ -43,6 +43,20 @@ def shard_requests(host: FakeHost) -> list[str]:
     return [p for p, _ in host.requests if p.endswith(".tar")]
 
 
+def gldv2_argv(root: Path, split: str, shards: str | None, *extra: str) -> list[str]:
+    """``apretrieval download gldv2`` of ``split``'s ``shards`` into ``root``."""
+    argv = ["download", "gldv2", "--split", split, "--root", str(root)]
+    return argv + (["--shards", shards] if shards is not None else []) + list(extra)
+
+
+def one_line_failure(argv: list[str], capsys) -> str:
+    """The error of a command that must fail with status 1 and say so in one line."""
+    rc = main(argv)
+    err = without_thread_line(capsys.readouterr().err).strip()
+    assert rc == 1 and len(err.splitlines()) == 1, err
+    return err
+
+
 # --------------------------------------------------------------------------------------------
 # GLDv2
 
@@ -105,19 +119,8 @@ def test_gldv2_shard_subset(host, tmp_path):
 def test_wrong_md5_fails_naming_the_shard_and_keeps_the_others(host, tmp_path, capsys):
     serve_gldv2_train(host)
     host.files["gldv2/md5sum/train/md5.images_001.txt"] = b"0" * 32 + b"  images_001.tar\n"
-    args = [
-        "download",
-        "gldv2",
-        "--split",
-        "train-clean",
-        "--shards",
-        "0-2",
-        "--root",
-        str(tmp_path),
-    ]
-    rc = main([*args, "--mirror", host.url, "--no-progress", "--jobs", "3"])
-    err = without_thread_line(capsys.readouterr().err).strip()
-    assert rc == 1 and len(err.splitlines()) == 1
+    args = gldv2_argv(tmp_path, "train-clean", "0-2", "--mirror", host.url, "--no-progress")
+    err = one_line_failure([*args, "--jobs", "3"], capsys)
     assert "MD5 mismatch" in err and "train/images_001.tar" in err
     assert "images_000" not in err and "images_002" not in err
     work = tmp_path / "shards" / "train"
@@ -130,7 +133,7 @@ def test_wrong_md5_fails_naming_the_shard_and_keeps_the_others(host, tmp_path, c
     good = host.files["gldv2/train/images_001.tar"]
     host.files["gldv2/md5sum/train/md5.images_001.txt"] = f"{md5(good)}  images_001.tar\n".encode()
     before = len(shard_requests(host))
-    assert main([*args, "--mirror", host.url, "--no-progress"]) == 0
+    assert main(args) == 0
     assert shard_requests(host)[before:] == ["gldv2/train/images_001.tar"]
 
 
@@ -142,19 +145,8 @@ def test_full_disk_is_refused_before_any_shard(host, tmp_path, monkeypatch, caps
         free = total  # the images alone take that much: archives do not fit beside them
 
     monkeypatch.setattr(shards_module.shutil, "disk_usage", lambda _path: Usage)
-    args = [
-        "download",
-        "gldv2",
-        "--split",
-        "train-clean",
-        "--shards",
-        "0-2",
-        "--root",
-        str(tmp_path),
-    ]
-    rc = main([*args, "--mirror", host.url, "--no-progress"])
-    err = without_thread_line(capsys.readouterr().err).strip()
-    assert rc == 1 and len(err.splitlines()) == 1
+    args = gldv2_argv(tmp_path, "train-clean", "0-2", "--mirror", host.url, "--no-progress")
+    err = one_line_failure(args, capsys)
     assert "not enough free disk space" in err and "3 shards" in err
     assert shard_requests(host) == []
 
@@ -172,29 +164,16 @@ def test_disk_filling_up_mid_shard_is_one_line_and_not_retried(host, tmp_path, m
         "_append",
         lambda part: Full() if part.suffix == ".part" and ".tar" in part.name else real(part),
     )
-    args = [
-        "download",
-        "gldv2",
-        "--split",
-        "train-clean",
-        "--shards",
-        "0",
-        "--root",
-        str(tmp_path),
-    ]
-    rc = main([*args, "--mirror", host.url, "--no-progress", "--retries", "3"])
-    err = without_thread_line(capsys.readouterr().err).strip()
-    assert rc == 1 and len(err.splitlines()) == 1
+    args = gldv2_argv(tmp_path, "train-clean", "0", "--mirror", host.url, "--no-progress")
+    err = one_line_failure([*args, "--retries", "3"], capsys)
     assert "No space left on device" in err and "free some disk space" in err
     assert "images_000.tar.part" in err
     assert shard_requests(host) == ["gldv2/train/images_000.tar"]  # no retry against a full disk
 
 
 def test_offline_is_one_clear_line(tmp_path, capsys):
-    args = ["download", "gldv2", "--split", "test", "--root", str(tmp_path)]
-    rc = main([*args, "--mirror", closed_port_url(), "--retries", "0", "--no-progress"])
-    err = without_thread_line(capsys.readouterr().err).strip()
-    assert rc == 1 and len(err.splitlines()) == 1
+    args = gldv2_argv(tmp_path, "test", None, "--mirror", closed_port_url(), "--no-progress")
+    err = one_line_failure([*args, "--retries", "0"], capsys)
     assert "cannot download" in err and "offline" in err
 
 
@@ -215,8 +194,7 @@ def test_kill_9_mid_shard_then_resume(host, tmp_path):
     host.files["gldv2/metadata/test.csv"] = b"id\n" + "\n".join(map(gldv2_id, range(4))).encode()
     host.files["gldv2/ground_truth/retrieval_solution_v2.1.csv"] = b"id,images,Usage\n"
     host.slow["gldv2/test/images_000.tar"] = (4096, 0.05)  # ~3 s in all
-    args = ["download", "gldv2", "--split", "test", "--shards", "0", "--root", str(tmp_path)]
-    args += ["--mirror", host.url, "--no-progress"]
+    args = gldv2_argv(tmp_path, "test", "0", "--mirror", host.url, "--no-progress")
     code = "import sys; from apretrieval.cli import main; sys.exit(main(sys.argv[1:]))"
     proc = subprocess.Popen([sys.executable, "-c", code, *args], stderr=subprocess.DEVNULL)
     part = tmp_path / "shards" / "test" / "images_000.tar.part"
@@ -301,9 +279,8 @@ def test_malicious_sfm120k_pickle_is_refused_removed_and_not_run(host, tmp_path,
     db["train"]["cluster"] = _Exploit(marker)
     host.files["sfm120k/retrieval-SfM-120k.pkl"] = pickle.dumps(db)
     root = tmp_path / "sfm"
-    rc = main(["download", "sfm120k", "--root", str(root), "--mirror", host.url, "--no-progress"])
-    err = without_thread_line(capsys.readouterr().err).strip()
-    assert rc == 1 and len(err.splitlines()) == 1
+    argv = ["download", "sfm120k", "--root", str(root), "--mirror", host.url, "--no-progress"]
+    err = one_line_failure(argv, capsys)
     assert "refusing" in err and "system" in err
     assert not marker.exists() and not (root / "retrieval-SfM-120k.pkl").exists()
     assert not any(p.endswith("ims.tar.gz") for p, _ in host.requests)  # stopped before images
@@ -319,9 +296,8 @@ def test_sfm120k_full_disk_is_refused_before_the_images(host, tmp_path, monkeypa
 
     monkeypatch.setattr(shards_module.shutil, "disk_usage", lambda _path: Usage)
     args = ["download", "sfm120k", "--root", str(tmp_path), "--mirror", host.url, "--no-progress"]
-    rc = main(args)
-    err = without_thread_line(capsys.readouterr().err).strip()
-    assert rc == 1 and len(err.splitlines()) == 1 and "not enough free disk space" in err
+    err = one_line_failure(args, capsys)
+    assert "not enough free disk space" in err
     assert f"need about {2 * size / 1024:.1f} KiB" in err
     assert not any(p.endswith("ims.tar.gz") for p, _ in host.requests)
     Usage.free = 2 * size

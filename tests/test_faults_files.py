@@ -309,30 +309,22 @@ except OSError as err:
 """
 
 
-def test_full_disk_at_final_assembly_is_one_clear_error(tmp_path):
-    if os.geteuid() != 0:
-        pytest.skip("needs root to mount a small tmpfs")
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
+def test_full_disk_at_final_assembly_is_one_clear_error(small_disk):
     # Room for the shard (40 x 4096 float32 = 640 KiB) but not for the final file as well.
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1000k", "tmpfs", str(mnt)]).returncode:
-        pytest.skip("cannot mount a tmpfs here")
-    try:
-        env = {**os.environ, "PYTHONPATH": str(TESTS.parent / "src"), "OMP_NUM_THREADS": "1"}
-        proc = subprocess.run(
-            [sys.executable, "-c", _FULL_DISK, str(mnt / "x"), str(TESTS)],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=1800,
-        )
-        assert proc.returncode == 1, (proc.returncode, proc.stderr[-2000:])  # not SIGBUS (-7)
-        assert "errno=28" in proc.stdout and "x.npy" in proc.stdout
-        assert not (mnt / "x.npy").exists()
-        assert [p.name for p in mnt.iterdir() if p.name.startswith(".x.npy")] == []
-        assert (mnt / "x.parts").is_dir()  # the finished work stays for a rerun
-    finally:
-        subprocess.run(["umount", str(mnt)])
+    mnt = small_disk
+    env = {**os.environ, "PYTHONPATH": str(TESTS.parent / "src"), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-c", _FULL_DISK, str(mnt / "x"), str(TESTS)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    assert proc.returncode == 1, (proc.returncode, proc.stderr[-2000:])  # not SIGBUS (-7)
+    assert "errno=28" in proc.stdout and "x.npy" in proc.stdout
+    assert not (mnt / "x.npy").exists()
+    assert [p.name for p in mnt.iterdir() if p.name.startswith(".x.npy")] == []
+    assert (mnt / "x.parts").is_dir()  # the finished work stays for a rerun
 
 
 def test_unwritable_outputs_fail_before_any_work(tmp_path, monkeypatch, capsys):

@@ -7,7 +7,6 @@ import importlib.util
 import io
 import os
 import socket
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -143,19 +142,6 @@ def test_owners_sweep_the_temporaries_a_killed_writer_left(tmp_path, stand_in):
 
 
 # ------------------------------------------------------------------ a full disk, said as such
-
-
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 1000 KiB tmpfs (root only): every write larger than that fails as a full disk."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root to mount a small tmpfs")
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1000k", "tmpfs", str(mnt)]).returncode:
-        pytest.skip("cannot mount a tmpfs here")
-    yield mnt
-    subprocess.run(["umount", str(mnt)])
 
 
 def _full_disk_line(mnt: Path, name: str) -> str:

@@ -19,6 +19,7 @@ from apretrieval.data.lists import (
     sfm120k_list,
 )
 from apretrieval.data.sfm120k import download_sfm120k
+from conftest import tiny_train_argv
 from loopback import FakeHost
 from miniatures import member, serve_gldv2_train, serve_sfm120k, sfm_db
 
@@ -30,40 +31,8 @@ def host():
 
 
 def tiny_train_args(data: Path, out: Path) -> list[str]:
-    # A tiny network on 24-pixel images (as tests/test_training.py's tiny_config): seconds.
-    return [
-        "train",
-        "--data",
-        str(data),
-        "--backbone",
-        "resnet18",
-        "--pretrained",
-        "none",
-        "--out-dim",
-        "16",
-        "--batch-size",
-        "4",
-        "--images-per-class",
-        "2",
-        "--chunk-size",
-        "4",
-        "--max-side",
-        "24",
-        "--steps",
-        "2",
-        "--warmup-steps",
-        "0",
-        "--num-workers",
-        "0",
-        "--whiten-init",
-        "identity",
-        "--output-dir",
-        str(out),
-        "--device",
-        "cpu",
-        "--progress",
-        "true",  # the start summary (data counts) is part of the progress output
-    ]
+    # The start summary (data counts) is part of the progress output.
+    return tiny_train_argv(data, out, "--progress", "true")
 
 
 # --------------------------------------------------------------------------------------------
