@@ -36,7 +36,7 @@ Every run writes ``runs/<id>.json`` (skipped when present, so an interrupted stu
 ``results.md`` (tables: mean and 95% t-interval over seeds, paired t-tests) and PNG plots are
 rewritten from all the runs present each time a run finishes.
 
-    python benchmarks/bench_quality.py --out quality-runs --jobs 2   # everything
+    python benchmarks/bench_quality.py --out quality-runs --jobs 2   # everything (244 runs)
     python benchmarks/bench_quality.py --out quality-runs --plan     # list the runs, their state
     python benchmarks/bench_quality.py --out quality-runs --report   # tables/plots of what exists
 """
