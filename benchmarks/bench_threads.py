@@ -140,15 +140,17 @@ def main() -> None:
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
     print(f"busy cores before the idle runs: {busy_cores()} (should be 0)", flush=True)
 
-    def timed(name: str, extra: list[str]) -> float:
+    def timed(name: str, extra: list[str], keep: str | None = None) -> float:
         best = float("inf")
         for _ in range(args.repeats):
             work = fresh_work(out, out / "demo")
             best = min(best, run(commands(work, images, ckpt, args.quick)[name] + extra, env))
+            if keep and name == "demo":  # the demo's scores at this thread plan, for reading
+                shutil.copy(work / "demo" / "results.json", out / f"demo-results-{keep}.json")
         return best
 
     names = tuple(n for n in ("demo", "extract", "search") if n in args.commands.split(","))
-    idle = {name: timed(name, []) for name in names}
+    idle = {name: timed(name, [], keep="idle") for name in names}
     for name in names:
         print(f"idle           {name:8s} {idle[name]:7.1f} s", flush=True)
     with busy(2):
