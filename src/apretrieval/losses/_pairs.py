@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from apretrieval.losses.ap import ListwiseLoss
+from apretrieval.losses.ap import DEFAULT_MEMORY_BUDGET_MB, ListwiseLoss
 
 __all__ = ["PairBlock", "RankLoss", "pair_blocks", "scatter_pair_grads"]
 
@@ -122,7 +122,7 @@ class RankLoss(ListwiseLoss):
         chunk_size: int | None = None,
         *,
         normalize: bool = False,
-        memory_budget_mb: float = 1536.0,
+        memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
         pair_budget_mb: float = 64.0,
     ) -> None:
         super().__init__(chunk_size, normalize=normalize, memory_budget_mb=memory_budget_mb)

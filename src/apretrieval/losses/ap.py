@@ -222,6 +222,11 @@ class _ListwiseFunction(torch.autograd.Function):
         return dq, None, dx, None, None, None, None, None, None, None
 
 
+# The (B, B) score matrix is held whole up to this size (MiB): 1.5 GiB, B up to about 20,000
+# in float32. One default for every member of the family.
+DEFAULT_MEMORY_BUDGET_MB = 1536.0
+
+
 class ListwiseLoss(nn.Module):
     """Base of the listwise losses: ``1 - sum_q value_q / n_valid`` over the queries.
 
@@ -251,7 +256,7 @@ class ListwiseLoss(nn.Module):
         chunk_size: int | None = None,
         *,
         normalize: bool = False,
-        memory_budget_mb: float = 1536.0,
+        memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
     ) -> None:
         super().__init__()
         if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
@@ -379,7 +384,7 @@ class APLoss(ListwiseLoss):
         estimator: str | None = None,
         *,
         normalize: bool = False,
-        memory_budget_mb: float = 1536.0,
+        memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
     ) -> None:
         super().__init__(chunk_size, normalize=normalize, memory_budget_mb=memory_budget_mb)
         if estimator is None:
